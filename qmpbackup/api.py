@@ -1,0 +1,399 @@
+"""The public async API: everything the CLI does, as typed coroutines.
+
+Typical use::
+
+    async with await VM.connect("/run/vm.qmp") as vm:
+        begun = await vm.backup_begin(load_backup_spec("backup.xml"))
+        await vm.wait_backup(begun.record.id)
+        await vm.backup_end(begun.record.id)
+
+Every method discovers the block graph afresh, plans with the pure planner,
+checks the plan against the live QAPI schema, then runs it; nothing is sent
+when planning or checking fails.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from . import naming
+from .checkpoints import Checkpoint, CheckpointStore, find_checkpoint
+from .errors import JobFailedError
+from .graph import BlockGraph, discover
+from .journal import Journal
+from .plan import Plan, Step
+from .planner import (
+    BackupFacts,
+    BackupPlan,
+    JobState,
+    choose_disks,
+    plan_backup_begin,
+    plan_backup_end,
+    plan_checkpoint_create,
+    plan_checkpoint_delete,
+    plan_checkpoint_size,
+)
+from .qapi.schema import QAPISchema
+from .records import BackupRecord, BackupRecordStore
+from .runner import check_plan, query_jobs, run_plan, wait_job
+from .session import Address, QMPSession, describe_address, parse_address
+from .spec.models import BackupSpec, CheckpointSpec
+from .state import default_state_root, locked, state_key
+
+log = structlog.get_logger("qmpbackup.api")
+
+StepCallback = Callable[[int, Step], None]
+
+
+class BackupBegun(BaseModel):
+    """What ``backup-begin`` started."""
+
+    model_config = ConfigDict(frozen=True)
+
+    record: BackupRecord
+    checkpoint: Checkpoint | None
+
+
+class BackupEnded(BaseModel):
+    """How a backup ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    outcome: str
+    errors: dict[str, str]
+    dropped_checkpoint: str | None
+
+
+class DiskProgress(BaseModel):
+    """Progress of one disk's copy."""
+
+    model_config = ConfigDict(frozen=True)
+
+    disk: str
+    status: str
+    processed: int
+    total: int
+    error: str | None = None
+
+
+class JobInfo(BaseModel):
+    """State of one backup job, as ``jobinfo`` shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    mode: str
+    status: str
+    elapsed: float
+    processed: int
+    total: int
+    disks: tuple[DiskProgress, ...]
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second since the backup began."""
+        return self.processed / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class VMInfo(BaseModel):
+    """What ``info`` shows: QEMU version, capabilities, disks."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    version: str
+    name: str | None
+    capabilities: dict[str, bool]
+    graph: BlockGraph
+
+
+# Capabilities qmpbackup uses, as schema paths (see QAPISchema.has_member).
+CAPABILITIES: dict[str, tuple[str, str]] = {
+    "blockdev-backup": ("blockdev-backup", ""),
+    "transaction: blockdev-backup": ("transaction", "actions.type=blockdev-backup"),
+    "transaction: block-dirty-bitmap-merge": (
+        "transaction",
+        "actions.type=block-dirty-bitmap-merge",
+    ),
+    "blockdev-backup x-perf": ("blockdev-backup", "x-perf"),
+    "blockdev-create": ("blockdev-create", ""),
+    "snapshot-access driver": ("blockdev-add", "driver=snapshot-access"),
+    "copy-before-write driver": ("blockdev-add", "driver=copy-before-write"),
+    "block-export-add": ("block-export-add", ""),
+    "x-debug-query-block-graph": ("x-debug-query-block-graph", ""),
+}
+
+
+class VM:
+    """One QEMU, reached over QMP, with its state directory."""
+
+    def __init__(
+        self, session: QMPSession, schema: QAPISchema, state_dir: Path, name: str | None
+    ) -> None:
+        self.session = session
+        self.schema = schema
+        self.state_dir = state_dir
+        self.name = name
+        self.checkpoint_store = CheckpointStore(state_dir)
+        self.records = BackupRecordStore(state_dir)
+
+    @classmethod
+    async def connect(
+        cls, address: Address | str, state_dir: Path | str | None = None
+    ) -> VM:
+        """Connect to QEMU's QMP socket (path or ``HOST:PORT``) and read its schema."""
+        addr = parse_address(address) if isinstance(address, str) else address
+        session = QMPSession(addr)
+        await session.connect()
+        try:
+            schema = QAPISchema.from_introspection(await session.execute("query-qmp-schema"))
+            name = (await session.execute("query-name")).get("name")
+            uuid = (await session.execute("query-uuid")).get("UUID")
+        except BaseException:
+            await session.disconnect()
+            raise
+        if state_dir is None:
+            state_dir = default_state_root() / state_key(name, uuid, describe_address(addr))
+        return cls(session, schema, Path(state_dir), name)
+
+    async def close(self) -> None:
+        """Close the QMP connection."""
+        await self.session.disconnect()
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- inspection ---------------------------------------------------------
+
+    async def graph(self) -> BlockGraph:
+        """The block graph as QEMU holds it now."""
+        return await discover(self.session, self.schema.has_command("x-debug-query-block-graph"))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Recorded checkpoints, oldest first."""
+        return self.checkpoint_store.load_all()
+
+    async def info(self) -> VMInfo:
+        """QEMU version, capabilities used, and the disks with their chains and bitmaps."""
+        version = await self.session.execute("query-version")
+        q = version["qemu"]
+        caps = {
+            label: self.schema.has_command(cmd)
+            and (not path or self.schema.has_member(cmd, path))
+            for label, (cmd, path) in CAPABILITIES.items()
+        }
+        return VMInfo(
+            version=f"{q['major']}.{q['minor']}.{q['micro']} {version.get('package', '')}".strip(),
+            name=self.name,
+            capabilities=caps,
+            graph=await self.graph(),
+        )
+
+    # -- backups ------------------------------------------------------------
+
+    async def _backup_facts(
+        self, spec: BackupSpec, graph: BlockGraph, checkpoint: CheckpointSpec | None
+    ) -> BackupFacts:
+        now = int(time.time())
+        choices = choose_disks(spec, graph, self.checkpoints(), checkpoint, now)
+        busy = {d.disk: r.id for r in self.records.load_all() for d in r.disks}
+        return BackupFacts(
+            backup_id=self.records.next_id(),
+            now=now,
+            existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
+            busy_disks=busy,
+            job_ids=frozenset(await query_jobs(self.session)),
+        )
+
+    async def plan_backup(
+        self, spec: BackupSpec, checkpoint: CheckpointSpec | None = None
+    ) -> BackupPlan:
+        """The plan ``backup_begin`` would run, checked against the live schema, not sent."""
+        graph = await self.graph()
+        facts = await self._backup_facts(spec, graph, checkpoint)
+        planned = plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint)
+        check_plan(planned.plan, self.schema)
+        return planned
+
+    async def backup_begin(
+        self,
+        spec: BackupSpec,
+        checkpoint: CheckpointSpec | None = None,
+        on_step: StepCallback | None = None,
+    ) -> BackupBegun:
+        """Start a backup; with ``checkpoint``, create it at the backup's instant."""
+        with locked(self.state_dir):
+            planned = await self.plan_backup(spec, checkpoint)
+            await self._run(planned.plan, "backup-begin", on_step)
+            if planned.checkpoint is not None:
+                self.checkpoint_store.save(planned.checkpoint)
+            self.records.save(planned.record)
+        log.info("backup.begun", id=planned.record.id, checkpoint=planned.record.checkpoint)
+        return BackupBegun(record=planned.record, checkpoint=planned.checkpoint)
+
+    async def _run(self, plan: Plan, operation: str, on_step: StepCallback | None) -> None:
+        check_plan(plan, self.schema)
+        journal = Journal(self.state_dir, operation)
+        await run_plan(self.session, plan, journal, on_step)
+
+    async def _jobs_of(self, record: BackupRecord) -> dict[str, JobState]:
+        jobs = await query_jobs(self.session)
+        return {j: jobs[j] for j in record.job_ids() if j in jobs}
+
+    async def wait_backup(self, backup_id: int | None = None) -> dict[str, JobState]:
+        """Wait until every job of the backup has concluded; raise JobFailedError on error."""
+        record = self.records.load(backup_id)
+        states = {j: await wait_job(self.session, j) for j in record.job_ids()}
+        failed = {j: s.error for j, s in states.items() if s.error}
+        if failed:
+            detail = "; ".join(f"{j}: {e}" for j, e in failed.items())
+            raise JobFailedError(f"backup id {record.id} failed: {detail}")
+        return states
+
+    async def job_info(self, backup_id: int | None = None) -> JobInfo:
+        """Progress of a backup job."""
+        record = self.records.load(backup_id)
+        jobs = await self._jobs_of(record)
+        disks = tuple(
+            DiskProgress(
+                disk=d.disk,
+                status=jobs[d.job_id].status if d.job_id in jobs else "gone",
+                processed=jobs[d.job_id].current_progress if d.job_id in jobs else 0,
+                total=jobs[d.job_id].total_progress if d.job_id in jobs else 0,
+                error=jobs[d.job_id].error if d.job_id in jobs else None,
+            )
+            for d in record.disks
+        )
+        statuses = {d.status for d in disks}
+        if any(d.error for d in disks):
+            status = "failed"
+        elif statuses <= {"concluded", "gone"}:
+            status = "completed"
+        else:
+            status = "running"
+        return JobInfo(
+            id=record.id,
+            mode=record.mode,
+            status=status,
+            elapsed=time.time() - record.started,
+            processed=sum(d.processed for d in disks),
+            total=sum(d.total for d in disks),
+            disks=disks,
+        )
+
+    async def backup_end(
+        self,
+        backup_id: int | None = None,
+        abort: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> BackupEnded:
+        """End a backup: refuse while copying unless ``abort``; clean everything it made."""
+        with locked(self.state_dir):
+            record = self.records.load(backup_id)
+            graph = await self.graph()
+            ended = plan_backup_end(
+                record, await self._jobs_of(record), graph, self.checkpoints(), abort
+            )
+            await self._run(ended.plan, "backup-end", on_step)
+            if ended.drop_checkpoint is not None:
+                self._forget_checkpoints([ended.drop_checkpoint])
+            self.records.delete(record.id)
+        return BackupEnded(
+            id=record.id,
+            outcome=ended.outcome,
+            errors=dict(ended.errors),
+            dropped_checkpoint=ended.drop_checkpoint,
+        )
+
+    # -- checkpoints --------------------------------------------------------
+
+    async def plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
+        """The plan that creates ``spec``, checked, not sent."""
+        plan, checkpoint = plan_checkpoint_create(
+            spec, await self.graph(), self.checkpoints(), int(time.time())
+        )
+        check_plan(plan, self.schema)
+        return plan, checkpoint
+
+    async def checkpoint_create(
+        self, spec: CheckpointSpec, on_step: StepCallback | None = None
+    ) -> Checkpoint:
+        """Create a checkpoint on its own: one transaction of persistent bitmaps."""
+        with locked(self.state_dir):
+            plan, checkpoint = await self.plan_checkpoint_create(spec)
+            await self._run(plan, "checkpoint-create", on_step)
+            self.checkpoint_store.save(checkpoint)
+        return checkpoint
+
+    async def checkpoint_delete(
+        self,
+        name: str,
+        children: bool = False,
+        metadata_only: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> list[str]:
+        """Delete a checkpoint (and its descendants with ``children``); return the names."""
+        with locked(self.state_dir):
+            plan, doomed = plan_checkpoint_delete(
+                name, await self.graph(), self.checkpoints(), children, metadata_only
+            )
+            await self._run(plan, "checkpoint-delete", on_step)
+            names = [c.name for c in doomed]
+            self._forget_checkpoints(names)
+        return names
+
+    def _forget_checkpoints(self, names: list[str]) -> None:
+        """Drop metadata of ``names``; their children take their parent."""
+        remaining = [c for c in self.checkpoints() if c.name not in names]
+        parents = {c.name: c.parent for c in self.checkpoints()}
+        for checkpoint in remaining:
+            parent = checkpoint.parent
+            while parent in names:
+                parent = parents.get(parent)
+            if parent != checkpoint.parent:
+                self.checkpoint_store.save(checkpoint.model_copy(update={"parent": parent}))
+        for name in names:
+            self.checkpoint_store.delete(name)
+
+    async def checkpoint_sizes(self, name: str) -> dict[str, int]:
+        """Bytes dirtied since checkpoint ``name``, per disk, merged across layers."""
+        checkpoint = find_checkpoint(self.checkpoints(), name)
+        graph = await self.graph()
+        sizes, measure, remove = plan_checkpoint_size(checkpoint, graph)
+        if measure.steps:
+            await self._run(measure, "checkpoint-size", None)
+            try:
+                measured = await self.graph()
+                for entry in checkpoint.bitmap_disks():
+                    temp = measured.top_node(entry.name).bitmap(naming.size_bitmap(entry.name))
+                    if temp is not None:
+                        sizes[entry.name] = temp.count
+            finally:
+                await self._run(remove, "checkpoint-size", None)
+        return sizes
+
+    async def checkpoint_xml(self, name: str, size: bool = False) -> str:
+        """``<domaincheckpoint>`` XML of ``name``; with ``size``, dirty bytes per disk."""
+        checkpoint = find_checkpoint(self.checkpoints(), name)
+        sizes = await self.checkpoint_sizes(name) if size else None
+        return checkpoint.to_xml(sizes, self.name)
+
+
+async def connect(address: str, state_dir: Path | str | None = None) -> VM:
+    """Shorthand for :meth:`VM.connect`."""
+    return await VM.connect(address, state_dir)
+
+
+def plan_json(plan: Plan) -> list[dict[str, Any]]:
+    """The QMP messages of ``plan`` in send order."""
+    return plan.commands()

@@ -1,0 +1,335 @@
+"""The ``qmpbackup`` command line: argument parsing and printing over :mod:`qmpbackup.api`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from . import __version__
+from .api import VM, JobInfo, VMInfo
+from .checkpoints import Checkpoint
+from .errors import InvalidInputError, QmpBackupError, SpecError
+from .logconfig import configure_logging
+from .plan import Step
+from .spec import load_backup_spec, load_checkpoint_spec
+from .spec.models import CheckpointSpec, check_name
+
+Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _checkpoint_arg(value: str | None) -> CheckpointSpec | None:
+    """A checkpoint description file, or a bare checkpoint name."""
+    if value is None:
+        return None
+    if os.path.exists(value) or "/" in value or value.endswith((".xml", ".yaml", ".yml", ".json")):
+        return load_checkpoint_spec(value)
+    try:
+        return CheckpointSpec(name=check_name(value, "checkpoint"))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+
+
+def _print_step(args: argparse.Namespace) -> Callable[[int, Step], None] | None:
+    if not getattr(args, "show_steps", False):
+        return None
+
+    def show(number: int, step: Step) -> None:
+        _out(f"[qmp] {json.dumps(step.command.to_qmp())}")
+
+    return show
+
+
+async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
+    spec = load_backup_spec(args.spec)
+    checkpoint = _checkpoint_arg(args.checkpoint)
+    begun = await vm.backup_begin(spec, checkpoint, _print_step(args))
+    _out(f"Backup id {begun.record.id} created")
+    _out(f"backup used description from '{args.spec}'")
+    if checkpoint is not None:
+        _out(f"checkpoint created from '{args.checkpoint}'")
+    return 0
+
+
+async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
+    ended = await vm.backup_end(args.id, args.abort, _print_step(args))
+    if ended.outcome == "failed":
+        detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
+        extra = (
+            f"; checkpoint {ended.dropped_checkpoint} removed"
+            if ended.dropped_checkpoint
+            else ""
+        )
+        raise QmpBackupError(f"Backup id {ended.id} failed: {detail}{extra}")
+    _out(f"Backup id {ended.id} {ended.outcome}")
+    if ended.dropped_checkpoint:
+        _out(f"Domain checkpoint {ended.dropped_checkpoint} deleted: its backup did not complete")
+    return 0
+
+
+def _size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.3f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return str(value)
+
+
+def _jobinfo_text(info: JobInfo) -> str:
+    rows = [
+        ("Job type", "Backup"),
+        ("Backup id", str(info.id)),
+        ("Mode", info.mode),
+        ("Status", info.status),
+        ("Time elapsed", f"{int(info.elapsed * 1000)} ms"),
+        ("Data processed", _size(info.processed)),
+        ("Data remaining", _size(max(info.total - info.processed, 0))),
+        ("Data total", _size(info.total)),
+        ("Rate", f"{_size(info.rate)}/s"),
+    ]
+    for disk in info.disks:
+        value = f"{disk.status}, {_size(disk.processed)} of {_size(disk.total)}"
+        if disk.error:
+            value += f", error: {disk.error}"
+        rows.append((f"Disk {disk.disk}", value))
+    return "\n".join(f"{label + ':':<18}{value}" for label, value in rows)
+
+
+async def cmd_jobinfo(args: argparse.Namespace, vm: VM) -> int:
+    if not vm.records.load_all() and args.id is None:
+        _out(json.dumps({"type": "none"}) if args.json else f"{'Job type:':<18}None")
+        return 0
+    info = await vm.job_info(args.id)
+    if args.json:
+        data = info.model_dump()
+        data["rate"] = info.rate
+        data["type"] = "backup"
+        _out(json.dumps(data, indent=2))
+    else:
+        _out(_jobinfo_text(info))
+    return 0
+
+
+async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
+    spec = load_checkpoint_spec(args.file)
+    checkpoint = await vm.checkpoint_create(spec, _print_step(args))
+    _out(f"Domain checkpoint {checkpoint.name} created from '{args.file}'")
+    return 0
+
+
+async def cmd_checkpoint_create_as(args: argparse.Namespace, vm: VM) -> int:
+    try:
+        spec = CheckpointSpec(name=check_name(args.name, "checkpoint"), description=args.description)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    checkpoint = await vm.checkpoint_create(spec, _print_step(args))
+    _out(f"Domain checkpoint {checkpoint.name} created")
+    return 0
+
+
+def _tree(checkpoints: list[Checkpoint]) -> list[str]:
+    lines: list[str] = []
+
+    def walk(parent: str | None, indent: str) -> None:
+        kids = [c for c in checkpoints if c.parent == parent]
+        for index, child in enumerate(kids):
+            last = index == len(kids) - 1
+            lines.append(f"{indent}{'' if parent is None else ('└── ' if last else '├── ')}{child.name}")
+            walk(child.name, indent + ("" if parent is None else ("    " if last else "│   ")))
+
+    walk(None, "")
+    return lines
+
+
+async def cmd_checkpoint_list(args: argparse.Namespace, vm: VM) -> int:
+    import time
+
+    checkpoints = vm.checkpoints()
+    if args.name:
+        for checkpoint in checkpoints:
+            _out(checkpoint.name)
+    elif args.tree:
+        for line in _tree(checkpoints):
+            _out(line)
+    else:
+        _out(f" {'Name':<20} {'Creation Time':<26} Parent")
+        _out("-" * 60)
+        for c in checkpoints:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(c.creation_time))
+            _out(f" {c.name:<20} {stamp:<26} {c.parent or ''}")
+    return 0
+
+
+async def cmd_checkpoint_dumpxml(args: argparse.Namespace, vm: VM) -> int:
+    sys.stdout.write(await vm.checkpoint_xml(args.name, args.size))
+    return 0
+
+
+async def cmd_checkpoint_delete(args: argparse.Namespace, vm: VM) -> int:
+    names = await vm.checkpoint_delete(
+        args.name, args.children, args.metadata_only, _print_step(args)
+    )
+    for name in names:
+        _out(f"Domain checkpoint {name} deleted")
+    return 0
+
+
+async def cmd_plan(args: argparse.Namespace, vm: VM) -> int:
+    spec = load_backup_spec(args.spec)
+    planned = await vm.plan_backup(spec, _checkpoint_arg(args.checkpoint))
+    if args.explain:
+        _out(planned.plan.explain())
+    else:
+        _out(planned.plan.to_json())
+    return 0
+
+
+def _info_text(info: VMInfo) -> str:
+    lines = [f"QEMU:          {info.version}", f"VM name:       {info.name or '-'}", "Capabilities:"]
+    for label, present in info.capabilities.items():
+        lines.append(f"  {'yes' if present else 'no ':<4} {label}")
+    lines.append("Disks:")
+    graph = info.graph
+    for disk in graph.disks.values():
+        alias = f" (drive {disk.backend})" if disk.backend and disk.backend != disk.name else ""
+        lines.append(f"  {disk.name}{alias}: attached to node {disk.root_node}")
+        for depth, node_name in enumerate(disk.chain):
+            node = graph.node(node_name)
+            from .planner.chain import image_path
+
+            lines.append(
+                f"    {'  ' * depth}{node.driver} {image_path(graph, node)} [{node_name}]"
+                f" size={node.virtual_size}"
+            )
+            for b in node.bitmaps:
+                flags = [
+                    "recording" if b.recording else "disabled",
+                    "persistent" if b.persistent else "transient",
+                ]
+                if b.inconsistent:
+                    flags.append("INCONSISTENT")
+                if b.busy:
+                    flags.append("busy")
+                lines.append(
+                    f"    {'  ' * depth}  bitmap {b.name}: granularity={b.granularity} "
+                    f"dirty={b.count} {' '.join(flags)}"
+                )
+    return "\n".join(lines)
+
+
+async def cmd_info(args: argparse.Namespace, vm: VM) -> int:
+    info = await vm.info()
+    if args.json:
+        data = info.model_dump(mode="json")
+        _out(json.dumps(data, indent=2))
+    else:
+        _out(_info_text(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``qmpbackup``."""
+    parser = argparse.ArgumentParser(
+        prog="qmpbackup", description="libvirt's backup API for bare QEMU, over QMP"
+    )
+    parser.add_argument("--version", action="version", version=f"qmpbackup {__version__}")
+    parser.add_argument("--qmp", default=os.environ.get("QMPBACKUP_QMP"), help="QMP socket or HOST:PORT")
+    parser.add_argument("--state-dir", type=Path, help="state directory (default: per VM)")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("backup-begin", cmd_backup_begin, "start a push backup")
+    p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
+    p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+    p = add("backup-end", cmd_backup_end, "end a backup job")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--abort", action="store_true", help="cancel a copy still running")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+    p = add("jobinfo", cmd_jobinfo, "state of the backup job")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+    p = add("checkpoint-create", cmd_checkpoint_create, "create a checkpoint from a description")
+    p.add_argument("file")
+    p.add_argument("--show-steps", action="store_true")
+    p = add("checkpoint-create-as", cmd_checkpoint_create_as, "create a checkpoint by name")
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.add_argument("--show-steps", action="store_true")
+    p = add("checkpoint-list", cmd_checkpoint_list, "list checkpoints, oldest first")
+    p.add_argument("--name", action="store_true", help="names only")
+    p.add_argument("--tree", action="store_true", help="as a tree")
+    p = add("checkpoint-dumpxml", cmd_checkpoint_dumpxml, "<domaincheckpoint> XML")
+    p.add_argument("name")
+    p.add_argument("--size", action="store_true", help="bytes dirtied since the checkpoint")
+    p = add("checkpoint-delete", cmd_checkpoint_delete, "delete a checkpoint")
+    p.add_argument("name")
+    p.add_argument("--children", action="store_true")
+    p.add_argument("--metadata-only", action="store_true")
+    p.add_argument("--show-steps", action="store_true")
+    p = add("plan", cmd_plan, "print the QMP sequence backup-begin would send, send nothing")
+    p.add_argument("spec")
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
+    p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
+    p = add("info", cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.set_defaults(handler=None)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return await run_demo(args.workdir, keep=args.keep, verbose=args.verbose)
+    if not args.qmp:
+        raise InvalidInputError("no QMP socket: pass --qmp SOCKET|HOST:PORT or set QMPBACKUP_QMP")
+    handler: Handler = args.handler
+    vm = await VM.connect(args.qmp, args.state_dir)
+    try:
+        return await handler(args, vm)
+    finally:
+        await vm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qmpbackup`` console script."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    configure_logging(args.log_format, args.verbose)
+    try:
+        return asyncio.run(_run(args))
+    except QmpBackupError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

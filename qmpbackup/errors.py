@@ -1,0 +1,81 @@
+"""Exception hierarchy of qmpbackup.
+
+Every error the API raises is a :class:`QmpBackupError`.  Its ``exit_code``
+is what the CLI exits with: 2 for input that was refused before anything was
+sent to QEMU, 1 for a refusal or failure at run time.  ``str(error)`` is the
+one line shown to the user.
+"""
+
+from __future__ import annotations
+
+
+class QmpBackupError(Exception):
+    """Base class of every qmpbackup error."""
+
+    exit_code: int = 1
+
+
+class InvalidInputError(QmpBackupError):
+    """The request, a name or an argument is invalid; QEMU was not touched."""
+
+    exit_code = 2
+
+
+class SpecError(InvalidInputError):
+    """A backup or checkpoint description could not be loaded."""
+
+
+class UnknownDiskError(InvalidInputError):
+    """A disk name does not match any guest disk."""
+
+
+class UnknownCheckpointError(InvalidInputError):
+    """A checkpoint name is not known."""
+
+
+class TargetExistsError(InvalidInputError):
+    """A target file exists and reuse was not asked for."""
+
+
+class PlanError(QmpBackupError):
+    """The planner cannot build a plan for this request and this VM."""
+
+
+class SchemaMismatchError(QmpBackupError):
+    """A planned command does not match the live QEMU's QAPI schema."""
+
+    def __init__(self, command: str, member: str, message: str) -> None:
+        self.command = command
+        self.member = member
+        where = f"{command}: {member}" if member else command
+        super().__init__(f"schema check failed for {where}: {message}")
+
+
+class ConnectionFailedError(QmpBackupError):
+    """The QMP peer could not be reached, or is not a QMP server."""
+
+
+class DisconnectedError(QmpBackupError):
+    """QEMU went away while a command was in flight."""
+
+
+class QMPCommandError(QmpBackupError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"{command} failed: {error_class}: {desc}")
+
+
+class JobFailedError(QmpBackupError):
+    """A QEMU job concluded with an error."""
+
+
+class BackupActiveError(QmpBackupError):
+    """A backup job is still copying and --abort was not given."""
+
+
+class BackupNotFoundError(InvalidInputError):
+    """No backup job with that id."""

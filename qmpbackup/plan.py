@@ -1,0 +1,68 @@
+"""Plans: ordered QMP steps, each with its reason and its undo."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .qapi.commands import QMPCommand, Transaction
+
+
+class Step(BaseModel):
+    """One QMP command (or one ``transaction``) of a plan.
+
+    ``await_job`` names a job the command starts that must conclude before the
+    next step; ``undo`` is what reverts the step; ``created_files`` are host
+    files the step creates, removed when the step is undone.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    command: QMPCommand
+    reason: str
+    undo: tuple[QMPCommand, ...] = ()
+    await_job: str | None = None
+    created_files: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line: the command and its reason."""
+        return f"{self.command.execute}: {self.reason}"
+
+
+class Plan(BaseModel):
+    """An ordered list of steps; nothing is sent until a runner runs it."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    steps: tuple[Step, ...] = ()
+
+    def commands(self) -> list[dict[str, Any]]:
+        """The QMP messages in send order."""
+        return [step.command.to_qmp() for step in self.steps]
+
+    def to_json(self) -> str:
+        """:meth:`commands` as indented JSON."""
+        return json.dumps(self.commands(), indent=2)
+
+    def explain(self) -> str:
+        """Each step with its reason, its arguments and its undo, for people."""
+        lines: list[str] = []
+        for number, step in enumerate(self.steps, 1):
+            lines.append(f"{number}. {step.command.execute} -- {step.reason}")
+            if isinstance(step.command, Transaction):
+                for action in step.command.actions:
+                    lines.append(f"     {action.execute} {json.dumps(action.arguments())}")
+            else:
+                lines.append(f"     {json.dumps(step.command.arguments())}")
+            if step.await_job:
+                lines.append(f"     then wait for job {step.await_job} to conclude")
+            for undo in step.undo:
+                lines.append(f"     undo: {undo.execute} {json.dumps(undo.arguments())}")
+            for path in step.created_files:
+                lines.append(f"     undo: remove {path}")
+        return "\n".join(lines)
+
+    def __add__(self, other: Plan) -> Plan:
+        return Plan(steps=self.steps + other.steps)

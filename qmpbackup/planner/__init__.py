@@ -1,0 +1,27 @@
+"""The pure planner: observed state in, :class:`~qmpbackup.plan.Plan` out, no I/O."""
+
+from .backup import (
+    BackupFacts,
+    BackupPlan,
+    DiskChoice,
+    EndPlan,
+    JobState,
+    choose_disks,
+    plan_backup_begin,
+    plan_backup_end,
+)
+from .checkpoint import plan_checkpoint_create, plan_checkpoint_delete, plan_checkpoint_size
+
+__all__ = [
+    "BackupFacts",
+    "BackupPlan",
+    "DiskChoice",
+    "EndPlan",
+    "JobState",
+    "choose_disks",
+    "plan_backup_begin",
+    "plan_backup_end",
+    "plan_checkpoint_create",
+    "plan_checkpoint_delete",
+    "plan_checkpoint_size",
+]

@@ -1,0 +1,55 @@
+"""Facts about a disk's chain that several plans need."""
+
+from __future__ import annotations
+
+from ..errors import PlanError
+from ..graph import BitmapLayer, BlockGraph, BlockNode
+
+
+def image_path(graph: BlockGraph, node: BlockNode) -> str:
+    """The host file behind a format node (its protocol child's file name)."""
+    if node.file_child and node.file_child in graph.nodes:
+        return graph.nodes[node.file_child].filename
+    return node.filename
+
+
+def require_persistent_bitmaps(graph: BlockGraph, disk: str) -> BlockNode:
+    """The top node of ``disk``, which must be qcow2 to keep a checkpoint bitmap."""
+    top = graph.top_node(disk)
+    if top.driver != "qcow2":
+        raise PlanError(
+            f"disk {disk!r}: checkpoints need a qcow2 top layer, not {top.driver} "
+            "(persistent bitmaps live in qcow2 files)"
+        )
+    if top.read_only:
+        raise PlanError(f"disk {disk!r} is read-only: it cannot hold a checkpoint")
+    return top
+
+
+def usable_checkpoint_layers(graph: BlockGraph, disk: str, bitmap: str) -> list[BitmapLayer]:
+    """Layers holding ``bitmap`` for ``disk``; PlanError if they cannot serve a backup."""
+    layers = graph.bitmap_layers(disk, bitmap)
+    if not layers:
+        raise PlanError(
+            f"disk {disk!r}: bitmap {bitmap!r} of the checkpoint is missing in QEMU; "
+            "take a full backup"
+        )
+    for layer in layers:
+        if layer.bitmap.inconsistent:
+            raise PlanError(
+                f"disk {disk!r}: bitmap {bitmap!r} on node {layer.node} is inconsistent "
+                "(QEMU stopped without saving it); take a full backup"
+            )
+        if layer.bitmap.busy:
+            raise PlanError(f"disk {disk!r}: bitmap {bitmap!r} is in use by another job")
+    if layers[0].node != graph.disk(disk).top:
+        raise PlanError(
+            f"disk {disk!r}: bitmap {bitmap!r} is not on the top layer, so writes since "
+            "the layer was added are not tracked; take a full backup"
+        )
+    if not layers[0].bitmap.recording:
+        raise PlanError(
+            f"disk {disk!r}: bitmap {bitmap!r} is not recording, so it misses changes; "
+            "take a full backup"
+        )
+    return layers

@@ -1,0 +1,159 @@
+"""Plans for creating, deleting and measuring checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .. import naming
+from ..checkpoints import Checkpoint, CheckpointDisk, descendants, find_checkpoint
+from ..errors import InvalidInputError
+from ..graph import BlockGraph
+from ..plan import Plan, Step
+from ..qapi.commands import (
+    BitmapRef,
+    BlockDirtyBitmapAdd,
+    BlockDirtyBitmapMerge,
+    BlockDirtyBitmapRemove,
+    QMPCommand,
+    Transaction,
+)
+from ..spec.models import CheckpointSpec
+from .chain import require_persistent_bitmaps
+
+
+def plan_checkpoint_create(
+    spec: CheckpointSpec, graph: BlockGraph, checkpoints: Sequence[Checkpoint], now: int
+) -> tuple[Plan, Checkpoint]:
+    """One transaction adding a persistent, recording bitmap on each disk's top layer."""
+    if any(c.name == spec.name for c in checkpoints):
+        raise InvalidInputError(f"checkpoint {spec.name!r} already exists")
+    listed = {graph.disk(d.name).name: d for d in spec.disks}
+    entries: list[CheckpointDisk] = []
+    actions: list[QMPCommand] = []
+    undo: list[QMPCommand] = []
+    for name, disk in graph.disks.items():
+        entry = listed.get(name)
+        if entry is not None and entry.checkpoint == "no":
+            entries.append(CheckpointDisk(name=name, checkpoint="no"))
+            continue
+        if entry is None and (disk.read_only or not disk.chain):
+            continue
+        top = require_persistent_bitmaps(graph, name)
+        bitmap = (entry.bitmap if entry else None) or spec.name
+        if top.bitmap(bitmap) is not None:
+            raise InvalidInputError(f"disk {name!r} already has a bitmap named {bitmap!r}")
+        actions.append(BlockDirtyBitmapAdd(node=top.node_name, name=bitmap, persistent=True))
+        undo.append(BlockDirtyBitmapRemove(node=top.node_name, name=bitmap))
+        entries.append(CheckpointDisk(name=name, checkpoint="bitmap", bitmap=bitmap))
+    if not actions:
+        raise InvalidInputError(f"checkpoint {spec.name!r} would cover no disk")
+    checkpoint = Checkpoint(
+        name=spec.name,
+        parent=checkpoints[-1].name if checkpoints else None,
+        creation_time=now,
+        description=spec.description,
+        disks=tuple(entries),
+    )
+    step = Step(
+        command=Transaction(actions=tuple(actions)),
+        reason=f"create checkpoint {spec.name} on every disk at one instant",
+        undo=tuple(undo),
+    )
+    return Plan(steps=(step,)), checkpoint
+
+
+def _removals(checkpoint: Checkpoint, graph: BlockGraph) -> list[QMPCommand]:
+    out: list[QMPCommand] = []
+    for entry in checkpoint.bitmap_disks():
+        if entry.name not in graph.disks:
+            continue
+        for layer in graph.bitmap_layers(entry.name, entry.bitmap or ""):
+            out.append(BlockDirtyBitmapRemove(node=layer.node, name=layer.bitmap.name))
+    return out
+
+
+def plan_checkpoint_delete(
+    name: str,
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    children: bool = False,
+    metadata_only: bool = False,
+) -> tuple[Plan, list[Checkpoint]]:
+    """Remove a checkpoint's bitmaps (and its descendants' with ``children``).
+
+    Every checkpoint bitmap records from its creation on, so removing one loses
+    nothing for older checkpoints: their bitmaps hold the same changes.
+    """
+    checkpoint = find_checkpoint(checkpoints, name)
+    doomed = [checkpoint] + (descendants(checkpoints, name) if children else [])
+    if metadata_only:
+        return Plan(), doomed
+    actions = [action for c in doomed for action in _removals(c, graph)]
+    if not actions:
+        return Plan(), doomed
+    names = ", ".join(c.name for c in doomed)
+    step = Step(
+        command=Transaction(actions=tuple(actions)),
+        reason=f"remove the bitmaps of checkpoint {names}",
+    )
+    return Plan(steps=(step,)), doomed
+
+
+def plan_checkpoint_size(
+    checkpoint: Checkpoint, graph: BlockGraph
+) -> tuple[dict[str, int], Plan, Plan]:
+    """Dirty bytes per disk since ``checkpoint``.
+
+    Disks whose bitmap lives on one layer are answered from the graph.  For
+    the others, the first plan merges the layers into a temporary bitmap whose
+    count is then read, and the second plan removes it.
+    """
+    sizes: dict[str, int] = {}
+    merge: list[QMPCommand] = []
+    cleanup: list[QMPCommand] = []
+    for entry in checkpoint.bitmap_disks():
+        if entry.name not in graph.disks:
+            continue
+        layers = graph.bitmap_layers(entry.name, entry.bitmap or "")
+        if len(layers) <= 1:
+            sizes[entry.name] = layers[0].bitmap.count if layers else 0
+            continue
+        top = graph.disk(entry.name).top
+        temp = naming.size_bitmap(entry.name)
+        merge.append(
+            BlockDirtyBitmapAdd(
+                node=top,
+                name=temp,
+                granularity=min(la.bitmap.granularity for la in layers),
+                persistent=False,
+                disabled=True,
+            )
+        )
+        merge.append(
+            BlockDirtyBitmapMerge(
+                node=top,
+                target=temp,
+                bitmaps=tuple(BitmapRef(node=la.node, name=la.bitmap.name) for la in layers),
+            )
+        )
+        cleanup.append(BlockDirtyBitmapRemove(node=top, name=temp))
+    if not merge:
+        return sizes, Plan(), Plan()
+    measure = Plan(
+        steps=(
+            Step(
+                command=Transaction(actions=tuple(merge)),
+                reason=f"merge the layers of checkpoint {checkpoint.name} to measure them",
+                undo=tuple(cleanup),
+            ),
+        )
+    )
+    remove = Plan(
+        steps=(
+            Step(
+                command=Transaction(actions=tuple(cleanup)),
+                reason="remove the measuring bitmaps",
+            ),
+        )
+    )
+    return sizes, measure, remove

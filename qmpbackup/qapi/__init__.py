@@ -1,0 +1,1 @@
+"""QAPI support: checking planned QMP commands against QEMU's introspected schema."""

@@ -1,0 +1,101 @@
+"""Records of backup jobs in progress, one JSON file per backup id.
+
+``backup-begin`` writes the record once its transaction succeeded;
+``backup-end`` reads it to know which jobs, nodes and bitmaps to remove.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from .errors import BackupNotFoundError
+from .files import atomic_write_text
+
+
+class DiskJob(BaseModel):
+    """What one backup created for one disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    disk: str
+    source_node: str
+    job_id: str
+    sync: str
+    incremental: str | None = None
+    target: str | None = None
+    format: str | None = None
+    target_nodes: tuple[str, ...] = ()
+    temporary_bitmaps: tuple[tuple[str, str], ...] = ()
+    created_files: tuple[str, ...] = ()
+
+
+class BackupRecord(BaseModel):
+    """One backup job: id, mode, checkpoint made with it, and per-disk pieces."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    mode: Literal["push", "pull"]
+    started: float
+    checkpoint: str | None = None
+    incremental: str | None = None
+    disks: tuple[DiskJob, ...]
+
+    def job_ids(self) -> list[str]:
+        """Every QEMU job id of this backup."""
+        return [d.job_id for d in self.disks]
+
+
+class BackupRecordStore:
+    """Backup records under ``<state dir>/backups``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / "backups"
+
+    def _path(self, backup_id: int) -> Path:
+        return self.directory / f"{backup_id}.json"
+
+    def load_all(self) -> list[BackupRecord]:
+        """Every backup job not yet ended, by id."""
+        if not self.directory.is_dir():
+            return []
+        records = [
+            BackupRecord.model_validate(json.loads(p.read_text()))
+            for p in self.directory.glob("*.json")
+        ]
+        return sorted(records, key=lambda r: r.id)
+
+    def load(self, backup_id: int | None) -> BackupRecord:
+        """The record of ``backup_id`` (the only one when None)."""
+        records = self.load_all()
+        if backup_id is None:
+            if len(records) == 1:
+                return records[0]
+            if not records:
+                raise BackupNotFoundError("no backup job is active")
+            ids = ", ".join(str(r.id) for r in records)
+            raise BackupNotFoundError(f"several backup jobs are active ({ids}): name one")
+        for record in records:
+            if record.id == backup_id:
+                return record
+        raise BackupNotFoundError(f"no backup job with id {backup_id}")
+
+    def next_id(self) -> int:
+        """The id of the next backup: one above the highest active one."""
+        return max((r.id for r in self.load_all()), default=0) + 1
+
+    def save(self, record: BackupRecord) -> None:
+        """Write ``record`` durably."""
+        atomic_write_text(self._path(record.id), record.model_dump_json(indent=2))
+
+    def delete(self, backup_id: int) -> None:
+        """Forget backup ``backup_id``."""
+        try:
+            os.unlink(self._path(backup_id))
+        except FileNotFoundError:
+            pass

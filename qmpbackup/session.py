@@ -1,0 +1,150 @@
+"""A QMP session with QEMU, over :mod:`qemu.qmp`.
+
+:class:`QMPSession` connects to a unix socket or a TCP address, runs commands
+and follows events.  Every command, reply and event is logged at debug level,
+and every failure becomes a :mod:`qmpbackup.errors` exception with one clear
+line: missing socket, refused connection, a peer that does not speak QMP,
+QEMU going away mid-command, or QEMU's own error (class and description).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from .errors import ConnectionFailedError, DisconnectedError, QMPCommandError
+from .logconfig import redact
+
+log = structlog.get_logger("qmpbackup.qmp")
+
+Address = str | tuple[str, int]
+
+
+def parse_address(text: str) -> Address:
+    """Turn ``/path/to.sock`` or ``HOST:PORT`` into a qemu.qmp address."""
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and "/" not in text:
+        return (host.strip("[]") or "localhost", int(port))
+    return text
+
+
+def describe_address(address: Address) -> str:
+    """``address`` as the user wrote it."""
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+class QMPSession:
+    """One QMP connection: commands, replies and events, all logged."""
+
+    def __init__(self, address: Address, *, name: str = "qmpbackup") -> None:
+        self.address = address
+        self._client = QMPClient(name)
+        self._events = EventListener()
+        self._event_task: asyncio.Task[None] | None = None
+        self._watchers: list[Callable[[Mapping[str, Any]], None]] = []
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and negotiate capabilities; raise ConnectionFailedError."""
+        where = describe_address(self.address)
+        if isinstance(self.address, str) and not os.path.exists(self.address):
+            raise ConnectionFailedError(f"QMP socket {where} does not exist")
+        try:
+            await asyncio.wait_for(self._client.connect(self.address), timeout)
+        except ConnectError as exc:
+            raise ConnectionFailedError(self._connect_reason(where, exc)) from exc
+        except (TimeoutError, asyncio.TimeoutError) as exc:
+            await self._client.disconnect()
+            raise ConnectionFailedError(f"{where} did not answer as a QMP server") from exc
+        self._client.register_listener(self._events)
+        self._event_task = asyncio.create_task(self._pump_events())
+        greeting = self._client.greeting
+        log.debug("qmp.connected", address=where, greeting=greeting._raw if greeting else None)
+
+    @staticmethod
+    def _connect_reason(where: str, exc: ConnectError) -> str:
+        cause = exc.exc
+        if isinstance(cause, ConnectionRefusedError):
+            return f"connection to {where} refused: is QEMU running with -qmp?"
+        if isinstance(cause, FileNotFoundError):
+            return f"QMP socket {where} does not exist"
+        if isinstance(cause, PermissionError):
+            return f"no permission to open QMP socket {where}"
+        if isinstance(cause, OSError) and cause.errno == errno.ENOTSOCK:
+            return f"{where} is not a socket"
+        if isinstance(cause, OSError):
+            return f"cannot connect to {where}: {cause.strerror or cause}"
+        return f"{where} is not a QMP server ({cause or exc.error_message})"
+
+    async def disconnect(self) -> None:
+        """Close the connection; safe to call more than once."""
+        if self._event_task is not None:
+            self._event_task.cancel()
+            self._event_task = None
+        try:
+            self._client.remove_listener(self._events)
+        except QMPError:
+            pass
+        try:
+            await self._client.disconnect()
+        except QMPError as exc:
+            log.debug("qmp.disconnect_error", error=str(exc))
+
+    async def __aenter__(self) -> QMPSession:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one command and return its ``return`` value."""
+        args = dict(arguments) if arguments else None
+        log.debug("qmp.command", execute=command, arguments=redact(args) if args else None)
+        try:
+            reply = await self._client.execute(command, args)
+        except ExecuteError as exc:
+            err = exc.error.error
+            log.debug("qmp.error", execute=command, error_class=err.class_, desc=err.desc)
+            raise QMPCommandError(command, err.class_, err.desc) from exc
+        except (QMPError, EOFError, ConnectionError, OSError) as exc:
+            log.debug("qmp.disconnected", execute=command, error=str(exc))
+            raise DisconnectedError(
+                f"QEMU went away during {command} ({type(exc).__name__})"
+            ) from exc
+        log.debug("qmp.reply", execute=command, reply=redact(reply))
+        return reply
+
+    async def _pump_events(self) -> None:
+        async for event in self._events:
+            log.debug(
+                "qmp.event", event=event["event"], data=redact(event.get("data", {}))
+            )
+            for watcher in list(self._watchers):
+                watcher(event)
+
+    @asynccontextmanager
+    async def watch(self, names: set[str]) -> AsyncIterator[asyncio.Queue[Mapping[str, Any]]]:
+        """Queue of the events named in ``names`` received while the block runs."""
+        queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
+
+        def deliver(event: Mapping[str, Any]) -> None:
+            if event["event"] in names:
+                queue.put_nowait(event)
+
+        self._watchers.append(deliver)
+        try:
+            yield queue
+        finally:
+            self._watchers.remove(deliver)
+
+    @property
+    def connected(self) -> bool:
+        """True while the QMP connection is up."""
+        return self._client.runstate.name == "RUNNING"

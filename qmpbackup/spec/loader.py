@@ -1,0 +1,577 @@
+"""Load backup and checkpoint requests from libvirt XML, YAML or JSON.
+
+The format is sniffed from the content: a document whose first non-blank
+character is ``<`` is XML, one starting with ``{`` is tried as JSON first,
+anything else is YAML.  Every failure raises :class:`~qmpbackup.errors.SpecError`
+with one line naming the document, the field and the problem.
+
+XML follows libvirt's ``<domainbackup>`` and ``<domaincheckpoint>`` formats
+(https://libvirt.org/formatbackup.html, https://libvirt.org/formatcheckpoint.html),
+with one qmpbackup extension: ``<disk reuse='yes'>`` allows writing into an
+existing target or scratch file.  Unknown elements and attributes are refused,
+except the read-only parts of ``virsh checkpoint-dumpxml`` output
+(``<creationTime>``, ``<parent>``, ``<domain>``, ``<disk size=…>``), which are
+ignored so that a dumped checkpoint loads as-is.
+
+YAML and JSON take the fields of the models in :mod:`qmpbackup.spec.models`.
+For a disk, libvirt's nesting ``driver: {type: qcow2, shallow: on}``,
+``target: {file: …}`` and ``scratch: {file: …}`` is accepted as well as the
+flat ``format``, ``shallow``, ``target`` and ``scratch``.
+
+Safety: documents larger than :data:`MAX_SPEC_BYTES` are refused; XML is
+parsed with defusedxml and any DOCTYPE is refused (so no entity expansion);
+YAML is read with a :class:`yaml.SafeLoader` that also refuses aliases and
+duplicate keys.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from collections.abc import Callable, Collection, Hashable, Mapping
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+from xml.etree.ElementTree import Element, ParseError
+from xml.parsers.expat import ErrorString
+
+import defusedxml
+import defusedxml.ElementTree as DefusedET
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from qmpbackup.errors import SpecError
+from qmpbackup.spec.models import BackupSpec, CheckpointSpec
+
+__all__ = [
+    "MAX_SPEC_BYTES",
+    "load_backup_spec",
+    "load_checkpoint_spec",
+    "parse_backup_spec",
+    "parse_checkpoint_spec",
+]
+
+MAX_SPEC_BYTES = 1 << 20
+"""Largest document accepted, in bytes (a spec is a few hundred bytes)."""
+
+_M = TypeVar("_M", bound=BaseModel)
+_Data = dict[str, Any]
+
+
+class _Invalid(Exception):
+    """A problem with the document; the message lacks only the origin."""
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def load_backup_spec(source: str | Path) -> BackupSpec:
+    """Load a ``<domainbackup>`` (XML, YAML or JSON) from the file ``source``."""
+    return _parse(_read(source), os.fspath(source), _BACKUP)
+
+
+def parse_backup_spec(text: str, origin: str = "<string>") -> BackupSpec:
+    """Parse a ``<domainbackup>`` (XML, YAML or JSON); ``origin`` names it in errors."""
+    return _parse(text, origin, _BACKUP)
+
+
+def load_checkpoint_spec(source: str | Path) -> CheckpointSpec:
+    """Load a ``<domaincheckpoint>`` (XML, YAML or JSON) from the file ``source``."""
+    return _parse(_read(source), os.fspath(source), _CHECKPOINT)
+
+
+def parse_checkpoint_spec(text: str, origin: str = "<string>") -> CheckpointSpec:
+    """Parse a ``<domaincheckpoint>`` (XML, YAML or JSON); ``origin`` names it in errors."""
+    return _parse(text, origin, _CHECKPOINT)
+
+
+# --------------------------------------------------------------------------
+# Reading and sniffing
+
+
+def _read(source: str | Path) -> bytes:
+    name = os.fspath(source)
+    try:
+        with open(name, "rb") as f:
+            # One byte more than the limit tells "too large" without reading a huge file.
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"cannot read {name}: {err.strerror or err}") from err
+    return data
+
+
+class _Kind(Generic[_M]):
+    """What differs between a backup and a checkpoint document."""
+
+    def __init__(
+        self,
+        model: type[_M],
+        root: str,
+        from_xml: Callable[[Element], _Data],
+        from_mapping: Callable[[_Data], _Data],
+        labels: Mapping[str, str],
+    ) -> None:
+        self.model = model
+        self.root = root
+        self.from_xml = from_xml
+        self.from_mapping = from_mapping
+        # Top-level field -> how errors call it.
+        self.labels = labels
+
+
+def _parse(data: str | bytes, origin: str, kind: _Kind[_M]) -> _M:
+    try:
+        if len(data) > MAX_SPEC_BYTES or (
+            isinstance(data, str) and len(data.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES
+        ):
+            raise _Invalid("document is larger than 1 MiB")
+        is_xml, fields = _load_document(data, kind)
+    except _Invalid as err:
+        raise SpecError(f"in {origin}: {err}") from None
+    try:
+        return kind.model.model_validate(fields)
+    except ValidationError as err:
+        message = _describe(err.errors(include_url=False)[0], fields, kind, is_xml)
+        raise SpecError(f"in {origin}: {message}") from None
+
+
+def _load_document(data: str | bytes, kind: _Kind[Any]) -> tuple[bool, _Data]:
+    """Return whether ``data`` is XML, and its fields as model input."""
+    if isinstance(data, bytes):
+        body = data.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+        if body.startswith(b"<"):
+            # Bytes keep the XML encoding declaration meaningful.
+            skipped = data[: len(data) - len(body)].count(b"\n")
+            return True, kind.from_xml(_parse_xml(body, skipped, kind.root))
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise _Invalid(
+                f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})"
+            ) from None
+    else:
+        text = data.removeprefix("\ufeff")
+        stripped = text.lstrip(" \t\r\n")
+        if stripped.startswith("<"):
+            skipped = text[: len(text) - len(stripped)].count("\n")
+            return True, kind.from_xml(_parse_xml(stripped, skipped, kind.root))
+    if not text.strip():
+        raise _Invalid("document is empty")
+    value = _parse_json_or_yaml(text)
+    if value is None:
+        raise _Invalid("document is empty")
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a mapping at the top level, got {_type_name(value)}")
+    return False, kind.from_mapping(value)
+
+
+# --------------------------------------------------------------------------
+# JSON and YAML
+
+
+def _parse_json_or_yaml(text: str) -> Any:
+    json_error: str | None = None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError as err:
+            # A YAML flow mapping also starts with '{': give YAML its chance.
+            json_error = f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
+        except RecursionError:
+            raise _Invalid("document is nested too deeply") from None
+        except ValueError as err:
+            # e.g. an integer longer than Python converts (sys.get_int_max_str_digits)
+            raise _Invalid(f"invalid JSON: {_shorten(str(err), 80)}") from None
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # safe: _YamlLoader is a SafeLoader
+    except yaml.MarkedYAMLError as err:
+        if json_error is not None:
+            raise _Invalid(json_error) from None
+        where = ""
+        if err.problem_mark is not None:
+            mark = err.problem_mark
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = err.problem or err.context
+        if err.problem and err.context and not err.context.startswith("while "):
+            # e.g. "expected a single document in the stream" + "but found another document"
+            problem = f"{err.context}, {err.problem}"
+        raise _Invalid(f"invalid YAML: {problem}{where}") from None
+    except yaml.reader.ReaderError as err:
+        problem = f"unacceptable character #x{err.character:04x} at offset {err.position}"
+        raise _Invalid(json_error or f"invalid YAML: {problem}") from None
+    except yaml.YAMLError as err:
+        first_line = str(err).partition("\n")[0]
+        raise _Invalid(json_error or f"invalid YAML: {first_line}") from None
+    except RecursionError:
+        raise _Invalid("document is nested too deeply") from None
+    except _Invalid:
+        raise
+    except Exception as err:
+        # SafeLoader's constructors fail with plain exceptions on bad scalars
+        # (2024-13-45, !!int foo, a 5000-digit integer): still the user's input.
+        raise _Invalid(json_error or f"invalid YAML: {_shorten(str(err), 80)}") from None
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Invalid(f"key {key!r} is given twice")
+        result[key] = value
+    return result
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and duplicate keys."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # Aliases let a few bytes stand for an exponentially large tree.
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise _Invalid(f"YAML aliases are not accepted (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        # PyYAML keeps the last of duplicate keys; a silently dropped setting is worse.
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    line = key_node.start_mark.line + 1
+                    raise _Invalid(f"key {key_node.value!r} is given twice (line {line})")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _backup_from_mapping(data: _Data) -> _Data:
+    disks = data.get("disks")
+    if not isinstance(disks, list):
+        return data
+    flat = [
+        _flatten_disk(disk, i) if isinstance(disk, dict) else disk for i, disk in enumerate(disks)
+    ]
+    return {**data, "disks": flat}
+
+
+def _flatten_disk(disk: _Data, index: int) -> _Data:
+    """Turn libvirt's ``driver:``/``target:``/``scratch:`` nesting into flat fields."""
+    where = _disk_label(disk, index)
+    out = dict(disk)
+    driver = out.pop("driver", None)
+    if driver is not None:
+        if not isinstance(driver, dict):
+            raise _Invalid(f"{where}: driver: expected a mapping, got {_type_name(driver)}")
+        for key, value in driver.items():
+            field = {"type": "format", "shallow": "shallow"}.get(str(key))
+            if field is None:
+                raise _Invalid(f"{where}: unknown field 'driver.{key}'")
+            if field in out:
+                raise _Invalid(f"{where}: both {field} and driver.{key} are given")
+            out[field] = value
+    for field in ("target", "scratch"):
+        value = out.get(field)
+        if isinstance(value, dict):
+            if set(value) != {"file"}:
+                extra = sorted(str(k) for k in value if k != "file")
+                if extra:
+                    raise _Invalid(f"{where}: unknown field '{field}.{extra[0]}'")
+                raise _Invalid(f"{where}: {field}.file is missing")
+            out[field] = value["file"]
+    return out
+
+
+# --------------------------------------------------------------------------
+# XML
+
+
+def _parse_xml(data: str | bytes, skipped_lines: int, root: str) -> Element:
+    try:
+        element: Element = DefusedET.fromstring(
+            data, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except ParseError as err:
+        line, column = err.position
+        raise _Invalid(
+            f"invalid XML: {ErrorString(err.code)} "
+            f"(line {line + skipped_lines}, column {column + 1})"
+        ) from None
+    except UnicodeError:
+        # Only a str with lone surrogates gets here; expat never sees it.
+        raise _Invalid("invalid XML: text is not valid Unicode") from None
+    except defusedxml.DTDForbidden:
+        raise _Invalid("XML DOCTYPE declarations are not accepted") from None
+    except defusedxml.EntitiesForbidden:
+        raise _Invalid("XML entity declarations are not accepted") from None
+    except defusedxml.ExternalReferenceForbidden:
+        raise _Invalid("external XML references are not accepted") from None
+    if element.tag != root:
+        raise _Invalid(f"root element is <{element.tag}>, expected <{root}>")
+    return element
+
+
+def _attrs(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
+    for name in el.attrib:
+        if name not in allowed:
+            raise _Invalid(f"{where}unknown attribute {name!r} on <{el.tag}>")
+    return dict(el.attrib)
+
+
+def _children(
+    el: Element, allowed: Collection[str], where: str, ignored: Collection[str] = ()
+) -> dict[str, Element]:
+    """Child elements of ``el`` by tag; text between them is refused."""
+    _no_text(el.text, el, where)
+    found: dict[str, Element] = {}
+    for child in el:
+        _no_text(child.tail, el, where)
+        if child.tag in ignored:
+            continue
+        if child.tag not in allowed:
+            raise _Invalid(f"{where}unknown element <{child.tag}> in <{el.tag}>")
+        if child.tag in found and child.tag != "disk":
+            raise _Invalid(f"{where}<{child.tag}> is given twice in <{el.tag}>")
+        found.setdefault(child.tag, child)
+    return found
+
+
+def _no_text(text: str | None, el: Element, where: str) -> None:
+    if text is not None and text.strip():
+        raise _Invalid(f"{where}unexpected text {_shorten(text.strip())!r} in <{el.tag}>")
+
+
+def _text(el: Element, where: str = "") -> str:
+    """Text of a leaf element such as ``<name>``, blanks stripped."""
+    _attrs(el, (), where)
+    if len(el):
+        raise _Invalid(f"{where}unexpected element <{el[0].tag}> in <{el.tag}>")
+    text = (el.text or "").strip()
+    if not text:
+        raise _Invalid(f"{where}<{el.tag}> is empty")
+    return text
+
+
+def _choice(value: str, choices: Mapping[str, bool], label: str) -> bool:
+    # libvirt spells booleans 'yes'/'no', but 'on'/'off' for shallow: keep each strict.
+    if value not in choices:
+        raise _Invalid(f"{label} {value!r} is not one of {', '.join(choices)}")
+    return choices[value]
+
+
+_YES_NO = {"yes": True, "no": False}
+_ON_OFF = {"on": True, "off": False}
+
+
+def _backup_from_xml(root: Element) -> _Data:
+    fields: _Data = dict(_attrs(root, ("mode",), ""))
+    children = _children(root, ("incremental", "server", "disks"), "")
+    if "incremental" in children:
+        fields["incremental"] = _text(children["incremental"])
+    if "server" in children:
+        server = children["server"]
+        _children(server, (), "server: ")
+        attrs: _Data = dict(_attrs(server, ("transport", "name", "port", "socket", "tls"), ""))
+        if "tls" in attrs:
+            attrs["tls"] = _choice(attrs["tls"], _YES_NO, "server tls")
+        fields["server"] = attrs
+    if "disks" in children:
+        disks = children["disks"]
+        _attrs(disks, (), "")
+        _children(disks, ("disk",), "")
+        fields["disks"] = [_backup_disk(disk, i) for i, disk in enumerate(disks)]
+    return fields
+
+
+def _backup_disk(el: Element, index: int) -> _Data:
+    where = _disk_label(el.attrib, index) + ": "
+    allowed = (
+        "name",
+        "backup",
+        "backupmode",
+        "incremental",
+        "exportname",
+        "exportbitmap",
+        "type",
+        "reuse",
+    )
+    disk: _Data = dict(_attrs(el, allowed, where))
+    for flag in ("backup", "reuse"):
+        if flag in disk:
+            disk[flag] = _choice(disk[flag], _YES_NO, where + flag)
+    children = _children(el, ("target", "scratch", "driver"), where)
+    for tag in ("target", "scratch"):
+        if tag in children:
+            file = _leaf(children[tag], ("file",), where).get("file")
+            if file is not None:
+                disk[tag] = file
+    if "driver" in children:
+        driver = _leaf(children["driver"], ("type", "shallow"), where)
+        if "type" in driver:
+            disk["format"] = driver["type"]
+        if "shallow" in driver:
+            disk["shallow"] = _choice(driver["shallow"], _ON_OFF, where + "driver shallow")
+    return disk
+
+
+def _leaf(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
+    """Attributes of an element that has neither children nor text."""
+    _children(el, (), where)
+    return _attrs(el, allowed, where)
+
+
+# Read-only parts of `virsh checkpoint-dumpxml` output: ignoring them lets a
+# dumped checkpoint be fed back; none of them changes what gets created.
+_CHECKPOINT_IGNORED = ("creationTime", "parent", "domain")
+
+
+def _checkpoint_from_xml(root: Element) -> _Data:
+    _attrs(root, (), "")
+    children = _children(root, ("name", "description", "disks"), "", _CHECKPOINT_IGNORED)
+    fields: _Data = {}
+    if "name" in children:
+        fields["name"] = _text(children["name"])
+    if "description" in children:
+        description = children["description"]
+        _attrs(description, (), "")
+        if len(description):
+            raise _Invalid(f"unexpected element <{description[0].tag}> in <description>")
+        # Kept verbatim: it is free text, and libvirt keeps it so.
+        fields["description"] = description.text or ""
+    if "disks" in children:
+        disks = children["disks"]
+        _attrs(disks, (), "")
+        _children(disks, ("disk",), "")
+        fields["disks"] = [_checkpoint_disk(disk, i) for i, disk in enumerate(disks)]
+    return fields
+
+
+def _checkpoint_disk(el: Element, index: int) -> _Data:
+    where = _disk_label(el.attrib, index) + ": "
+    # 'size' is what `checkpoint-dumpxml --size` reports; it is an output only.
+    attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size"), where)
+    attrs.pop("size", None)
+    return dict(attrs)
+
+
+# --------------------------------------------------------------------------
+# Error messages
+
+# Model fields of a backup disk whose XML spelling differs.
+_XML_DISK_LABELS = {
+    "format": "driver type",
+    "shallow": "driver shallow",
+    "target": "target file",
+    "scratch": "scratch file",
+}
+
+
+def _describe(error: ErrorDetails, fields: _Data, kind: _Kind[Any], is_xml: bool) -> str:
+    """One readable line for a pydantic error, in the vocabulary of the document."""
+    loc = list(error["loc"])
+    prefix = ""
+    label = ""
+    if loc and loc[0] == "disks" and len(loc) >= 2 and isinstance(loc[1], int):
+        disks = fields.get("disks")
+        disk = disks[loc[1]] if isinstance(disks, list) and loc[1] < len(disks) else None
+        field = str(loc[2]) if len(loc) >= 3 else ""
+        if field == "name" or not isinstance(disk, dict):
+            prefix = f"disk #{loc[1] + 1}: "
+        else:
+            prefix = _disk_label(disk, loc[1]) + ": "
+        if field:
+            label = _XML_DISK_LABELS.get(field, field) if is_xml else field
+    elif loc and loc[0] == "server" and len(loc) >= 2:
+        label = f"server {loc[1]}"
+    elif loc and loc[0] == "server":
+        prefix = "server: "
+    elif loc:
+        label = kind.labels.get(str(loc[0]), str(loc[0]))
+    return prefix + _problem(error, label)
+
+
+def _problem(error: ErrorDetails, label: str) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    shown = f"{label} {_show(value)}" if label else _show(value)
+    ctx = error.get("ctx") or {}
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{shown} is not one of {', '.join(choices)}"
+    if kind == "missing":
+        return f"{label} is missing"
+    if kind == "extra_forbidden":
+        return f"unknown field {label!r}"
+    if kind == "invalid_key":
+        return f"key {_show(value)} is not a string"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{shown} is not an integer"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{shown} is not a boolean"
+    if kind == "string_type" and value is None:
+        return f"{label} is empty"
+    if kind == "string_type" and not isinstance(value, dict | list):
+        # YAML turns unquoted 2024-01-01, 0700 or yes into a date, an int or a bool.
+        return f"{label}: expected a string, got {_type_name(value)} {str(value)!r} (quote it)"
+    if kind in ("string_type", "tuple_type", "list_type", "model_type", "dict_type"):
+        expected = {"string_type": "a string", "model_type": "a mapping", "dict_type": "a mapping"}
+        where = f"{label}: " if label else ""
+        return f"{where}expected {expected.get(kind, 'a list')}, got {_type_name(value)}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{shown} is too large (at most {ctx.get('le', ctx.get('lt'))})"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{shown} is too small (at least {ctx.get('ge', ctx.get('gt'))})"
+    msg = error["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"{label}: {msg}" if label and label not in ("name", "checkpoint name") else msg
+    msg = msg.removeprefix("Input ")
+    return f"{shown}: {msg}" if label else msg
+
+
+def _disk_label(disk: Mapping[str, Any], index: int) -> str:
+    name = disk.get("name")
+    return f"disk {name!r}" if isinstance(name, str) and name else f"disk #{index + 1}"
+
+
+def _show(value: Any) -> str:
+    # Never repr containers: they can be huge; a scalar says enough.
+    if isinstance(value, str):
+        return repr(_shorten(value))
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    return _type_name(value)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _type_name(value: Any) -> str:
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        datetime.date: "a date",
+        datetime.datetime: "a date and time",
+        bytes: "binary data",
+    }
+    if value is None:
+        return "nothing"
+    return names.get(type(value), type(value).__name__)
+
+
+_BACKUP: _Kind[BackupSpec] = _Kind(
+    BackupSpec, "domainbackup", _backup_from_xml, _backup_from_mapping, {}
+)
+_CHECKPOINT: _Kind[CheckpointSpec] = _Kind(
+    CheckpointSpec,
+    "domaincheckpoint",
+    _checkpoint_from_xml,
+    lambda data: data,
+    {"name": "checkpoint name"},
+)

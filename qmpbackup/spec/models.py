@@ -1,0 +1,131 @@
+"""Request models: what a user asks for, independent of the input format.
+
+libvirt ``<domainbackup>`` / ``<domaincheckpoint>`` XML, YAML and JSON all
+load into these models (see :mod:`qmpbackup.spec.loader`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Names end up in node names, bitmap names, export names and file names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """Return ``value`` if it is a safe name for a disk, checkpoint or export."""
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"invalid {what} name {value!r}: use letters, digits, '_', '.', '+', '-' "
+            "(at most 64, not starting with a punctuation mark)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ServerSpec(_Model):
+    """NBD server address of a pull backup."""
+
+    transport: Literal["tcp", "unix"] = "tcp"
+    name: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    socket: str | None = None
+    tls: bool = False
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> ServerSpec:
+        if self.transport == "unix" and self.port is not None:
+            raise ValueError("a unix socket server takes no port")
+        if self.transport == "tcp" and self.socket is not None:
+            raise ValueError("a tcp server takes no socket")
+        if self.transport == "unix" and self.tls:
+            raise ValueError("TLS is only offered on tcp servers")
+        return self
+
+
+class DiskBackupSpec(_Model):
+    """One ``<disk>`` of a ``<domainbackup>``."""
+
+    name: str
+    backup: bool = True
+    backupmode: Literal["full", "incremental"] | None = None
+    incremental: str | None = None
+    exportname: str | None = None
+    exportbitmap: str | None = None
+    type: Literal["file"] = "file"
+    target: str | None = None
+    scratch: str | None = None
+    format: Literal["qcow2", "raw"] | None = None
+    shallow: bool = False
+    reuse: bool = False
+
+    _check = field_validator("name")(lambda v: check_name(v, "disk"))
+
+    @field_validator("incremental", "exportname", "exportbitmap")
+    @classmethod
+    def _names(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "checkpoint/export")
+
+
+class BackupSpec(_Model):
+    """A ``<domainbackup>``: what to back up, where, and from which checkpoint."""
+
+    mode: Literal["push", "pull"] = "push"
+    incremental: str | None = None
+    server: ServerSpec | None = None
+    disks: tuple[DiskBackupSpec, ...] = ()
+
+    @field_validator("incremental")
+    @classmethod
+    def _incremental(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> BackupSpec:
+        names = [d.name for d in self.disks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"disk {sorted(dup)[0]!r} is listed twice")
+        if self.mode == "push" and self.server is not None:
+            raise ValueError("a push backup takes no <server>")
+        for disk in self.disks:
+            if self.mode == "push" and disk.scratch is not None:
+                raise ValueError(f"disk {disk.name!r}: <scratch> is for pull mode")
+            if self.mode == "pull" and disk.target is not None:
+                raise ValueError(f"disk {disk.name!r}: <target> is for push mode")
+        return self
+
+    def disk(self, name: str) -> DiskBackupSpec | None:
+        """The disk entry named ``name``, if the spec lists it."""
+        return next((d for d in self.disks if d.name == name), None)
+
+
+class CheckpointDiskSpec(_Model):
+    """One ``<disk>`` of a ``<domaincheckpoint>``."""
+
+    name: str
+    checkpoint: Literal["bitmap", "no"] = "bitmap"
+    bitmap: str | None = None
+
+    _check = field_validator("name")(lambda v: check_name(v, "disk"))
+
+    @field_validator("bitmap")
+    @classmethod
+    def _bitmap(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "bitmap")
+
+
+class CheckpointSpec(_Model):
+    """A ``<domaincheckpoint>``: a named point in time to create."""
+
+    name: str
+    description: str | None = None
+    disks: tuple[CheckpointDiskSpec, ...] = ()
+
+    _check = field_validator("name")(lambda v: check_name(v, "checkpoint"))

@@ -1,0 +1,206 @@
+"""A throwaway QEMU with disk images, for the demo and the tests.
+
+It starts ``qemu-system-x86_64`` with no guest OS; guest writes are simulated
+with ``qemu-io`` through the human monitor, exactly as a guest's writes reach
+the block layer.  :meth:`ThrowawayVM.reference` copies a disk's current
+content to a raw file, to compare backups against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QmpBackupError
+from .session import QMPSession
+
+QEMU = os.environ.get("QMPBACKUP_QEMU", "qemu-system-x86_64")
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm can be opened for read and write."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def qemu_img(*args: str) -> str:
+    """Run ``qemu-img`` and return its output; raise with its stderr on failure."""
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise QmpBackupError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def qemu_io(image: str, command: str, fmt: str = "raw") -> None:
+    """Run one ``qemu-io`` command on an image that no QEMU has open."""
+    proc = subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", command, image], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0 or "failed" in proc.stdout:
+        raise QmpBackupError(f"qemu-io {command!r} on {image}: {proc.stdout}{proc.stderr}")
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """A guest disk: its qdev id, its top image and format, optional backing image."""
+
+    name: str
+    path: Path
+    fmt: str = "qcow2"
+    backing: Path | None = None
+    backing_fmt: str = "raw"
+
+
+def make_slides_images(workdir: Path) -> list[DiskImage]:
+    """The slides' layout: ``Base1.img`` (raw, with data) <- ``Active1.qcow2``,
+    ``Base2.img`` (raw, 100M, empty) <- ``Active2.qcow2``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    base1, base2 = workdir / "Base1.img", workdir / "Base2.img"
+    qemu_img("create", "-q", "-f", "raw", str(base1), "64M")
+    # Base1 plays the installed OS: some data, some holes.
+    qemu_io(str(base1), "write -P 0x41 0 4M")
+    qemu_io(str(base1), "write -P 0x61 16M 1M")
+    with open(base2, "wb") as handle:
+        handle.truncate(100 * 1024 * 1024)
+    disks = []
+    for index, base in ((1, base1), (2, base2)):
+        active = workdir / f"Active{index}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base.name, str(active))
+        disks.append(DiskImage(name=f"vd{'ab'[index - 1]}", path=active, backing=base))
+    return disks
+
+
+class ThrowawayVM:
+    """A QEMU process with the given disks, a QMP socket, and a way to write as the guest."""
+
+    def __init__(self, workdir: Path, disks: Sequence[DiskImage], name: str = "throwaway") -> None:
+        self.workdir = workdir
+        self.disks = list(disks)
+        self.name = name
+        self.qmp_path = workdir / "qmp.sock"
+        self.log_path = workdir / "qemu.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._session: QMPSession | None = None
+
+    def command_line(self) -> list[str]:
+        """The QEMU command line."""
+        accel = "kvm" if kvm_usable() else "tcg"
+        argv = [
+            QEMU, "-M", "q35", "-nodefaults", "-display", "none", "-accel", accel,
+            "-m", "128", "-name", self.name,
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        for disk in self.disks:
+            node = f"{disk.name}-fmt"
+            if disk.backing is not None:
+                argv += [
+                    "-blockdev",
+                    f"driver=file,filename={disk.backing},node-name={disk.name}-base-file,"
+                    "read-only=on",
+                    "-blockdev",
+                    f"driver={disk.backing_fmt},file={disk.name}-base-file,"
+                    f"node-name={disk.name}-base,read-only=on",
+                ]
+            argv += ["-blockdev", f"driver=file,filename={disk.path},node-name={disk.name}-file"]
+            fmt = f"driver={disk.fmt},file={disk.name}-file,node-name={node}"
+            if disk.backing is not None:
+                fmt += f",backing={disk.name}-base"
+            argv += ["-blockdev", fmt, "-device", f"virtio-blk,drive={node},id={disk.name}"]
+        return argv
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start QEMU and wait until its QMP socket accepts a connection."""
+        with contextlib.suppress(FileNotFoundError):
+            self.qmp_path.unlink()
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(
+            self.command_line(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.qmp_path.exists():
+            if self.process.poll() is not None:
+                raise QmpBackupError(f"QEMU exited: {self.log_path.read_text().strip()}")
+            if loop.time() > deadline:
+                raise QmpBackupError("QEMU did not create its QMP socket")
+            await asyncio.sleep(0.02)
+        self._session = QMPSession(str(self.qmp_path), name="throwaway-guest")
+        await self._session.connect()
+
+    @property
+    def session(self) -> QMPSession:
+        """The harness's own QMP session (used for guest writes)."""
+        assert self._session is not None, "start() first"
+        return self._session
+
+    async def hmp(self, command: str) -> str:
+        """Run a human-monitor command and return its output."""
+        out: str = await self.session.execute("human-monitor-command", {"command-line": command})
+        return out
+
+    async def guest_io(self, disk: str, command: str) -> None:
+        """Run a qemu-io command against ``disk`` as the guest would (through its device)."""
+        out = await self.hmp(f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "{command}"')
+        if "failed" in out or "error" in out.lower():
+            raise QmpBackupError(f"guest I/O {command!r} on {disk}: {out.strip()}")
+
+    async def write(self, disk: str, pattern: int, offset: int | str, length: int | str) -> None:
+        """Guest writes ``length`` bytes of ``pattern`` at ``offset``."""
+        await self.guest_io(disk, f"write -P {pattern:#x} {offset} {length}")
+
+    async def reference(self, disk: str, out: Path) -> Path:
+        """Copy ``disk``'s current guest-visible content to the raw file ``out``."""
+        await self.guest_io(disk, "flush")
+        image = next(d for d in self.disks if d.name == disk)
+        qemu_img("convert", "-U", "-f", image.fmt, "-O", "raw", str(image.path), str(out))
+        return out
+
+    async def stop(self) -> None:
+        """Quit QEMU (kill it if it does not go) and close the session."""
+        if self._session is not None:
+            with contextlib.suppress(QmpBackupError):
+                await self._session.execute("quit")
+            await self._session.disconnect()
+            self._session = None
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), 10)
+            except TimeoutError:
+                self.process.send_signal(signal.SIGKILL)
+                self.process.wait()
+            self.process = None
+
+    async def __aenter__(self) -> ThrowawayVM:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def images_equal(a: Path | str, b: Path | str, fmt_a: str | None = None) -> bool:
+    """True when ``qemu-img compare`` finds the two images' guest content equal."""
+    args = ["qemu-img", "compare", "-q"]
+    if fmt_a:
+        args += ["-f", fmt_a]
+    proc = subprocess.run([*args, str(a), str(b)], capture_output=True, check=False)
+    if proc.returncode > 1:
+        raise QmpBackupError(f"qemu-img compare failed: {proc.stderr.decode().strip()}")
+    return proc.returncode == 0
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a work directory."""
+    shutil.rmtree(path, ignore_errors=True)
