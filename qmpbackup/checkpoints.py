@@ -49,7 +49,10 @@ class Checkpoint(BaseModel):
 
     def to_xml(self, sizes: dict[str, int] | None = None, domain: str | None = None) -> str:
         """libvirt ``<domaincheckpoint>`` XML, with per-disk sizes when given."""
-        from xml.sax.saxutils import escape, quoteattr
+        from xml.sax.saxutils import escape
+
+        def attr(value: str) -> str:
+            return "'" + escape(value, {"'": "&apos;", '"': "&quot;"}) + "'"
 
         lines = ["<domaincheckpoint>", f"  <name>{escape(self.name)}</name>"]
         if self.description:
@@ -59,9 +62,9 @@ class Checkpoint(BaseModel):
         lines.append(f"  <creationTime>{self.creation_time}</creationTime>")
         lines.append("  <disks>")
         for disk in self.disks:
-            attrs = f"name={quoteattr(disk.name)} checkpoint={quoteattr(disk.checkpoint)}"
+            attrs = f"name={attr(disk.name)} checkpoint={attr(disk.checkpoint)}"
             if disk.checkpoint == "bitmap" and disk.bitmap:
-                attrs += f" bitmap={quoteattr(disk.bitmap)}"
+                attrs += f" bitmap={attr(disk.bitmap)}"
                 if sizes is not None and disk.name in sizes:
                     attrs += f" size='{sizes[disk.name]}'"
             lines.append(f"    <disk {attrs}/>")

@@ -123,11 +123,13 @@ class QMPSession:
 
     async def _pump_events(self) -> None:
         async for event in self._events:
-            log.debug(
-                "qmp.event", event=event["event"], data=redact(event.get("data", {}))
-            )
-            for watcher in list(self._watchers):
-                watcher(event)
+            try:
+                log.debug("qmp.event", name=event["event"], data=redact(event.get("data", {})))
+                for watcher in list(self._watchers):
+                    watcher(event)
+            except Exception:
+                # A broken watcher must not stop every later event from arriving.
+                log.exception("qmp.event_dispatch_failed", name=event.get("event"))
 
     @asynccontextmanager
     async def watch(self, names: set[str]) -> AsyncIterator[asyncio.Queue[Mapping[str, Any]]]:

@@ -89,6 +89,8 @@ class ThrowawayVM:
         self.disks = list(disks)
         self.name = name
         self.qmp_path = workdir / "qmp.sock"
+        # QEMU serves one client per monitor: the harness keeps its own.
+        self.harness_path = workdir / "harness.sock"
         self.log_path = workdir / "qemu.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._session: QMPSession | None = None
@@ -100,6 +102,7 @@ class ThrowawayVM:
             QEMU, "-M", "q35", "-nodefaults", "-display", "none", "-accel", accel,
             "-m", "128", "-name", self.name,
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{self.harness_path},server=on,wait=off",
         ]  # fmt: skip
         for disk in self.disks:
             node = f"{disk.name}-fmt"
@@ -121,8 +124,9 @@ class ThrowawayVM:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start QEMU and wait until its QMP socket accepts a connection."""
-        with contextlib.suppress(FileNotFoundError):
-            self.qmp_path.unlink()
+        for path in (self.qmp_path, self.harness_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
             self.command_line(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -130,13 +134,13 @@ class ThrowawayVM:
         log.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self.qmp_path.exists():
+        while not (self.qmp_path.exists() and self.harness_path.exists()):
             if self.process.poll() is not None:
                 raise QmpBackupError(f"QEMU exited: {self.log_path.read_text().strip()}")
             if loop.time() > deadline:
                 raise QmpBackupError("QEMU did not create its QMP socket")
             await asyncio.sleep(0.02)
-        self._session = QMPSession(str(self.qmp_path), name="throwaway-guest")
+        self._session = QMPSession(str(self.harness_path), name="throwaway-harness")
         await self._session.connect()
 
     @property

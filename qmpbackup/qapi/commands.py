@@ -2,7 +2,8 @@
 
 Each model is one command; :meth:`QMPCommand.arguments` gives its QMP
 arguments with QAPI's member names.  A member left at ``None`` is omitted
-unless it was set explicitly (``backing=None`` sends ``"backing": null``).
+unless the model lists it in ``send_null`` (``backing=None`` sends
+``"backing": null`` on a qcow2 node).
 The live QEMU schema check (:mod:`qmpbackup.qapi.schema`) runs on top of this.
 """
 
@@ -24,12 +25,14 @@ class QAPIModel(BaseModel):
         frozen=True, extra="forbid", populate_by_name=True, alias_generator=_dash
     )
 
+    send_null: ClassVar[frozenset[str]] = frozenset()
+
     def to_qapi(self) -> dict[str, Any]:
-        """Members with QAPI names; unset ``None`` members left out."""
+        """Members with QAPI names; ``None`` left out unless listed in ``send_null``."""
         out: dict[str, Any] = {}
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
-            if value is None and name not in self.model_fields_set:
+            if value is None and name not in self.send_null:
                 continue
             out[field.alias or name] = _to_json(value)
         return out
@@ -79,6 +82,8 @@ class BlockdevAddQcow2(QMPCommand):
     """``blockdev-add`` of a ``qcow2`` format node."""
 
     execute: ClassVar[str] = "blockdev-add"
+    send_null: ClassVar[frozenset[str]] = frozenset({"backing"})
+
     driver: Literal["qcow2"] = "qcow2"
     node_name: str
     file: str
