@@ -1,0 +1,7 @@
+"""``python -m qmpbackup``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""Fixtures: a throwaway QEMU with the slides' two disks, and a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpbackup.throwaway import ThrowawayVM, make_slides_images
+
+from .support import Cli
+
+needs_qemu = pytest.mark.skipif(
+    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+)
+
+
+@pytest.fixture
+async def vm(tmp_path: Path) -> AsyncIterator[ThrowawayVM]:
+    """QEMU running the slides' layout: Base1.img <- Active1.qcow2 (vda), Base2.img <- Active2.qcow2 (vdb)."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is not installed: run the README's setup")
+    disks = make_slides_images(tmp_path / "vm")
+    machine = ThrowawayVM(tmp_path / "vm", disks, name="testvm")
+    await machine.start()
+    try:
+        yield machine
+    finally:
+        await machine.stop()
+
+
+@pytest.fixture
+def cli(vm: ThrowawayVM, tmp_path: Path) -> Cli:
+    """The qmpbackup CLI bound to ``vm`` and a fresh state directory."""
+    return Cli(vm, tmp_path / "state")
+
+
+async def block_state(vm: ThrowawayVM) -> dict[str, Any]:
+    """Nodes with their bitmaps, and jobs: what must not change on refused input."""
+    nodes = await vm.session.execute("query-named-block-nodes", {"flat": True})
+    return {
+        "nodes": sorted(
+            (n["node-name"], n["drv"], str(sorted((b["name"], b["count"]) for b in n.get("dirty-bitmaps", []))))
+            for n in nodes
+        ),
+        "jobs": await vm.session.execute("query-jobs"),
+    }
