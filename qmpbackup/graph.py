@@ -157,6 +157,8 @@ def _node_from_info(info: Mapping[str, Any]) -> BlockNode:
             inconsistent=b.get("inconsistent", False),
         )
         for b in info.get("dirty-bitmaps", [])
+        # A running backup job keeps an anonymous bitmap of its own; it is not a checkpoint.
+        if "name" in b
     )
     return BlockNode(
         node_name=info["node-name"],

@@ -13,8 +13,8 @@ from .qapi.commands import QMPCommand, Transaction
 class Step(BaseModel):
     """One QMP command (or one ``transaction``) of a plan.
 
-    ``await_job`` names a job the command starts that must conclude before the
-    next step; ``undo`` is what reverts the step; ``created_files`` are host
+    ``await_job`` names a job that must conclude before the next step (without
+    error, unless ``job_may_fail``: a cancelled job ends with one); ``undo`` is what reverts the step; ``created_files`` are host
     files the step creates, removed when the step is undone.
     """
 
@@ -24,6 +24,7 @@ class Step(BaseModel):
     reason: str
     undo: tuple[QMPCommand, ...] = ()
     await_job: str | None = None
+    job_may_fail: bool = False
     created_files: tuple[str, ...] = ()
 
     def describe(self) -> str:

@@ -93,7 +93,7 @@ class QMPSession:
             pass
         try:
             await self._client.disconnect()
-        except QMPError as exc:
+        except (QMPError, EOFError, OSError) as exc:
             log.debug("qmp.disconnect_error", error=str(exc))
 
     async def __aenter__(self) -> QMPSession:

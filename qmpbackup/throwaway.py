@@ -60,6 +60,8 @@ class DiskImage:
     fmt: str = "qcow2"
     backing: Path | None = None
     backing_fmt: str = "raw"
+    # Reads of the top image limited to this many bytes/s (keeps a copy running in tests).
+    read_bps: int | None = None
 
 
 def make_slides_images(workdir: Path) -> list[DiskImage]:
@@ -116,7 +118,17 @@ class ThrowawayVM:
                     f"node-name={disk.name}-base,read-only=on",
                 ]
             argv += ["-blockdev", f"driver=file,filename={disk.path},node-name={disk.name}-file"]
-            fmt = f"driver={disk.fmt},file={disk.name}-file,node-name={node}"
+            child = f"{disk.name}-file"
+            if disk.read_bps:
+                argv += [
+                    "-object",
+                    f"throttle-group,id={disk.name}-tg,x-bps-read={disk.read_bps}",
+                    "-blockdev",
+                    f"driver=throttle,file={child},throttle-group={disk.name}-tg,"
+                    f"node-name={disk.name}-throttle",
+                ]
+                child = f"{disk.name}-throttle"
+            fmt = f"driver={disk.fmt},file={child},node-name={node}"
             if disk.backing is not None:
                 fmt += f",backing={disk.name}-base"
             argv += ["-blockdev", fmt, "-device", f"virtio-blk,drive={node},id={disk.name}"]

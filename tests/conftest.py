@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 
+from qmpbackup.logconfig import configure_logging
 from qmpbackup.throwaway import ThrowawayVM, make_slides_images
 
 from .support import Cli
 
-needs_qemu = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
-)
+configure_logging("console", verbose=False)
 
 
 @pytest.fixture

@@ -463,6 +463,7 @@ def plan_backup_end(
                     command=JobCancel(id=disk.job_id),
                     reason=f"abort the copy of {disk.disk}",
                     await_job=disk.job_id,
+                    job_may_fail=True,
                 )
             )
             errors[disk.disk] = "aborted"

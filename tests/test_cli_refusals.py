@@ -1,0 +1,144 @@
+"""Plans sent nothing, live-schema rejection, bad input refused with exit 2, abort and cleanup."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from qmpbackup.errors import SchemaMismatchError
+from qmpbackup.plan import Plan, Step
+from qmpbackup.qapi.commands import QMPCommand
+from qmpbackup.qapi.schema import QAPISchema
+from qmpbackup.runner import check_plan
+from qmpbackup.throwaway import ThrowawayVM, make_slides_images
+
+from .conftest import block_state
+from .support import Cli
+from .test_push_backup import push_xml
+
+MiB = 1024 * 1024
+
+
+async def test_plan_is_exactly_what_backup_begin_sends(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    spec = push_xml(
+        tmp_path / "b.xml",
+        {"vda": (tmp_path / "a.qcow2", "qcow2", True), "vdb": (tmp_path / "b.raw", "raw", False)},
+    )
+    before = await block_state(vm)
+    planned = await cli.ok("plan", str(spec), "check1", verbose=True)
+    plan = json.loads(planned.out)
+    # Planning only reads.
+    assert all(c["execute"].startswith(("query-", "x-debug-query")) for c in planned.qmp_commands())
+    assert await block_state(vm) == before
+    assert not (tmp_path / "a.qcow2").exists() and not (tmp_path / "b.raw").exists()
+    assert (await cli.ok("checkpoint-list", "--name")).out == ""
+
+    explained = (await cli.ok("plan", str(spec), "check1", "--explain")).out
+    assert "transaction -- start the backup of vda, vdb at one instant" in explained
+    assert "undo: blockdev-del" in explained
+
+    begun = await cli.ok("backup-begin", str(spec), "check1", verbose=True)
+    sent = [c for c in begun.qmp_commands() if not c["execute"].startswith(("query-", "x-debug-query"))]
+    assert sent == plan
+    await cli.finish(1)
+
+
+class _BadBackup(QMPCommand):
+    """blockdev-backup with a misspelt member, which pydantic alone cannot know is wrong."""
+
+    execute: ClassVar[str] = "blockdev-backup"
+    job_id: str
+    device: str
+    target: str
+    syncc: str
+
+
+async def test_live_schema_rejects_bad_member(vm: ThrowawayVM) -> None:
+    schema = QAPISchema.from_introspection(await vm.session.execute("query-qmp-schema"))
+    before = await block_state(vm)
+    bad = Plan(steps=(Step(command=_BadBackup(job_id="j", device="vda-fmt", target="t", syncc="full"), reason="x"),))
+    with pytest.raises(SchemaMismatchError, match=r"blockdev-backup: syncc: unknown member 'syncc'"):
+        check_plan(bad, schema)
+    assert await block_state(vm) == before
+
+
+def _one_line_error(err: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown-disk", "unknown disk 'vdz'"),
+        ("unknown-checkpoint", "unknown checkpoint 'nope'"),
+        ("malformed", "in "),
+        ("existing-target", "exists; remove it or ask for reuse"),
+        ("bad-name", "invalid checkpoint name"),
+    ],
+)
+async def test_bad_input_exits_2_and_changes_nothing(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, case: str, message: str
+) -> None:
+    await cli.ok("checkpoint-create-as", "check0")
+    target = tmp_path / "t.qcow2"
+    args: list[str]
+    if case == "unknown-disk":
+        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vdz": (target, "qcow2", False)}))]
+    elif case == "unknown-checkpoint":
+        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)}, "nope"))]
+    elif case == "malformed":
+        (tmp_path / "s.xml").write_text("<domainbackup mode='push'><disks><disk name='vda'></domainbackup>")
+        args = ["backup-begin", str(tmp_path / "s.xml")]
+    elif case == "existing-target":
+        target.write_bytes(b"precious user data")
+        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)}))]
+    else:
+        args = ["checkpoint-create-as", "bad/name"]
+    before = await block_state(vm)
+    result = await cli(*args)
+    assert result.rc == 2, result
+    _one_line_error(result.err)
+    assert message in result.err
+    assert await block_state(vm) == before
+    if case == "existing-target":
+        assert target.read_bytes() == b"precious user data"
+    else:
+        assert not target.exists()
+    assert (await cli.ok("checkpoint-list", "--name")).out.split() == ["check0"]
+
+
+async def test_backup_end_refuses_while_active_then_aborts(tmp_path: Path) -> None:
+    disks = make_slides_images(tmp_path / "vm")
+    # vdb's image reads at 1 MiB/s: the copy of its 8 MiB is still running when backup-end comes.
+    disks[1] = dataclasses.replace(disks[1], read_bps=MiB)
+    async with ThrowawayVM(tmp_path / "vm", disks, name="slow") as vm:
+        await vm.write("vdb", 0x55, 0, 8 * MiB)
+        cli = Cli(vm, tmp_path / "state")
+        await _refuse_then_abort(vm, cli, tmp_path)
+
+
+async def _refuse_then_abort(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    spec = push_xml(tmp_path / "s.xml", {"vdb": (tmp_path / "b.qcow2", "qcow2", False)})
+    spec.write_text(spec.read_text().replace("</disks>", "<disk name='vda' backup='no'/></disks>"))
+    await cli.ok("backup-begin", str(spec), "check1")
+    info = await cli.ok("jobinfo", "--json")
+    assert json.loads(info.out)["status"] == "running"
+
+    refused = await cli("backup-end", "1")
+    assert refused.rc == 1
+    assert refused.err.strip() == "error: Backup id 1 still active, need --abort to end now"
+
+    aborted = await cli.ok("backup-end", "1", "--abort")
+    assert "Backup id 1 aborted" in aborted.out
+    # The checkpoint made with a backup that did not complete is gone too.
+    assert "Domain checkpoint check1 deleted" in aborted.out
+    state = await block_state(vm)
+    assert "qmpbackup-" not in str(state) and "check1" not in str(state)
+    assert state["jobs"] == []
+    assert (await cli.ok("checkpoint-list", "--name")).out == ""
+    assert "Job type:         None" in (await cli.ok("jobinfo")).out
