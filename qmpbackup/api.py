@@ -145,9 +145,7 @@ class VM:
         self.records = BackupRecordStore(state_dir)
 
     @classmethod
-    async def connect(
-        cls, address: Address | str, state_dir: Path | str | None = None
-    ) -> VM:
+    async def connect(cls, address: Address | str, state_dir: Path | str | None = None) -> VM:
         """Connect to QEMU's QMP socket (path or ``HOST:PORT``) and read its schema."""
         addr = parse_address(address) if isinstance(address, str) else address
         session = QMPSession(addr)
@@ -188,8 +186,7 @@ class VM:
         version = await self.session.execute("query-version")
         q = version["qemu"]
         caps = {
-            label: self.schema.has_command(cmd)
-            and (not path or self.schema.has_member(cmd, path))
+            label: self.schema.has_command(cmd) and (not path or self.schema.has_member(cmd, path))
             for label, (cmd, path) in CAPABILITIES.items()
         }
         return VMInfo(
@@ -365,13 +362,15 @@ class VM:
         for name in names:
             self.checkpoint_store.delete(name)
 
-    async def checkpoint_sizes(self, name: str) -> dict[str, int]:
+    async def checkpoint_sizes(
+        self, name: str, on_step: StepCallback | None = None
+    ) -> dict[str, int]:
         """Bytes dirtied since checkpoint ``name``, per disk, merged across layers."""
         checkpoint = find_checkpoint(self.checkpoints(), name)
         graph = await self.graph()
         sizes, measure, remove = plan_checkpoint_size(checkpoint, graph)
         if measure.steps:
-            await self._run(measure, "checkpoint-size", None)
+            await self._run(measure, "checkpoint-size", on_step)
             try:
                 measured = await self.graph()
                 for entry in checkpoint.bitmap_disks():
@@ -379,13 +378,15 @@ class VM:
                     if temp is not None:
                         sizes[entry.name] = temp.count
             finally:
-                await self._run(remove, "checkpoint-size", None)
+                await self._run(remove, "checkpoint-size", on_step)
         return sizes
 
-    async def checkpoint_xml(self, name: str, size: bool = False) -> str:
+    async def checkpoint_xml(
+        self, name: str, size: bool = False, on_step: StepCallback | None = None
+    ) -> str:
         """``<domaincheckpoint>`` XML of ``name``; with ``size``, dirty bytes per disk."""
         checkpoint = find_checkpoint(self.checkpoints(), name)
-        sizes = await self.checkpoint_sizes(name) if size else None
+        sizes = await self.checkpoint_sizes(name, on_step) if size else None
         return checkpoint.to_xml(sizes, self.name)
 
 

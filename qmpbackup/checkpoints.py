@@ -7,6 +7,7 @@ parent, creation time, description and the disks it covers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -131,7 +132,5 @@ class CheckpointStore:
 
     def delete(self, name: str) -> None:
         """Forget the checkpoint called ``name``."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(name))
-        except FileNotFoundError:
-            pass

@@ -65,9 +65,7 @@ async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
     if ended.outcome == "failed":
         detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
         extra = (
-            f"; checkpoint {ended.dropped_checkpoint} removed"
-            if ended.dropped_checkpoint
-            else ""
+            f"; checkpoint {ended.dropped_checkpoint} removed" if ended.dropped_checkpoint else ""
         )
         raise QmpBackupError(f"Backup id {ended.id} failed: {detail}{extra}")
     _out(f"Backup id {ended.id} {ended.outcome}")
@@ -128,7 +126,9 @@ async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
 
 async def cmd_checkpoint_create_as(args: argparse.Namespace, vm: VM) -> int:
     try:
-        spec = CheckpointSpec(name=check_name(args.name, "checkpoint"), description=args.description)
+        spec = CheckpointSpec(
+            name=check_name(args.name, "checkpoint"), description=args.description
+        )
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     checkpoint = await vm.checkpoint_create(spec, _print_step(args))
@@ -143,7 +143,9 @@ def _tree(checkpoints: list[Checkpoint]) -> list[str]:
         kids = [c for c in checkpoints if c.parent == parent]
         for index, child in enumerate(kids):
             last = index == len(kids) - 1
-            lines.append(f"{indent}{'' if parent is None else ('└── ' if last else '├── ')}{child.name}")
+            lines.append(
+                f"{indent}{'' if parent is None else ('└── ' if last else '├── ')}{child.name}"
+            )
             walk(child.name, indent + ("" if parent is None else ("    " if last else "│   ")))
 
     walk(None, "")
@@ -194,7 +196,11 @@ async def cmd_plan(args: argparse.Namespace, vm: VM) -> int:
 
 
 def _info_text(info: VMInfo) -> str:
-    lines = [f"QEMU:          {info.version}", f"VM name:       {info.name or '-'}", "Capabilities:"]
+    lines = [
+        f"QEMU:          {info.version}",
+        f"VM name:       {info.name or '-'}",
+        "Capabilities:",
+    ]
     for label, present in info.capabilities.items():
         lines.append(f"  {'yes' if present else 'no ':<4} {label}")
     lines.append("Disks:")
@@ -242,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qmpbackup", description="libvirt's backup API for bare QEMU, over QMP"
     )
     parser.add_argument("--version", action="version", version=f"qmpbackup {__version__}")
-    parser.add_argument("--qmp", default=os.environ.get("QMPBACKUP_QMP"), help="QMP socket or HOST:PORT")
+    parser.add_argument(
+        "--qmp", default=os.environ.get("QMPBACKUP_QMP"), help="QMP socket or HOST:PORT"
+    )
     parser.add_argument("--state-dir", type=Path, help="state directory (default: per VM)")
     parser.add_argument("--log-format", choices=["console", "json"], default="console")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug log and tracebacks")

@@ -14,8 +14,9 @@ class Step(BaseModel):
     """One QMP command (or one ``transaction``) of a plan.
 
     ``await_job`` names a job that must conclude before the next step (without
-    error, unless ``job_may_fail``: a cancelled job ends with one); ``undo`` is what reverts the step; ``created_files`` are host
-    files the step creates, removed when the step is undone.
+    error, unless ``job_may_fail``: a cancelled job ends with one); ``undo`` is
+    what reverts the step; ``created_files`` are host files the step creates,
+    removed when the step is undone.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -95,7 +96,5 @@ class BackupRecordStore:
 
     def delete(self, backup_id: int) -> None:
         """Forget backup ``backup_id``."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(backup_id))
-        except FileNotFoundError:
-            pass

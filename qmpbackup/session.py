@@ -10,6 +10,7 @@ QEMU going away mid-command, or QEMU's own error (class and description).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -59,7 +60,7 @@ class QMPSession:
             await asyncio.wait_for(self._client.connect(self.address), timeout)
         except ConnectError as exc:
             raise ConnectionFailedError(self._connect_reason(where, exc)) from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             await self._client.disconnect()
             raise ConnectionFailedError(f"{where} did not answer as a QMP server") from exc
         self._client.register_listener(self._events)
@@ -87,10 +88,8 @@ class QMPSession:
         if self._event_task is not None:
             self._event_task.cancel()
             self._event_task = None
-        try:
+        with contextlib.suppress(QMPError):
             self._client.remove_listener(self._events)
-        except QMPError:
-            pass
         try:
             await self._client.disconnect()
         except (QMPError, EOFError, OSError) as exc:

@@ -19,7 +19,7 @@ configure_logging("console", verbose=False)
 
 @pytest.fixture
 async def vm(tmp_path: Path) -> AsyncIterator[ThrowawayVM]:
-    """QEMU running the slides' layout: Base1.img <- Active1.qcow2 (vda), Base2.img <- Active2.qcow2 (vdb)."""
+    """QEMU with the slides' disks: Base1 <- Active1.qcow2 (vda), Base2 <- Active2.qcow2 (vdb)."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("qemu-system-x86_64 is not installed: run the README's setup")
     disks = make_slides_images(tmp_path / "vm")
@@ -42,7 +42,11 @@ async def block_state(vm: ThrowawayVM) -> dict[str, Any]:
     nodes = await vm.session.execute("query-named-block-nodes", {"flat": True})
     return {
         "nodes": sorted(
-            (n["node-name"], n["drv"], str(sorted((b["name"], b["count"]) for b in n.get("dirty-bitmaps", []))))
+            (
+                n["node-name"],
+                n["drv"],
+                str(sorted((b["name"], b["count"]) for b in n.get("dirty-bitmaps", []))),
+            )
             for n in nodes
         ),
         "jobs": await vm.session.execute("query-jobs"),

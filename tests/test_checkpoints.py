@@ -45,7 +45,16 @@ async def test_deleting_middle_checkpoint_keeps_older_incremental(
     """A ← B ← C; delete B; the incremental from A still holds every change since A."""
     full = tmp_path / "full.qcow2"
     await vm.write("vda", 0x11, 0, 2 * MiB)
-    await cli.ok("backup-begin", str(push_xml(tmp_path / "f.xml", {"vda": (full, "qcow2", False), "vdb": (tmp_path / "fb.qcow2", "qcow2", False)})), "A")
+    await cli.ok(
+        "backup-begin",
+        str(
+            push_xml(
+                tmp_path / "f.xml",
+                {"vda": (full, "qcow2", False), "vdb": (tmp_path / "fb.qcow2", "qcow2", False)},
+            )
+        ),
+        "A",
+    )
     await cli.finish(1)
     await vm.write("vda", 0x22, 8 * MiB, 256 * 1024)
     await cli.ok("checkpoint-create-as", "B")
@@ -67,7 +76,9 @@ async def test_deleting_middle_checkpoint_keeps_older_incremental(
     await cli.ok("backup-begin", str(spec))
     await cli.finish(1)
     assert allocated_clusters(inc) == (
-        clusters_of(8 * MiB, 256 * 1024) | clusters_of(16 * MiB, 64 * 1024) | clusters_of(24 * MiB, 64 * 1024)
+        clusters_of(8 * MiB, 256 * 1024)
+        | clusters_of(16 * MiB, 64 * 1024)
+        | clusters_of(24 * MiB, 64 * 1024)
     )
     rebase(inc, full)
     assert images_equal(inc, ref)
@@ -89,6 +100,9 @@ async def test_checkpoint_from_file_and_children(vm: ThrowawayVM, cli: Cli, tmp_
     nodes = {n["node-name"]: n for n in await vm.session.execute("query-named-block-nodes")}
     assert [b["name"] for b in nodes["vdb-fmt"].get("dirty-bitmaps", [])] == ["check2"]
     out = await cli.ok("checkpoint-delete", "check1", "--children")
-    assert out.out.split("\n")[:2] == ["Domain checkpoint check1 deleted", "Domain checkpoint check2 deleted"]
+    assert out.out.split("\n")[:2] == [
+        "Domain checkpoint check1 deleted",
+        "Domain checkpoint check2 deleted",
+    ]
     state = str(await block_state(vm))
     assert "check1" not in state and "check2" not in state

@@ -23,7 +23,9 @@ from .test_push_backup import push_xml
 MiB = 1024 * 1024
 
 
-async def test_plan_is_exactly_what_backup_begin_sends(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+async def test_plan_is_exactly_what_backup_begin_sends(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
     spec = push_xml(
         tmp_path / "b.xml",
         {"vda": (tmp_path / "a.qcow2", "qcow2", True), "vdb": (tmp_path / "b.raw", "raw", False)},
@@ -42,7 +44,9 @@ async def test_plan_is_exactly_what_backup_begin_sends(vm: ThrowawayVM, cli: Cli
     assert "undo: blockdev-del" in explained
 
     begun = await cli.ok("backup-begin", str(spec), "check1", verbose=True)
-    sent = [c for c in begun.qmp_commands() if not c["execute"].startswith(("query-", "x-debug-query"))]
+    sent = [
+        c for c in begun.qmp_commands() if not c["execute"].startswith(("query-", "x-debug-query"))
+    ]
     assert sent == plan
     await cli.finish(1)
 
@@ -60,8 +64,17 @@ class _BadBackup(QMPCommand):
 async def test_live_schema_rejects_bad_member(vm: ThrowawayVM) -> None:
     schema = QAPISchema.from_introspection(await vm.session.execute("query-qmp-schema"))
     before = await block_state(vm)
-    bad = Plan(steps=(Step(command=_BadBackup(job_id="j", device="vda-fmt", target="t", syncc="full"), reason="x"),))
-    with pytest.raises(SchemaMismatchError, match=r"blockdev-backup: syncc: unknown member 'syncc'"):
+    bad = Plan(
+        steps=(
+            Step(
+                command=_BadBackup(job_id="j", device="vda-fmt", target="t", syncc="full"),
+                reason="x",
+            ),
+        )
+    )
+    with pytest.raises(
+        SchemaMismatchError, match=r"blockdev-backup: syncc: unknown member 'syncc'"
+    ):
         check_plan(bad, schema)
     assert await block_state(vm) == before
 
@@ -88,15 +101,26 @@ async def test_bad_input_exits_2_and_changes_nothing(
     target = tmp_path / "t.qcow2"
     args: list[str]
     if case == "unknown-disk":
-        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vdz": (target, "qcow2", False)}))]
+        args = [
+            "backup-begin",
+            str(push_xml(tmp_path / "s.xml", {"vdz": (target, "qcow2", False)})),
+        ]
     elif case == "unknown-checkpoint":
-        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)}, "nope"))]
+        args = [
+            "backup-begin",
+            str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)}, "nope")),
+        ]
     elif case == "malformed":
-        (tmp_path / "s.xml").write_text("<domainbackup mode='push'><disks><disk name='vda'></domainbackup>")
+        (tmp_path / "s.xml").write_text(
+            "<domainbackup mode='push'><disks><disk name='vda'></domainbackup>"
+        )
         args = ["backup-begin", str(tmp_path / "s.xml")]
     elif case == "existing-target":
         target.write_bytes(b"precious user data")
-        args = ["backup-begin", str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)}))]
+        args = [
+            "backup-begin",
+            str(push_xml(tmp_path / "s.xml", {"vda": (target, "qcow2", False)})),
+        ]
     else:
         args = ["checkpoint-create-as", "bad/name"]
     before = await block_state(vm)

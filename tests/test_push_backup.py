@@ -12,7 +12,9 @@ from .support import Cli, allocated_clusters, clusters_of, qemu_img_info, rebase
 MiB = 1024 * 1024
 
 
-def push_xml(path: Path, disks: dict[str, tuple[Path, str, bool]], incremental: str | None = None) -> Path:
+def push_xml(
+    path: Path, disks: dict[str, tuple[Path, str, bool]], incremental: str | None = None
+) -> Path:
     """A ``<domainbackup mode='push'>`` with one target per disk."""
     parts = ["<domainbackup mode='push'>"]
     if incremental:
@@ -38,7 +40,9 @@ async def test_slides_push_full_is_point_in_time(vm: ThrowawayVM, cli: Cli, tmp_
     ref_b = await vm.reference("vdb", tmp_path / "ref-vdb.raw")
     top_at_instant = allocated_clusters(vm.disks[0].path)
     b1, b2 = tmp_path / "Backup1.1.qcow2", tmp_path / "Backup2.full.raw"
-    spec = push_xml(tmp_path / "backup_push_full.xml", {"vda": (b1, "qcow2", True), "vdb": (b2, "raw", False)})
+    spec = push_xml(
+        tmp_path / "backup_push_full.xml", {"vda": (b1, "qcow2", True), "vdb": (b2, "raw", False)}
+    )
 
     begin = await cli.ok("backup-begin", str(spec), verbose=True)
     assert "Backup id 1 created" in begin.out
@@ -74,8 +78,10 @@ async def test_slides_push_full_is_point_in_time(vm: ThrowawayVM, cli: Cli, tmp_
     assert state["jobs"] == []
 
 
-async def test_incremental_chain_and_differential(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
-    """full+check1, inc check1+check2, inc check2+check3, diff from check1; all equal their instants."""
+async def test_incremental_chain_and_differential(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    """full+check1, inc+check2, inc+check3, diff from check1: each equals its instant."""
     refs: dict[tuple[str, int], Path] = {}
     backups: dict[tuple[str, int], Path] = {}
     written: dict[int, set[int]] = {}

@@ -35,7 +35,7 @@ from ..qapi.commands import (
     Transaction,
 )
 from ..records import BackupRecord, DiskJob
-from ..spec.models import BackupSpec, CheckpointSpec
+from ..spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
 from .chain import image_path, require_persistent_bitmaps, usable_checkpoint_layers
 
 SyncKind = Literal["full", "top", "incremental"]
@@ -76,14 +76,17 @@ class BackupPlan(_Frozen):
     checkpoint: Checkpoint | None
 
 
+def _spec_entry(spec: BackupSpec, graph: BlockGraph, disk: str) -> DiskBackupSpec | None:
+    """The request's entry for ``disk``, named by qdev id or BlockBackend name."""
+    return next((d for d in spec.disks if graph.aliases.get(d.name, d.name) == disk), None)
+
+
 def _backed_up_disks(spec: BackupSpec, graph: BlockGraph) -> list[str]:
-    for entry in spec.disks:
-        graph.disk(entry.name)  # unknown names are refused before anything else
+    for listed in spec.disks:
+        graph.disk(listed.name)  # unknown names are refused before anything else
     chosen: list[str] = []
     for name, disk in graph.disks.items():
-        entry = spec.disk(name) or next(
-            (d for d in spec.disks if graph.aliases.get(d.name) == name), None
-        )
+        entry = _spec_entry(spec, graph, name)
         if entry is not None and not entry.backup:
             continue
         if entry is None and (disk.read_only or not disk.chain):
@@ -113,9 +116,7 @@ def choose_disks(
     suffix = new_checkpoint.name if new_checkpoint else str(now)
     choices: list[DiskChoice] = []
     for name in _backed_up_disks(spec, graph):
-        entry = spec.disk(name) or next(
-            (d for d in spec.disks if graph.aliases.get(d.name) == name), None
-        )
+        entry = _spec_entry(spec, graph, name)
         incremental = (entry.incremental if entry else None) or spec.incremental
         if entry is not None and entry.backupmode == "full":
             incremental = None
@@ -165,14 +166,10 @@ def _new_checkpoint(
     for entry in spec.disks:
         graph.disk(entry.name)
         if entry.checkpoint == "bitmap" and entry.name not in disks:
-            raise InvalidInputError(
-                f"checkpoint disk {entry.name!r} is not part of this backup"
-            )
+            raise InvalidInputError(f"checkpoint disk {entry.name!r} is not part of this backup")
     entries: list[CheckpointDisk] = []
     for disk in disks:
-        listed = next(
-            (d for d in spec.disks if graph.aliases.get(d.name, d.name) == disk), None
-        )
+        listed = next((d for d in spec.disks if graph.aliases.get(d.name, d.name) == disk), None)
         if listed is not None and listed.checkpoint == "no":
             entries.append(CheckpointDisk(name=disk, checkpoint="no"))
             continue
@@ -381,12 +378,11 @@ def plan_backup_begin(
             )
         )
     if checkpoint is not None:
-        for entry in checkpoint.bitmap_disks():
+        # The new checkpoint's bitmaps come first, in disk order, then the backups.
+        for index, entry in enumerate(checkpoint.bitmap_disks()):
             top = graph.disk(entry.name).top
             assert entry.bitmap is not None
-            actions.insert(
-                0, BlockDirtyBitmapAdd(node=top, name=entry.bitmap, persistent=True)
-            )
+            actions.insert(index, BlockDirtyBitmapAdd(node=top, name=entry.bitmap, persistent=True))
             undo.append(BlockDirtyBitmapRemove(node=top, name=entry.bitmap))
     disks = ", ".join(c.disk for c in choices)
     reason = f"start the backup of {disks} at one instant"
@@ -496,9 +492,7 @@ def plan_backup_end(
             drop = made.name
             for entry in made.bitmap_disks():
                 for layer in graph.bitmap_layers(entry.name, entry.bitmap or ""):
-                    removals.append(
-                        BlockDirtyBitmapRemove(node=layer.node, name=layer.bitmap.name)
-                    )
+                    removals.append(BlockDirtyBitmapRemove(node=layer.node, name=layer.bitmap.name))
     if removals:
         steps.append(
             Step(
@@ -507,4 +501,6 @@ def plan_backup_end(
                 + (f" and checkpoint {drop}, whose backup did not complete" if drop else ""),
             )
         )
-    return EndPlan(plan=Plan(steps=tuple(steps)), outcome=outcome, errors=errors, drop_checkpoint=drop)
+    return EndPlan(
+        plan=Plan(steps=tuple(steps)), outcome=outcome, errors=errors, drop_checkpoint=drop
+    )
