@@ -10,9 +10,10 @@ QEMU going away mid-command, or QEMU's own error (class and description).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
+import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +27,19 @@ from .logconfig import redact
 log = structlog.get_logger("qmpbackup.qmp")
 
 Address = str | tuple[str, int]
+
+
+class _DropRawMessages(logging.Filter):
+    """Drop qemu.qmp's own ``-->``/``<--`` lines: they carry secrets unredacted.
+
+    qmpbackup logs every command, reply and event itself, redacted.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in ("--> %s", "<-- %s")
+
+
+_DROP_RAW_MESSAGES = _DropRawMessages()
 
 
 def parse_address(text: str) -> Address:
@@ -47,7 +61,9 @@ class QMPSession:
     def __init__(self, address: Address, *, name: str = "qmpbackup") -> None:
         self.address = address
         self._client = QMPClient(name)
+        self._client.logger.addFilter(_DROP_RAW_MESSAGES)
         self._events = EventListener()
+        self._listening = False
         self._event_task: asyncio.Task[None] | None = None
         self._watchers: list[Callable[[Mapping[str, Any]], None]] = []
 
@@ -56,6 +72,8 @@ class QMPSession:
         where = describe_address(self.address)
         if isinstance(self.address, str) and not os.path.exists(self.address):
             raise ConnectionFailedError(f"QMP socket {where} does not exist")
+        if isinstance(self.address, str) and not stat.S_ISSOCK(os.stat(self.address).st_mode):
+            raise ConnectionFailedError(f"{where} is not a socket")
         try:
             await asyncio.wait_for(self._client.connect(self.address), timeout)
         except ConnectError as exc:
@@ -64,6 +82,7 @@ class QMPSession:
             await self._client.disconnect()
             raise ConnectionFailedError(f"{where} did not answer as a QMP server") from exc
         self._client.register_listener(self._events)
+        self._listening = True
         self._event_task = asyncio.create_task(self._pump_events())
         greeting = self._client.greeting
         log.debug("qmp.connected", address=where, greeting=greeting._raw if greeting else None)
@@ -81,15 +100,19 @@ class QMPSession:
             return f"{where} is not a socket"
         if isinstance(cause, OSError):
             return f"cannot connect to {where}: {cause.strerror or cause}"
-        return f"{where} is not a QMP server ({cause or exc.error_message})"
+        if isinstance(cause, EOFError):
+            return f"{where} is not a QMP server (it closed the connection without a greeting)"
+        detail = " ".join(str(cause or exc.error_message).split())  # one line
+        return f"{where} is not a QMP server ({detail})"
 
     async def disconnect(self) -> None:
         """Close the connection; safe to call more than once."""
         if self._event_task is not None:
             self._event_task.cancel()
             self._event_task = None
-        with contextlib.suppress(QMPError):
+        if self._listening:
             self._client.remove_listener(self._events)
+            self._listening = False
         try:
             await self._client.disconnect()
         except (QMPError, EOFError, OSError) as exc:

@@ -60,8 +60,16 @@ class DiskImage:
     fmt: str = "qcow2"
     backing: Path | None = None
     backing_fmt: str = "raw"
-    # Reads of the top image limited to this many bytes/s (keeps a copy running in tests).
-    read_bps: int | None = None
+    # For a disk with no file: a null-co device of this size whose every request
+    # takes ``latency_ns``, so a copy of it runs long while a cancel stays quick.
+    null_size: int | None = None
+    latency_ns: int = 0
+
+    @classmethod
+    def slow(cls, name: str, size: int, latency_ns: int) -> DiskImage:
+        """A raw disk on ``null-co``: reads return junk after ``latency_ns``."""
+        return cls(name=name, path=Path("/dev/null"), fmt="raw", null_size=size,
+                   latency_ns=latency_ns)  # fmt: skip
 
 
 def make_slides_images(workdir: Path) -> list[DiskImage]:
@@ -117,18 +125,15 @@ class ThrowawayVM:
                     f"driver={disk.backing_fmt},file={disk.name}-base-file,"
                     f"node-name={disk.name}-base,read-only=on",
                 ]
-            argv += ["-blockdev", f"driver=file,filename={disk.path},node-name={disk.name}-file"]
-            child = f"{disk.name}-file"
-            if disk.read_bps:
-                argv += [
-                    "-object",
-                    f"throttle-group,id={disk.name}-tg,x-bps-read={disk.read_bps}",
-                    "-blockdev",
-                    f"driver=throttle,file={child},throttle-group={disk.name}-tg,"
-                    f"node-name={disk.name}-throttle",
-                ]
-                child = f"{disk.name}-throttle"
-            fmt = f"driver={disk.fmt},file={child},node-name={node}"
+            if disk.null_size is not None:
+                protocol = (
+                    f"driver=null-co,size={disk.null_size},latency-ns={disk.latency_ns},"
+                    "read-zeroes=off"
+                )
+            else:
+                protocol = f"driver=file,filename={disk.path}"
+            argv += ["-blockdev", f"{protocol},node-name={disk.name}-file"]
+            fmt = f"driver={disk.fmt},file={disk.name}-file,node-name={node}"
             if disk.backing is not None:
                 fmt += f",backing={disk.name}-base"
             argv += ["-blockdev", fmt, "-device", f"virtio-blk,drive={node},id={disk.name}"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import ClassVar
@@ -14,7 +13,7 @@ from qmpbackup.plan import Plan, Step
 from qmpbackup.qapi.commands import QMPCommand
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.runner import check_plan
-from qmpbackup.throwaway import ThrowawayVM, make_slides_images
+from qmpbackup.throwaway import DiskImage, ThrowawayVM, make_slides_images
 
 from .conftest import block_state
 from .support import Cli
@@ -138,26 +137,34 @@ async def test_bad_input_exits_2_and_changes_nothing(
 
 async def test_backup_end_refuses_while_active_then_aborts(tmp_path: Path) -> None:
     disks = make_slides_images(tmp_path / "vm")
-    # vdb's image reads at 1 MiB/s: the copy of its 8 MiB is still running when backup-end comes.
-    disks[1] = dataclasses.replace(disks[1], read_bps=MiB)
+    # vdc answers each request after 1 s: its 4 GiB copy runs for a minute, a cancel takes ~1 s.
+    disks.append(DiskImage.slow("vdc", 4 << 30, latency_ns=1_000_000_000))
     async with ThrowawayVM(tmp_path / "vm", disks, name="slow") as vm:
-        await vm.write("vdb", 0x55, 0, 8 * MiB)
-        cli = Cli(vm, tmp_path / "state")
-        await _refuse_then_abort(vm, cli, tmp_path)
+        await _refuse_then_abort(vm, Cli(vm, tmp_path / "state"), tmp_path)
 
 
 async def _refuse_then_abort(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
-    spec = push_xml(tmp_path / "s.xml", {"vdb": (tmp_path / "b.qcow2", "qcow2", False)})
+    spec = push_xml(
+        tmp_path / "s.xml",
+        {"vdb": (tmp_path / "b.qcow2", "qcow2", False), "vdc": (tmp_path / "c.raw", "raw", False)},
+    )
     spec.write_text(spec.read_text().replace("</disks>", "<disk name='vda' backup='no'/></disks>"))
-    await cli.ok("backup-begin", str(spec), "check1")
-    info = await cli.ok("jobinfo", "--json")
-    assert json.loads(info.out)["status"] == "running"
+    check = tmp_path / "check1.xml"
+    check.write_text(
+        "<domaincheckpoint><name>check1</name><disks>"
+        "<disk name='vdb'/><disk name='vdc' checkpoint='no'/></disks></domaincheckpoint>"
+    )
+    await cli.ok("backup-begin", str(spec), str(check))
+    info = json.loads((await cli.ok("jobinfo", "--json")).out)
+    assert info["status"] == "running"
+    assert {d["disk"]: d["status"] for d in info["disks"]}["vdc"] == "running"
 
     refused = await cli("backup-end", "1")
     assert refused.rc == 1
     assert refused.err.strip() == "error: Backup id 1 still active, need --abort to end now"
 
-    aborted = await cli.ok("backup-end", "1", "--abort")
+    aborted = await cli("backup-end", "1", "--abort")
+    assert aborted.rc == 0, aborted.err
     assert "Backup id 1 aborted" in aborted.out
     # The checkpoint made with a backup that did not complete is gone too.
     assert "Domain checkpoint check1 deleted" in aborted.out

@@ -775,6 +775,5 @@ def test_not_utf8_file(tmp_path: Path) -> None:
 def test_huge_values_are_not_echoed() -> None:
     got = spec_error("mode: " + "x" * 10_000)
     assert (
-        got
-        == "in spec: mode 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of push, pull"
+        got == "in spec: mode 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of push, pull"
     )

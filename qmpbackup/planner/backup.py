@@ -82,8 +82,14 @@ def _spec_entry(spec: BackupSpec, graph: BlockGraph, disk: str) -> DiskBackupSpe
 
 
 def _backed_up_disks(spec: BackupSpec, graph: BlockGraph) -> list[str]:
+    named: dict[str, str] = {}
     for listed in spec.disks:
-        graph.disk(listed.name)  # unknown names are refused before anything else
+        resolved = graph.disk(listed.name).name  # unknown names are refused before anything else
+        if resolved in named:
+            raise InvalidInputError(
+                f"disk {resolved!r} is listed twice (as {named[resolved]!r} and {listed.name!r})"
+            )
+        named[resolved] = listed.name
     chosen: list[str] = []
     for name, disk in graph.disks.items():
         entry = _spec_entry(spec, graph, name)
