@@ -18,14 +18,12 @@ from ..errors import (
 from ..graph import BlockGraph
 from ..plan import Plan, Step
 from ..qapi.commands import (
-    BitmapRef,
     BlockdevAddFile,
     BlockdevAddQcow2,
     BlockdevBackup,
     BlockdevCreate,
     BlockdevDel,
     BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge,
     BlockDirtyBitmapRemove,
     CreateFileOptions,
     CreateQcow2Options,
@@ -36,7 +34,12 @@ from ..qapi.commands import (
 )
 from ..records import BackupRecord, DiskJob
 from ..spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
-from .chain import image_path, require_persistent_bitmaps, usable_checkpoint_layers
+from .chain import (
+    image_path,
+    merged_bitmap,
+    require_persistent_bitmaps,
+    usable_checkpoint_layers,
+)
 
 SyncKind = Literal["full", "top", "incremental"]
 
@@ -193,63 +196,64 @@ def _new_checkpoint(
     )
 
 
+def _create_steps(
+    command: BlockdevCreate, reason: str, created: tuple[str, ...] = ()
+) -> list[Step]:
+    """A ``blockdev-create`` job, waited for, then dismissed."""
+    return [
+        Step(command=command, reason=reason, await_job=command.job_id, created_files=created),
+        Step(command=JobDismiss(id=command.job_id), reason="forget the finished create job"),
+    ]
+
+
 def _target_steps(
     graph: BlockGraph, choice: DiskChoice, backup_id: int
 ) -> tuple[list[Step], tuple[str, ...]]:
-    """Steps that create (unless reused) and open the target image; and its node names."""
+    """Steps that create (unless reused) and open the target; its node names, top first.
+
+    A raw target is a sparse file of the disk's size used through its protocol
+    node; a qcow2 target gets a format node opened without its backing chain.
+    """
     disk = choice.disk
     top = graph.top_node(disk)
+    raw = choice.format == "raw"
     file_node = naming.target_file_node(backup_id, disk)
-    fmt_node = naming.target_node(backup_id, disk)
     steps: list[Step] = []
     if not choice.reuse:
-        job = naming.create_job_id(backup_id, disk, "file")
-        steps.append(
-            Step(
-                command=BlockdevCreate(
-                    job_id=job, options=CreateFileOptions(filename=choice.target, size=0)
-                ),
-                reason=f"create the target file of {disk}",
-                await_job=job,
-                created_files=(choice.target,),
-            )
+        options = CreateFileOptions(filename=choice.target, size=top.virtual_size if raw else 0)
+        steps += _create_steps(
+            BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "file"), options=options),
+            f"create the raw target file of {disk}, sparse, with the disk's size"
+            if raw
+            else f"create the target file of {disk}",
+            (choice.target,),
         )
-        steps.append(Step(command=JobDismiss(id=job), reason="forget the finished create job"))
     steps.append(
         Step(
             command=BlockdevAddFile(node_name=file_node, filename=choice.target),
-            reason=f"open {choice.target}",
+            reason=f"open {choice.target}" + (f" as the raw target of {disk}" if raw else ""),
             undo=(BlockdevDel(node_name=file_node),),
         )
     )
-    if choice.format == "raw":
-        if not choice.reuse:
-            # A raw target must already have the disk's size: grow it through the file node.
-            pass
+    if raw:
         return steps, (file_node,)
+    fmt_node = naming.target_node(backup_id, disk)
     if not choice.reuse:
-        job = naming.create_job_id(backup_id, disk, "qcow2")
         backing_file = backing_fmt = None
         if choice.sync == "top":
             backing = graph.node(graph.disk(disk).chain[1])
             backing_file, backing_fmt = image_path(graph, backing), backing.driver
-        steps.append(
-            Step(
-                command=BlockdevCreate(
-                    job_id=job,
-                    options=CreateQcow2Options(
-                        file=file_node,
-                        size=top.virtual_size,
-                        backing_file=backing_file,
-                        backing_fmt=backing_fmt,
-                    ),
-                ),
-                reason=f"format the target of {disk} as qcow2"
-                + (f" backed by {backing_file}" if backing_file else ""),
-                await_job=job,
-            )
+        qcow2 = CreateQcow2Options(
+            file=file_node,
+            size=top.virtual_size,
+            backing_file=backing_file,
+            backing_fmt=backing_fmt,
         )
-        steps.append(Step(command=JobDismiss(id=job), reason="forget the finished create job"))
+        steps += _create_steps(
+            BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "qcow2"), options=qcow2),
+            f"format the target of {disk} as qcow2"
+            + (f" backed by {backing_file}" if backing_file else ""),
+        )
     steps.append(
         Step(
             command=BlockdevAddQcow2(node_name=fmt_node, file=file_node, backing=None),
@@ -258,39 +262,6 @@ def _target_steps(
         )
     )
     return steps, (fmt_node, file_node)
-
-
-def _raw_target_steps(
-    graph: BlockGraph, choice: DiskChoice, backup_id: int
-) -> tuple[list[Step], tuple[str, ...]]:
-    """A raw target is a file of the disk's virtual size, used through its protocol node."""
-    disk = choice.disk
-    file_node = naming.target_file_node(backup_id, disk)
-    steps: list[Step] = []
-    if not choice.reuse:
-        job = naming.create_job_id(backup_id, disk, "file")
-        steps.append(
-            Step(
-                command=BlockdevCreate(
-                    job_id=job,
-                    options=CreateFileOptions(
-                        filename=choice.target, size=graph.top_node(disk).virtual_size
-                    ),
-                ),
-                reason=f"create the raw target file of {disk}, sparse, with the disk's size",
-                await_job=job,
-                created_files=(choice.target,),
-            )
-        )
-        steps.append(Step(command=JobDismiss(id=job), reason="forget the finished create job"))
-    steps.append(
-        Step(
-            command=BlockdevAddFile(node_name=file_node, filename=choice.target),
-            reason=f"open {choice.target} as the raw target of {disk}",
-            undo=(BlockdevDel(node_name=file_node),),
-        )
-    )
-    return steps, (file_node,)
 
 
 def plan_backup_begin(
@@ -329,8 +300,7 @@ def plan_backup_begin(
     disk_jobs: list[DiskJob] = []
     for choice in choices:
         disk = choice.disk
-        make = _raw_target_steps if choice.format == "raw" else _target_steps
-        target_steps, target_nodes = make(graph, choice, backup_id)
+        target_steps, target_nodes = _target_steps(graph, choice, backup_id)
         steps.extend(target_steps)
         source = graph.disk(disk).top
         job = naming.job_id(backup_id, disk)
@@ -339,22 +309,7 @@ def plan_backup_begin(
         if choice.incremental is not None:
             layers = usable_checkpoint_layers(graph, disk, _bitmap_of(checkpoints, choice))
             bitmap = naming.temporary_bitmap(backup_id, disk)
-            actions.append(
-                BlockDirtyBitmapAdd(
-                    node=source,
-                    name=bitmap,
-                    granularity=layers[0].bitmap.granularity,
-                    persistent=False,
-                    disabled=True,
-                )
-            )
-            actions.append(
-                BlockDirtyBitmapMerge(
-                    node=source,
-                    target=bitmap,
-                    bitmaps=tuple(BitmapRef(node=la.node, name=la.bitmap.name) for la in layers),
-                )
-            )
+            actions += merged_bitmap(source, bitmap, layers, layers[0].bitmap.granularity)
             temporaries.append((source, bitmap))
             undo.append(BlockDirtyBitmapRemove(node=source, name=bitmap))
         actions.append(

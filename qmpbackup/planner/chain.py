@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from ..graph import BitmapLayer, BlockGraph, BlockNode
+from ..qapi.commands import BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, QMPCommand
 
 
 def image_path(graph: BlockGraph, node: BlockNode) -> str:
@@ -53,3 +54,22 @@ def usable_checkpoint_layers(graph: BlockGraph, disk: str, bitmap: str) -> list[
             "take a full backup"
         )
     return layers
+
+
+def merged_bitmap(
+    node: str, name: str, layers: list[BitmapLayer], granularity: int
+) -> list[QMPCommand]:
+    """Transaction actions making ``name`` on ``node``: disabled, the union of ``layers``.
+
+    Being disabled, it keeps exactly the changes up to the transaction's instant.
+    """
+    return [
+        BlockDirtyBitmapAdd(
+            node=node, name=name, granularity=granularity, persistent=False, disabled=True
+        ),
+        BlockDirtyBitmapMerge(
+            node=node,
+            target=name,
+            bitmaps=tuple(BitmapRef(node=la.node, name=la.bitmap.name) for la in layers),
+        ),
+    ]

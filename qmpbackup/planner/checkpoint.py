@@ -10,15 +10,13 @@ from ..errors import InvalidInputError
 from ..graph import BlockGraph
 from ..plan import Plan, Step
 from ..qapi.commands import (
-    BitmapRef,
     BlockDirtyBitmapAdd,
-    BlockDirtyBitmapMerge,
     BlockDirtyBitmapRemove,
     QMPCommand,
     Transaction,
 )
 from ..spec.models import CheckpointSpec
-from .chain import require_persistent_bitmaps
+from .chain import merged_bitmap, require_persistent_bitmaps
 
 
 def plan_checkpoint_create(
@@ -120,22 +118,7 @@ def plan_checkpoint_size(
             continue
         top = graph.disk(entry.name).top
         temp = naming.size_bitmap(entry.name)
-        merge.append(
-            BlockDirtyBitmapAdd(
-                node=top,
-                name=temp,
-                granularity=min(la.bitmap.granularity for la in layers),
-                persistent=False,
-                disabled=True,
-            )
-        )
-        merge.append(
-            BlockDirtyBitmapMerge(
-                node=top,
-                target=temp,
-                bitmaps=tuple(BitmapRef(node=la.node, name=la.bitmap.name) for la in layers),
-            )
-        )
+        merge += merged_bitmap(top, temp, layers, min(la.bitmap.granularity for la in layers))
         cleanup.append(BlockDirtyBitmapRemove(node=top, name=temp))
     if not merge:
         return sizes, Plan(), Plan()
