@@ -14,7 +14,9 @@ when planning or checking fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from .planner import (
     BackupFacts,
     BackupPlan,
     JobState,
+    PullOptions,
     choose_disks,
     plan_backup_begin,
     plan_backup_end,
@@ -82,6 +85,7 @@ class DiskProgress(BaseModel):
     processed: int
     total: int
     error: str | None = None
+    uri: str | None = None
 
 
 class JobInfo(BaseModel):
@@ -129,6 +133,14 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
     "block-export-add": ("block-export-add", ""),
     "x-debug-query-block-graph": ("x-debug-query-block-graph", ""),
 }
+
+
+def find_free_port(host: str) -> int:
+    """A TCP port nothing listens on at ``host`` now, for the NBD server."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 class VM:
@@ -202,23 +214,40 @@ class VM:
         self, spec: BackupSpec, graph: BlockGraph, checkpoint: CheckpointSpec | None
     ) -> BackupFacts:
         now = int(time.time())
-        choices = choose_disks(spec, graph, self.checkpoints(), checkpoint, now)
-        busy = {d.disk: r.id for r in self.records.load_all() for d in r.disks}
+        backup_id = self.records.next_id()
+        scratch_dir = str(self.state_dir / "scratch")
+        choices = choose_disks(
+            spec, graph, self.checkpoints(), checkpoint, now, scratch_dir, backup_id
+        )
+        active = self.records.load_all()
+        running = next((r.server for r in active if r.server is not None), None)
+        wanted = spec.server
+        free_port = None
+        if spec.mode == "pull" and running is None and wanted is not None and not wanted.port:
+            free_port = find_free_port(wanted.name or "localhost")
         return BackupFacts(
-            backup_id=self.records.next_id(),
+            backup_id=backup_id,
             now=now,
             existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
-            busy_disks=busy,
+            busy_disks={d.disk: r.id for r in active for d in r.disks},
             job_ids=frozenset(await query_jobs(self.session)),
+            scratch_dir=scratch_dir,
+            default_socket=str(self.state_dir / "nbd.sock"),
+            free_port=free_port,
+            running_server=running,
+            export_names=frozenset(d.export for r in active for d in r.disks if d.export),
         )
 
     async def plan_backup(
-        self, spec: BackupSpec, checkpoint: CheckpointSpec | None = None
+        self,
+        spec: BackupSpec,
+        checkpoint: CheckpointSpec | None = None,
+        options: PullOptions | None = None,
     ) -> BackupPlan:
         """The plan ``backup_begin`` would run, checked against the live schema, not sent."""
         graph = await self.graph()
         facts = await self._backup_facts(spec, graph, checkpoint)
-        planned = plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint)
+        planned = plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint, options)
         check_plan(planned.plan, self.schema)
         return planned
 
@@ -227,11 +256,20 @@ class VM:
         spec: BackupSpec,
         checkpoint: CheckpointSpec | None = None,
         on_step: StepCallback | None = None,
+        options: PullOptions | None = None,
     ) -> BackupBegun:
-        """Start a backup; with ``checkpoint``, create it at the backup's instant."""
+        """Start a backup; with ``checkpoint``, create it at the backup's instant.
+
+        In pull mode ``record.disks[i].uri`` says where each disk's view is served.
+        """
         with locked(self.state_dir):
-            planned = await self.plan_backup(spec, checkpoint)
+            planned = await self.plan_backup(spec, checkpoint, options)
+            if spec.mode == "pull":
+                (self.state_dir / "scratch").mkdir(mode=0o700, exist_ok=True)
             await self._run(planned.plan, "backup-begin", on_step)
+            server = planned.record.server
+            if server is not None and server.socket and os.path.exists(server.socket):
+                os.chmod(server.socket, 0o600)
             if planned.checkpoint is not None:
                 self.checkpoint_store.save(planned.checkpoint)
             self.records.save(planned.record)
@@ -268,6 +306,7 @@ class VM:
                 processed=jobs[d.job_id].current_progress if d.job_id in jobs else 0,
                 total=jobs[d.job_id].total_progress if d.job_id in jobs else 0,
                 error=jobs[d.job_id].error if d.job_id in jobs else None,
+                uri=d.uri,
             )
             for d in record.disks
         )
@@ -298,10 +337,26 @@ class VM:
         with locked(self.state_dir):
             record = self.records.load(backup_id)
             graph = await self.graph()
+            exports = await self.session.execute("query-block-exports")
+            shared = any(
+                r.server is not None and r.id != record.id for r in self.records.load_all()
+            )
             ended = plan_backup_end(
-                record, await self._jobs_of(record), graph, self.checkpoints(), abort
+                record,
+                await self._jobs_of(record),
+                graph,
+                self.checkpoints(),
+                abort,
+                frozenset(e["id"] for e in exports),
+                shared,
             )
             await self._run(ended.plan, "backup-end", on_step)
+            if record.mode == "pull":
+                # The scratch files qmpbackup created hold only fleecing data.
+                for disk in record.disks:
+                    for path in disk.created_files:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
             if ended.drop_checkpoint is not None:
                 self._forget_checkpoints([ended.drop_checkpoint])
             self.records.delete(record.id)

@@ -17,6 +17,7 @@ from .checkpoints import Checkpoint
 from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
 from .plan import Step
+from .planner import PullOptions
 from .spec import load_backup_spec, load_checkpoint_spec
 from .spec.models import CheckpointSpec, check_name
 
@@ -52,12 +53,25 @@ def _print_step(args: argparse.Namespace) -> Callable[[int, Step], None] | None:
 async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
     spec = load_backup_spec(args.spec)
     checkpoint = _checkpoint_arg(args.checkpoint)
-    begun = await vm.backup_begin(spec, checkpoint, _print_step(args))
+    begun = await vm.backup_begin(spec, checkpoint, _print_step(args), _pull_options(args))
     _out(f"Backup id {begun.record.id} created")
     _out(f"backup used description from '{args.spec}'")
     if checkpoint is not None:
         _out(f"checkpoint created from '{args.checkpoint}'")
+    for disk in begun.record.disks:
+        if disk.uri:
+            _out(f"{disk.disk} {disk.uri}")
     return 0
+
+
+def _pull_options(args: argparse.Namespace) -> PullOptions:
+    tls_dir = getattr(args, "tls_dir", None)
+    if tls_dir is not None and not os.path.isdir(tls_dir):
+        raise InvalidInputError(f"--tls-dir {tls_dir}: no such directory")
+    return PullOptions(
+        tls_dir=os.path.abspath(tls_dir) if tls_dir else None,
+        tls_allow=tuple(getattr(args, "tls_allow", None) or ()),
+    )
 
 
 async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
@@ -96,6 +110,8 @@ def _jobinfo_text(info: JobInfo) -> str:
     ]
     for disk in info.disks:
         value = f"{disk.status}, {_size(disk.processed)} of {_size(disk.total)}"
+        if disk.uri:
+            value += f", {disk.uri}"
         if disk.error:
             value += f", error: {disk.error}"
         rows.append((f"Disk {disk.disk}", value))
@@ -187,7 +203,7 @@ async def cmd_checkpoint_delete(args: argparse.Namespace, vm: VM) -> int:
 
 async def cmd_plan(args: argparse.Namespace, vm: VM) -> int:
     spec = load_backup_spec(args.spec)
-    planned = await vm.plan_backup(spec, _checkpoint_arg(args.checkpoint))
+    planned = await vm.plan_backup(spec, _checkpoint_arg(args.checkpoint), _pull_options(args))
     if args.explain:
         _out(planned.plan.explain())
     else:
@@ -242,6 +258,18 @@ async def cmd_info(args: argparse.Namespace, vm: VM) -> int:
     return 0
 
 
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-dir", help="x509 folder for tls='yes': ca-cert.pem, server-cert.pem, server-key.pem"
+    )
+    parser.add_argument(
+        "--tls-allow",
+        action="append",
+        metavar="DN",
+        help="client certificate name allowed in, as QEMU renders it (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qmpbackup``."""
     parser = argparse.ArgumentParser(
@@ -261,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = add("backup-begin", cmd_backup_begin, "start a push backup")
+    p = add("backup-begin", cmd_backup_begin, "start a push or pull backup")
     p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
     p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
+    _tls_arguments(p)
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
     p = add("backup-end", cmd_backup_end, "end a backup job")
     p.add_argument("id", nargs="?", type=int)
@@ -295,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
     p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
+    _tls_arguments(p)
     p = add("info", cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")

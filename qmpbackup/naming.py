@@ -38,3 +38,33 @@ def size_bitmap(disk: str) -> str:
 def is_ours(name: str) -> bool:
     """True for a node, job, export or bitmap qmpbackup created."""
     return name.startswith(PREFIX)
+
+
+def fleece_node(backup_id: int, disk: str) -> str:
+    """The scratch node that keeps the old data of clusters the guest overwrites."""
+    return f"{PREFIX}{backup_id}-{disk}-fleece"
+
+
+def cbw_node(backup_id: int, disk: str) -> str:
+    """The copy-before-write filter the fleecing job inserts above the disk."""
+    return f"{PREFIX}{backup_id}-{disk}-cbw"
+
+
+def access_node(backup_id: int, disk: str) -> str:
+    """The snapshot-access node: the point-in-time view that is exported."""
+    return f"{PREFIX}{backup_id}-{disk}-access"
+
+
+def export_id(backup_id: int, disk: str) -> str:
+    """The block export of ``disk``'s point-in-time view."""
+    return f"{PREFIX}{backup_id}-{disk}"
+
+
+def tls_creds(backup_id: int) -> str:
+    """The TLS credentials object of the NBD server."""
+    return f"{PREFIX}{backup_id}-tls"
+
+
+def tls_authz(backup_id: int) -> str:
+    """The allow-list of client certificate names."""
+    return f"{PREFIX}{backup_id}-authz"

@@ -16,7 +16,9 @@ class Step(BaseModel):
     ``await_job`` names a job that must conclude before the next step (without
     error, unless ``job_may_fail``: a cancelled job ends with one); ``undo`` is
     what reverts the step; ``created_files`` are host files the step creates,
-    removed when the step is undone.
+    removed when the step is undone.  ``await_export_deleted`` waits until QEMU
+    has really dropped that export (deletion finishes when clients are gone).
+    A step with ``may_fail`` is cleanup whose failure is logged, not raised.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -26,6 +28,8 @@ class Step(BaseModel):
     undo: tuple[QMPCommand, ...] = ()
     await_job: str | None = None
     job_may_fail: bool = False
+    await_export_deleted: str | None = None
+    may_fail: bool = False
     created_files: tuple[str, ...] = ()
 
     def describe(self) -> str:

@@ -18,6 +18,27 @@ from .errors import BackupNotFoundError
 from .files import atomic_write_text
 
 
+class NbdServer(BaseModel):
+    """The NBD server a pull backup exports through (QEMU runs at most one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transport: Literal["tcp", "unix"]
+    host: str | None = None
+    port: int | None = None
+    socket: str | None = None
+    tls: bool = False
+    objects: tuple[str, ...] = ()
+
+    def uri(self, export: str) -> str:
+        """The URI a reader uses for ``export``."""
+        scheme = "nbds" if self.tls else "nbd"
+        if self.transport == "unix":
+            return f"{scheme}+unix:///{export}?socket={self.socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/{export}"
+
+
 class DiskJob(BaseModel):
     """What one backup created for one disk."""
 
@@ -33,6 +54,10 @@ class DiskJob(BaseModel):
     target_nodes: tuple[str, ...] = ()
     temporary_bitmaps: tuple[tuple[str, str], ...] = ()
     created_files: tuple[str, ...] = ()
+    export: str | None = None
+    export_id: str | None = None
+    export_bitmap: str | None = None
+    uri: str | None = None
 
 
 class BackupRecord(BaseModel):
@@ -46,6 +71,7 @@ class BackupRecord(BaseModel):
     checkpoint: str | None = None
     incremental: str | None = None
     disks: tuple[DiskJob, ...]
+    server: NbdServer | None = None
 
     def job_ids(self) -> list[str]:
         """Every QEMU job id of this backup."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from .errors import JobFailedError, QmpBackupError, SchemaMismatchError
+from .errors import JobFailedError, QmpBackupError, QMPCommandError, SchemaMismatchError
 from .graph import CommandRunner
 from .journal import Journal
 from .plan import Plan, Step
@@ -69,6 +69,17 @@ async def wait_job(session: QMPSession, job_id: str) -> JobState:
                 pass
 
 
+async def wait_export_deleted(session: QMPSession, export_id: str) -> None:
+    """Wait until QEMU no longer lists the block export ``export_id``."""
+    async with session.watch({"BLOCK_EXPORT_DELETED"}) as events:
+        while True:
+            exports = await session.execute("query-block-exports")
+            if not any(e["id"] == export_id for e in exports):
+                return
+            while (await events.get())["data"].get("id") != export_id:
+                pass
+
+
 async def run_command(session: QMPSession, command: QMPCommand) -> Any:
     """Send one command model."""
     return await session.execute(command.execute, command.arguments())
@@ -109,7 +120,15 @@ async def run_plan(
         if journal is not None:
             journal.write("step", index=number, execute=step.command.execute)
         try:
-            replies.append(await run_command(session, step.command))
+            try:
+                replies.append(await run_command(session, step.command))
+            except QMPCommandError as exc:
+                if not step.may_fail:
+                    raise
+                log.info("plan.step_skipped", step=step.describe(), error=str(exc))
+                replies.append(None)
+            if step.await_export_deleted:
+                await wait_export_deleted(session, step.await_export_deleted)
             if step.await_job:
                 final = await wait_job(session, step.await_job)
                 if final.error and not step.job_may_fail:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -18,21 +19,35 @@ from ..errors import (
 from ..graph import BlockGraph
 from ..plan import Plan, Step
 from ..qapi.commands import (
+    AuthzListAdd,
+    AuthzRule,
+    BitmapRef,
     BlockdevAddFile,
     BlockdevAddQcow2,
+    BlockdevAddSnapshotAccess,
     BlockdevBackup,
     BlockdevCreate,
     BlockdevDel,
     BlockDirtyBitmapAdd,
     BlockDirtyBitmapRemove,
+    BlockExportAddNbd,
+    BlockExportDel,
     CreateFileOptions,
     CreateQcow2Options,
+    InetAddress,
+    InetHostPort,
     JobCancel,
     JobDismiss,
+    NbdServerStart,
+    NbdServerStop,
+    ObjectDel,
     QMPCommand,
+    TlsCredsX509Add,
     Transaction,
+    UnixAddress,
+    UnixSocketPath,
 )
-from ..records import BackupRecord, DiskJob
+from ..records import BackupRecord, DiskJob, NbdServer
 from ..spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
 from .chain import (
     image_path,
@@ -57,6 +72,9 @@ class DiskChoice(_Frozen):
     target: str
     format: Literal["qcow2", "raw"]
     reuse: bool
+    shallow: bool = False
+    export: str | None = None
+    export_bitmap: str | None = None
 
 
 class BackupFacts(_Frozen):
@@ -67,6 +85,18 @@ class BackupFacts(_Frozen):
     existing_files: frozenset[str] = frozenset()
     busy_disks: Mapping[str, int] = {}
     job_ids: frozenset[str] = frozenset()
+    scratch_dir: str = ""
+    default_socket: str = ""
+    free_port: int | None = None
+    running_server: NbdServer | None = None
+    export_names: frozenset[str] = frozenset()
+
+
+class PullOptions(_Frozen):
+    """What the user gives besides the spec for a pull backup: where TLS material lives."""
+
+    tls_dir: str | None = None
+    tls_allow: tuple[str, ...] = ()
 
 
 class BackupPlan(_Frozen):
@@ -118,10 +148,10 @@ def choose_disks(
     checkpoints: Sequence[Checkpoint],
     new_checkpoint: CheckpointSpec | None,
     now: int,
+    scratch_dir: str = "",
+    backup_id: int = 0,
 ) -> list[DiskChoice]:
-    """Resolve which disks to back up, how, and into which file."""
-    if spec.mode != "push":
-        raise PlanError("pull mode is not supported yet: use mode='push'")
+    """Resolve which disks to back up, how, and into which file (push target or pull scratch)."""
     suffix = new_checkpoint.name if new_checkpoint else str(now)
     choices: list[DiskChoice] = []
     for name in _backed_up_disks(spec, graph):
@@ -142,7 +172,13 @@ def choose_disks(
             "incremental" if incremental else "top" if shallow and has_backing else "full"
         )
         fmt = (entry.format if entry else None) or "qcow2"
-        target = (entry.target if entry else None) or _default_target(graph, name, suffix)
+        if spec.mode == "pull":
+            target = (entry.scratch if entry else None) or (
+                f"{scratch_dir}/{naming.fleece_node(backup_id, name)}.qcow2"
+            )
+            fmt = "qcow2"
+        else:
+            target = (entry.target if entry else None) or _default_target(graph, name, suffix)
         choices.append(
             DiskChoice(
                 disk=name,
@@ -151,12 +187,20 @@ def choose_disks(
                 target=target,
                 format=fmt,
                 reuse=bool(entry and entry.reuse),
+                shallow=shallow,
+                export=((entry.exportname if entry else None) or name)
+                if spec.mode == "pull"
+                else None,
+                export_bitmap=((entry.exportbitmap if entry else None) or name)
+                if spec.mode == "pull" and incremental
+                else None,
             )
         )
-    targets = [c.target for c in choices]
-    for target in targets:
-        if targets.count(target) > 1:
-            raise InvalidInputError(f"two disks would be written to the same target {target}")
+    for attr in ("target", "export"):
+        values = [getattr(c, attr) for c in choices if getattr(c, attr)]
+        for value in values:
+            if values.count(value) > 1:
+                raise InvalidInputError(f"two disks would use the same {attr} {value}")
     return choices
 
 
@@ -264,28 +308,285 @@ def _target_steps(
     return steps, (fmt_node, file_node)
 
 
+@dataclass
+class _DiskPieces:
+    """One disk's part of a begin plan: steps before the transaction, its actions, steps after."""
+
+    job: DiskJob
+    before: list[Step] = field(default_factory=list)
+    actions: list[QMPCommand] = field(default_factory=list)
+    undo: list[QMPCommand] = field(default_factory=list)
+    after: list[Step] = field(default_factory=list)
+    exports: list[Step] = field(default_factory=list)
+
+
+def _incremental_bitmap(
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    choice: DiskChoice,
+    node: str,
+    name: str,
+    pieces: _DiskPieces,
+) -> None:
+    """Add to the transaction a disabled bitmap on ``node``: the checkpoint's changes so far."""
+    layers = usable_checkpoint_layers(graph, choice.disk, _bitmap_of(checkpoints, choice))
+    pieces.actions += merged_bitmap(node, name, layers, layers[0].bitmap.granularity)
+    pieces.undo.append(BlockDirtyBitmapRemove(node=node, name=name))
+
+
+def _push_disk(
+    graph: BlockGraph, checkpoints: Sequence[Checkpoint], choice: DiskChoice, backup_id: int
+) -> _DiskPieces:
+    """Push: open the target; in the transaction, a backup job copying into it."""
+    disk = choice.disk
+    source = graph.disk(disk).top
+    job = naming.job_id(backup_id, disk)
+    target_steps, target_nodes = _target_steps(graph, choice, backup_id)
+    bitmap = None
+    temporaries: tuple[tuple[str, str], ...] = ()
+    pieces = _DiskPieces(
+        job=DiskJob(disk=disk, source_node=source, job_id=job, sync=choice.sync),
+        before=target_steps,
+    )
+    if choice.incremental is not None:
+        bitmap = naming.temporary_bitmap(backup_id, disk)
+        _incremental_bitmap(graph, checkpoints, choice, source, bitmap, pieces)
+        temporaries = ((source, bitmap),)
+    pieces.actions.append(
+        BlockdevBackup(
+            job_id=job,
+            device=source,
+            target=target_nodes[0],
+            sync=choice.sync,
+            bitmap=bitmap,
+            auto_finalize=True,
+            auto_dismiss=False,
+        )
+    )
+    pieces.undo.insert(0, JobCancel(id=job))
+    pieces.job = pieces.job.model_copy(
+        update={
+            "incremental": choice.incremental,
+            "target": choice.target,
+            "format": choice.format,
+            "target_nodes": target_nodes,
+            "temporary_bitmaps": temporaries,
+            "created_files": () if choice.reuse else (choice.target,),
+        }
+    )
+    return pieces
+
+
+def _pull_disk(
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    choice: DiskChoice,
+    backup_id: int,
+    scratch_exists: bool,
+    server: NbdServer,
+) -> _DiskPieces:
+    """Pull: a fleecing scratch over the disk; in the transaction, the copy-before-write
+    job that fills it; after it, the snapshot-access view and its NBD export."""
+    disk = choice.disk
+    source = graph.disk(disk).top
+    job = naming.job_id(backup_id, disk)
+    file_node = naming.target_file_node(backup_id, disk)
+    fleece = naming.fleece_node(backup_id, disk)
+    cbw = naming.cbw_node(backup_id, disk)
+    access = naming.access_node(backup_id, disk)
+    export_id = naming.export_id(backup_id, disk)
+    assert choice.export is not None
+    pieces = _DiskPieces(job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"))
+    if not scratch_exists:
+        size = graph.top_node(disk).virtual_size
+        pieces.before += _create_steps(
+            BlockdevCreate(
+                job_id=naming.create_job_id(backup_id, disk, "file"),
+                options=CreateFileOptions(filename=choice.target, size=0),
+            ),
+            f"create the fleecing scratch file of {disk}",
+            (choice.target,),
+        )
+    pieces.before.append(
+        Step(
+            command=BlockdevAddFile(node_name=file_node, filename=choice.target),
+            reason=f"open the scratch file {choice.target}",
+            undo=(BlockdevDel(node_name=file_node),),
+        )
+    )
+    if not scratch_exists:
+        pieces.before += _create_steps(
+            BlockdevCreate(
+                job_id=naming.create_job_id(backup_id, disk, "qcow2"),
+                options=CreateQcow2Options(file=file_node, size=size),
+            ),
+            f"format the scratch of {disk} as qcow2",
+        )
+    pieces.before.append(
+        Step(
+            command=BlockdevAddQcow2(node_name=fleece, file=file_node, backing=source),
+            reason=f"open the scratch over {disk}: it will keep what the guest overwrites",
+            undo=(BlockdevDel(node_name=fleece),),
+        )
+    )
+    bitmaps: tuple[BitmapRef, ...] | None = None
+    temporaries: tuple[tuple[str, str], ...] = ()
+    if choice.incremental is not None:
+        assert choice.export_bitmap is not None
+        # The bitmap lives on our scratch node, so it goes when the node goes; its
+        # name is what readers see as the context qemu:dirty-bitmap:<name>.
+        _incremental_bitmap(graph, checkpoints, choice, fleece, choice.export_bitmap, pieces)
+        bitmaps = (BitmapRef(node=fleece, name=choice.export_bitmap),)
+        temporaries = ((fleece, choice.export_bitmap),)
+    pieces.actions.append(
+        BlockdevBackup(
+            job_id=job,
+            device=source,
+            target=fleece,
+            sync="none",
+            filter_node_name=cbw,
+            auto_finalize=True,
+            auto_dismiss=False,
+        )
+    )
+    pieces.undo.insert(0, JobCancel(id=job))
+    pieces.after.append(
+        Step(
+            command=BlockdevAddSnapshotAccess(node_name=access, file=cbw),
+            reason=f"open the point-in-time view of {disk}",
+            undo=(BlockdevDel(node_name=access),),
+        )
+    )
+    pieces.exports.append(
+        Step(
+            command=BlockExportAddNbd(
+                id=export_id,
+                node_name=access,
+                name=choice.export,
+                bitmaps=bitmaps,
+                allocation_depth=True if choice.shallow else None,
+            ),
+            reason=f"export the view of {disk} as {choice.export!r}"
+            + (f" with its dirty bitmap {choice.export_bitmap!r}" if bitmaps else "")
+            + (" and allocation depth" if choice.shallow else ""),
+            undo=(BlockExportDel(id=export_id, mode="hard"),),
+        )
+    )
+    pieces.job = pieces.job.model_copy(
+        update={
+            "incremental": choice.incremental,
+            "target": choice.target,
+            "format": "qcow2",
+            "target_nodes": (access, fleece, file_node),
+            "temporary_bitmaps": temporaries,
+            "created_files": () if scratch_exists else (choice.target,),
+            "export": choice.export,
+            "export_id": export_id,
+            "export_bitmap": choice.export_bitmap,
+            "uri": server.uri(choice.export),
+        }
+    )
+    return pieces
+
+
+def _server_for(
+    spec: BackupSpec, facts: BackupFacts, options: PullOptions
+) -> tuple[NbdServer, list[Step]]:
+    """The NBD server to export through, and the steps that start it (none if it runs)."""
+    wanted = spec.server
+    if wanted is not None and wanted.tls and not options.tls_dir:
+        raise InvalidInputError("tls='yes' needs the x509 directory: pass --tls-dir DIR")
+    running = facts.running_server
+    if running is not None:
+        if wanted is not None and (
+            wanted.transport != running.transport
+            or (wanted.port is not None and wanted.port != running.port)
+            or (wanted.socket is not None and wanted.socket != running.socket)
+            or wanted.tls != running.tls
+        ):
+            raise PlanError(
+                "QEMU runs one NBD server and another backup uses it at "
+                f"{running.uri('')}: ask for the same server or none"
+            )
+        return running, []
+    if wanted is None or wanted.transport == "unix":
+        socket = (wanted.socket if wanted else None) or facts.default_socket
+        server = NbdServer(transport="unix", socket=socket)
+        addr: UnixAddress | InetAddress = UnixAddress(data=UnixSocketPath(path=socket))
+    else:
+        port = wanted.port or facts.free_port
+        if port is None:
+            raise PlanError("no free TCP port was found for the NBD server")
+        host = wanted.name or "localhost"
+        server = NbdServer(transport="tcp", host=host, port=port, tls=wanted.tls)
+        addr = InetAddress(data=InetHostPort(host=host, port=str(port)))
+    steps: list[Step] = []
+    creds = authz = None
+    if server.tls:
+        assert options.tls_dir is not None
+        creds = naming.tls_creds(facts.backup_id)
+        steps.append(
+            Step(
+                command=TlsCredsX509Add(id=creds, dir=options.tls_dir),
+                reason="load the server's x509 credentials; clients must show a certificate",
+                undo=(ObjectDel(id=creds),),
+            )
+        )
+        if options.tls_allow:
+            authz = naming.tls_authz(facts.backup_id)
+            steps.append(
+                Step(
+                    command=AuthzListAdd(
+                        id=authz, rules=tuple(AuthzRule(match=dn) for dn in options.tls_allow)
+                    ),
+                    reason="admit only the listed client certificate names",
+                    undo=(ObjectDel(id=authz),),
+                )
+            )
+        server = server.model_copy(update={"objects": tuple(o for o in (creds, authz) if o)})
+    steps.append(
+        Step(
+            command=NbdServerStart(addr=addr, tls_creds=creds, tls_authz=authz),
+            reason=f"start the NBD server at {server.uri('')}",
+            undo=(NbdServerStop(),),
+        )
+    )
+    return server, steps
+
+
 def plan_backup_begin(
     spec: BackupSpec,
     graph: BlockGraph,
     checkpoints: Sequence[Checkpoint],
     facts: BackupFacts,
     new_checkpoint: CheckpointSpec | None = None,
+    options: PullOptions | None = None,
 ) -> BackupPlan:
-    """Plan a push backup: open the targets, then one transaction for the point in time."""
-    choices = choose_disks(spec, graph, checkpoints, new_checkpoint, facts.now)
+    """Plan a backup: prepare every disk, then one transaction sets the point in time.
+
+    Push: targets are opened, and the transaction starts the copy jobs.  Pull:
+    fleecing scratches are opened, the transaction starts copy-before-write
+    jobs, then each disk's point-in-time view is exported over NBD.
+    """
     backup_id = facts.backup_id
+    choices = choose_disks(
+        spec, graph, checkpoints, new_checkpoint, facts.now, facts.scratch_dir, backup_id
+    )
+    pull = spec.mode == "pull"
     for choice in choices:
         if choice.disk in facts.busy_disks:
             raise PlanError(
                 f"disk {choice.disk!r} is already being backed up by backup id "
                 f"{facts.busy_disks[choice.disk]}"
             )
-        if not choice.reuse and choice.target in facts.existing_files:
+        if not pull and not choice.reuse and choice.target in facts.existing_files:
             raise TargetExistsError(
                 f"target {choice.target} exists; remove it or ask for reuse (reuse='yes')"
             )
-        if choice.reuse and choice.target not in facts.existing_files:
+        if not pull and choice.reuse and choice.target not in facts.existing_files:
             raise InvalidInputError(f"target {choice.target} to reuse does not exist")
+        if choice.export in facts.export_names:
+            raise PlanError(f"QEMU already exports {choice.export!r}: choose another exportname")
         job = naming.job_id(backup_id, choice.disk)
         if job in facts.job_ids:
             raise PlanError(f"QEMU already has a job {job}: run 'qmpbackup recover'")
@@ -293,71 +594,53 @@ def plan_backup_begin(
     checkpoint = _new_checkpoint(
         new_checkpoint, [c.disk for c in choices], graph, checkpoints, parent, facts.now
     )
+    server, server_steps = (
+        _server_for(spec, facts, options or PullOptions()) if pull else (None, [])
+    )
+    pieces = [
+        _pull_disk(graph, checkpoints, c, backup_id, c.target in facts.existing_files, server)
+        if server is not None
+        else _push_disk(graph, checkpoints, c, backup_id)
+        for c in choices
+    ]
 
-    steps: list[Step] = []
     actions: list[QMPCommand] = []
     undo: list[QMPCommand] = []
-    disk_jobs: list[DiskJob] = []
-    for choice in choices:
-        disk = choice.disk
-        target_steps, target_nodes = _target_steps(graph, choice, backup_id)
-        steps.extend(target_steps)
-        source = graph.disk(disk).top
-        job = naming.job_id(backup_id, disk)
-        bitmap = None
-        temporaries: list[tuple[str, str]] = []
-        if choice.incremental is not None:
-            layers = usable_checkpoint_layers(graph, disk, _bitmap_of(checkpoints, choice))
-            bitmap = naming.temporary_bitmap(backup_id, disk)
-            actions += merged_bitmap(source, bitmap, layers, layers[0].bitmap.granularity)
-            temporaries.append((source, bitmap))
-            undo.append(BlockDirtyBitmapRemove(node=source, name=bitmap))
-        actions.append(
-            BlockdevBackup(
-                job_id=job,
-                device=source,
-                target=target_nodes[0],
-                sync=choice.sync,
-                bitmap=bitmap,
-                auto_finalize=True,
-                auto_dismiss=False,
-            )
-        )
-        undo.insert(0, JobCancel(id=job))
-        disk_jobs.append(
-            DiskJob(
-                disk=disk,
-                source_node=source,
-                job_id=job,
-                sync=choice.sync,
-                incremental=choice.incremental,
-                target=choice.target,
-                format=choice.format,
-                target_nodes=target_nodes,
-                temporary_bitmaps=tuple(temporaries),
-                created_files=() if choice.reuse else (choice.target,),
-            )
-        )
     if checkpoint is not None:
-        # The new checkpoint's bitmaps come first, in disk order, then the backups.
-        for index, entry in enumerate(checkpoint.bitmap_disks()):
-            top = graph.disk(entry.name).top
+        # The new checkpoint's bitmaps come first, in disk order, then the jobs.
+        for entry in checkpoint.bitmap_disks():
             assert entry.bitmap is not None
-            actions.insert(index, BlockDirtyBitmapAdd(node=top, name=entry.bitmap, persistent=True))
-            undo.append(BlockDirtyBitmapRemove(node=top, name=entry.bitmap))
+            actions.append(
+                BlockDirtyBitmapAdd(
+                    node=graph.disk(entry.name).top, name=entry.bitmap, persistent=True
+                )
+            )
+    for piece in pieces:
+        actions += piece.actions
+        # Undo cancels every job first (newest first), then removes bitmaps.
+        undo = piece.undo[:1] + undo + piece.undo[1:]
+    if checkpoint is not None:
+        undo += [
+            BlockDirtyBitmapRemove(node=graph.disk(e.name).top, name=e.bitmap or "")
+            for e in checkpoint.bitmap_disks()
+        ]
     disks = ", ".join(c.disk for c in choices)
     reason = f"start the backup of {disks} at one instant"
     if checkpoint is not None:
         reason += f" and create checkpoint {checkpoint.name} at that instant"
+    steps = [step for piece in pieces for step in piece.before]
     steps.append(Step(command=Transaction(actions=tuple(actions)), reason=reason, undo=tuple(undo)))
-    incremental = next((c.incremental for c in choices if c.incremental), None)
+    steps += [step for piece in pieces for step in piece.after]
+    steps += server_steps
+    steps += [step for piece in pieces for step in piece.exports]
     record = BackupRecord(
         id=backup_id,
-        mode="push",
+        mode=spec.mode,
         started=float(facts.now),
         checkpoint=checkpoint.name if checkpoint else None,
-        incremental=incremental,
-        disks=tuple(disk_jobs),
+        incremental=next((c.incremental for c in choices if c.incremental), None),
+        disks=tuple(piece.job for piece in pieces),
+        server=server,
     )
     return BackupPlan(plan=Plan(steps=tuple(steps)), record=record, checkpoint=checkpoint)
 
@@ -399,18 +682,53 @@ def plan_backup_end(
     graph: BlockGraph,
     checkpoints: Sequence[Checkpoint],
     abort: bool,
+    exports: frozenset[str] = frozenset(),
+    server_shared: bool = False,
 ) -> EndPlan:
-    """Plan the end of a backup: dismiss (or cancel) its jobs, remove its nodes and bitmaps.
+    """Plan the end of a backup: remove its exports, jobs, nodes and temporary bitmaps.
 
-    A checkpoint created with a backup that did not complete is removed too,
-    so that no checkpoint promises data no backup holds.
+    Push refuses while a copy runs unless ``abort``.  Pull always ends: its
+    exports go (clients are dropped), the NBD server stops unless
+    ``server_shared`` (another pull backup uses it), the fleecing jobs are
+    cancelled.  A checkpoint created with a backup that did not complete is
+    removed too, so that no checkpoint promises data no backup holds.
     """
+    pull = record.mode == "pull"
     active = [j for j in record.job_ids() if j in jobs and jobs[j].status != "concluded"]
-    if active and not abort:
+    if active and not abort and not pull:
         raise BackupActiveError(f"Backup id {record.id} still active, need --abort to end now")
     steps: list[Step] = []
     errors: dict[str, str] = {}
     for disk in record.disks:
+        if disk.export_id and disk.export_id in exports:
+            steps.append(
+                Step(
+                    command=BlockExportDel(id=disk.export_id, mode="hard"),
+                    reason=f"stop exporting {disk.disk} (connected readers are dropped)",
+                    await_export_deleted=disk.export_id,
+                )
+            )
+    if pull and record.server is not None and not server_shared:
+        steps.append(
+            Step(
+                command=NbdServerStop(),
+                reason="stop the NBD server: no other backup uses it",
+                may_fail=True,
+            )
+        )
+        steps += [
+            Step(command=ObjectDel(id=o), reason="drop the TLS object", may_fail=True)
+            for o in record.server.objects
+        ]
+    for disk in record.disks:
+        access = disk.target_nodes[0] if pull else None
+        if access is not None and access in graph.nodes:
+            steps.append(
+                Step(
+                    command=BlockdevDel(node_name=access),
+                    reason=f"close the point-in-time view of {disk.disk}",
+                )
+            )
         job = jobs.get(disk.job_id)
         if job is None:
             continue
@@ -418,34 +736,43 @@ def plan_backup_end(
             steps.append(
                 Step(
                     command=JobCancel(id=disk.job_id),
-                    reason=f"abort the copy of {disk.disk}",
+                    reason=f"stop the fleecing of {disk.disk}"
+                    if pull
+                    else f"abort the copy of {disk.disk}",
                     await_job=disk.job_id,
                     job_may_fail=True,
                 )
             )
-            errors[disk.disk] = "aborted"
+            if not pull:
+                errors[disk.disk] = "aborted"
         elif job.error:
             errors[disk.disk] = job.error
         steps.append(
             Step(command=JobDismiss(id=disk.job_id), reason=f"forget the job of {disk.disk}")
         )
     for disk in record.disks:
-        for node in disk.target_nodes:
+        for node in disk.target_nodes[1:] if pull else disk.target_nodes:
             if node in graph.nodes:
                 steps.append(
                     Step(
                         command=BlockdevDel(node_name=node),
-                        reason=f"close the target of {disk.disk}",
+                        reason=f"close the {'scratch' if pull else 'target'} of {disk.disk}",
                     )
                 )
     removals: list[QMPCommand] = []
     for disk in record.disks:
         for node, bitmap in disk.temporary_bitmaps:
+            # A pull's bitmap lives on the scratch node and goes with it.
+            if pull:
+                continue
             if node in graph.nodes and graph.node(node).bitmap(bitmap) is not None:
                 removals.append(BlockDirtyBitmapRemove(node=node, name=bitmap))
-    outcome: Literal["completed", "aborted", "failed"] = (
-        "aborted" if active else "failed" if errors else "completed"
-    )
+    outcome: Literal["completed", "aborted", "failed"]
+    if pull:
+        # A pull backup is over when its reader is done; only a broken fleecing fails it.
+        outcome = "failed" if errors else "aborted" if abort else "completed"
+    else:
+        outcome = "aborted" if active else "failed" if errors else "completed"
     drop = None
     if outcome != "completed" and record.checkpoint is not None:
         made = next((c for c in checkpoints if c.name == record.checkpoint), None)

@@ -226,3 +226,114 @@ class Transaction(QMPCommand):
     def arguments(self) -> dict[str, Any]:
         """Each action as ``{"type": <command>, "data": <arguments>}``."""
         return {"actions": [_to_json(a) for a in self.actions]}
+
+
+# -- pull mode: fleecing, NBD server, exports, TLS --------------------------
+
+
+class BlockdevAddSnapshotAccess(QMPCommand):
+    """``blockdev-add`` of a ``snapshot-access`` node: the point-in-time view of a CBW filter."""
+
+    execute: ClassVar[str] = "blockdev-add"
+    driver: Literal["snapshot-access"] = "snapshot-access"
+    node_name: str
+    file: str
+
+
+class UnixSocketPath(QAPIModel):
+    """``UnixSocketAddress``."""
+
+    path: str
+
+
+class InetHostPort(QAPIModel):
+    """``InetSocketAddress``."""
+
+    host: str
+    port: str
+
+
+class UnixAddress(QAPIModel):
+    """``SocketAddressLegacy`` of type ``unix`` (what ``nbd-server-start`` takes)."""
+
+    type: Literal["unix"] = "unix"
+    data: UnixSocketPath
+
+
+class InetAddress(QAPIModel):
+    """``SocketAddressLegacy`` of type ``inet``."""
+
+    type: Literal["inet"] = "inet"
+    data: InetHostPort
+
+
+class NbdServerStart(QMPCommand):
+    """``nbd-server-start``: QEMU's one NBD server."""
+
+    execute: ClassVar[str] = "nbd-server-start"
+    addr: UnixAddress | InetAddress
+    tls_creds: str | None = None
+    tls_authz: str | None = None
+
+
+class NbdServerStop(QMPCommand):
+    """``nbd-server-stop``."""
+
+    execute: ClassVar[str] = "nbd-server-stop"
+
+
+class BlockExportAddNbd(QMPCommand):
+    """``block-export-add`` of type ``nbd``, read-only."""
+
+    execute: ClassVar[str] = "block-export-add"
+    type: Literal["nbd"] = "nbd"
+    id: str
+    node_name: str
+    name: str
+    writable: bool = False
+    bitmaps: tuple[BitmapRef, ...] | None = None
+    allocation_depth: bool | None = None
+
+
+class BlockExportDel(QMPCommand):
+    """``block-export-del``; ``hard`` drops connected clients."""
+
+    execute: ClassVar[str] = "block-export-del"
+    id: str
+    mode: Literal["safe", "hard"] | None = None
+
+
+class TlsCredsX509Add(QMPCommand):
+    """``object-add`` of server-side ``tls-creds-x509`` credentials."""
+
+    execute: ClassVar[str] = "object-add"
+    qom_type: Literal["tls-creds-x509"] = "tls-creds-x509"
+    id: str
+    dir: str
+    endpoint: Literal["server", "client"] = "server"
+    verify_peer: bool = True
+
+
+class AuthzRule(QAPIModel):
+    """``QAuthZListRule``: one allowed client certificate DN."""
+
+    match: str
+    policy: Literal["allow", "deny"] = "allow"
+    format: Literal["exact", "glob"] = "exact"
+
+
+class AuthzListAdd(QMPCommand):
+    """``object-add`` of an ``authz-list``: the client DNs allowed in."""
+
+    execute: ClassVar[str] = "object-add"
+    qom_type: Literal["authz-list"] = "authz-list"
+    id: str
+    policy: Literal["allow", "deny"] = "deny"
+    rules: tuple[AuthzRule, ...]
+
+
+class ObjectDel(QMPCommand):
+    """``object-del``."""
+
+    execute: ClassVar[str] = "object-del"
+    id: str
