@@ -1,0 +1,106 @@
+"""A backup image served writable over NBD by qemu-storage-daemon.
+
+Pull copies write through QEMU's own qcow2 driver this way, so the files are
+exactly what QEMU would write, and the copy can use several connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .errors import QmpBackupError
+
+STORAGE_DAEMON = os.environ.get("QMPBACKUP_STORAGE_DAEMON", "qemu-storage-daemon")
+
+
+def create_image(
+    path: Path, size: int, fmt: str = "qcow2", backing: Path | None = None
+) -> None:
+    """Create a new image; refuse to touch an existing file."""
+    if os.path.lexists(path):
+        raise QmpBackupError(f"{path} exists: refusing to overwrite it")
+    args = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing is not None:
+        # A relative backing path keeps a chain of backups movable as a folder.
+        rel = os.path.relpath(backing, path.parent)
+        args += ["-F", "qcow2", "-b", rel]
+    args += [str(path), str(size)]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise QmpBackupError(f"cannot create {path}: {proc.stderr.strip()}")
+
+
+class TargetServer:
+    """qemu-storage-daemon exporting one image, writable, on a private unix socket."""
+
+    def __init__(self, image: Path, fmt: str = "qcow2") -> None:
+        self.image = image
+        self.fmt = fmt
+        self._dir = Path(tempfile.mkdtemp(prefix="qmpbackup-target-"))
+        self.socket = self._dir / "nbd.sock"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        """Where the image is served."""
+        return f"nbd+unix:///target?socket={self.socket}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the daemon and wait for its socket."""
+        argv = [
+            STORAGE_DAEMON,
+            "--blockdev", f"driver=file,filename={self.image},node-name=file",
+            "--blockdev", f"driver={self.fmt},file=file,node-name=target",
+            "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
+            "--export", "type=nbd,id=target,node-name=target,name=target,writable=on,"
+            "multi-conn=on",
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self._process.poll() is not None:
+                err = self._process.stderr.read().decode() if self._process.stderr else ""
+                raise QmpBackupError(f"qemu-storage-daemon failed: {err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise QmpBackupError("qemu-storage-daemon did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop the daemon (it flushes the image on exit) and remove the socket folder."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            if self._process.stderr is not None:
+                self._process.stderr.close()
+            code = self._process.returncode
+            self._process = None
+            if code not in (0, -15):
+                raise QmpBackupError(f"qemu-storage-daemon exited with status {code}")
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._dir)
+
+    def __enter__(self) -> TargetServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
