@@ -35,9 +35,7 @@ class CopyResult:
     zero_bytes: int
 
 
-def _intersect(
-    extents: Iterator[Extent], start: int, end: int
-) -> Iterator[tuple[int, int, int]]:
+def _intersect(extents: Iterator[Extent], start: int, end: int) -> Iterator[tuple[int, int, int]]:
     for extent in extents:
         lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
         if lo < hi:
@@ -92,12 +90,15 @@ def pull_copy(
         data, zeros = _plan_ranges(source, dirty_context)
         create_image(out, source.size, fmt, backing)
         try:
-            with TargetServer(out, fmt) as server, NBDClient.connect(
-                server.uri, connections=connections
-            ) as target:
+            with (
+                TargetServer(out, fmt) as server,
+                NBDClient.connect(server.uri, connections=connections) as target,
+            ):
                 for offset, length in zeros:
                     target.write_zeroes(offset, length, may_trim=True)
-                copied = source.copy_to(target, data, on_progress=on_progress)
+                copied = source.copy_to(
+                    target, data, on_progress=on_progress, dest_is_zero=dirty_context is None
+                )
                 target.flush()
         except BaseException:
             out.unlink(missing_ok=True)

@@ -20,9 +20,7 @@ from .errors import QmpBackupError
 STORAGE_DAEMON = os.environ.get("QMPBACKUP_STORAGE_DAEMON", "qemu-storage-daemon")
 
 
-def create_image(
-    path: Path, size: int, fmt: str = "qcow2", backing: Path | None = None
-) -> None:
+def create_image(path: Path, size: int, fmt: str = "qcow2", backing: Path | None = None) -> None:
     """Create a new image; refuse to touch an existing file."""
     if os.path.lexists(path):
         raise QmpBackupError(f"{path} exists: refusing to overwrite it")
@@ -59,8 +57,7 @@ class TargetServer:
             "--blockdev", f"driver=file,filename={self.image},node-name=file",
             "--blockdev", f"driver={self.fmt},file=file,node-name=target",
             "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
-            "--export", "type=nbd,id=target,node-name=target,name=target,writable=on,"
-            "multi-conn=on",
+            "--export", "type=nbd,id=target,node-name=target,name=target,writable=on",
         ]  # fmt: skip
         self._process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -84,12 +81,15 @@ class TargetServer:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+            err = self._process.stderr.read().decode() if self._process.stderr else ""
             if self._process.stderr is not None:
                 self._process.stderr.close()
             code = self._process.returncode
             self._process = None
             if code not in (0, -15):
-                raise QmpBackupError(f"qemu-storage-daemon exited with status {code}")
+                raise QmpBackupError(
+                    f"qemu-storage-daemon exited with status {code}: {err.strip()}"
+                )
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)
 

@@ -89,6 +89,20 @@ def allocated_clusters(image: Path | str, fmt: str = "qcow2") -> set[int]:
     return clusters
 
 
+def data_clusters(image: Path | str, fmt: str = "qcow2") -> set[int]:
+    """Cluster indexes of ``image`` that hold data (not holes, not zero clusters)."""
+    proc = subprocess.run(
+        ["qemu-img", "map", "-U", "--output=json", "-f", fmt, str(image)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    clusters: set[int] = set()
+    for extent in json.loads(proc.stdout):
+        if extent["data"] and not extent.get("zero", False):
+            start, end = extent["start"], extent["start"] + extent["length"]
+            clusters.update(range(start // CLUSTER, (end + CLUSTER - 1) // CLUSTER))
+    return clusters
+
+
 def clusters_of(offset: int, length: int) -> set[int]:
     """Cluster indexes covered by a write."""
     return set(range(offset // CLUSTER, (offset + length + CLUSTER - 1) // CLUSTER))
