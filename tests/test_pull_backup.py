@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from qmpbackup.nbd import NBDError, TLSConfig
+from qmpbackup.pull_copy import pull_copy
 from qmpbackup.throwaway import ThrowawayVM, images_equal
 
 from .conftest import block_state
@@ -99,6 +104,8 @@ async def test_pull_full_is_point_in_time(vm: ThrowawayVM, cli: Cli, tmp_path: P
     await vm.write("vdb", 0x99, 0, 8 * MiB)
     for disk, uri in found.items():
         assert images_equal(convert(uri, tmp_path / f"{disk}.qcow2"), refs[disk])
+        builtin = await asyncio.to_thread(pull_copy, uri, tmp_path / f"{disk}.builtin.qcow2")
+        assert images_equal(builtin.image, refs[disk])
     info = (await cli.ok("jobinfo")).out
     assert "Mode:             pull" in info and found["vda"] in info
     ended = await cli.ok("backup-end", "1")
@@ -196,6 +203,14 @@ async def test_pull_shallow_allocation_depth(vm: ThrowawayVM, cli: Cli, tmp_path
     await assert_clean(vm, cli.state_dir)
 
 
+def _tls_config(certs: Path) -> TLSConfig:
+    return TLSConfig(
+        ca_cert=str(certs / "ca-cert.pem"),
+        client_cert=str(certs / "client-cert.pem"),
+        client_key=str(certs / "client-key.pem"),
+    )
+
+
 async def test_pull_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "ca")
     server = server_dir(ca, tmp_path / "server")
@@ -203,6 +218,7 @@ async def test_pull_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) ->
     stranger = client_dir(ca, tmp_path / "stranger", "/O=Example/CN=someone-else")
     other_ca = make_ca(tmp_path / "other-ca", "Other CA")
     forged = client_dir(other_ca, tmp_path / "forged", "/O=Example/CN=backup-client")
+    ref = await vm.reference("vda", tmp_path / "ref.raw")
     spec = pull_xml(
         tmp_path / "t.xml", {"vdb": " backup='no'"}, server="<server name='localhost' tls='yes'/>"
     )
@@ -219,6 +235,12 @@ async def test_pull_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) ->
 
     assert info(good).stdout.strip() == str(64 * MiB)
     assert info(stranger).returncode != 0
+    # The built-in client reads with the right certificate, and is refused without it.
+    copied = await asyncio.to_thread(pull_copy, uri, tmp_path / "tls.qcow2", tls=_tls_config(good))
+    assert images_equal(copied.image, ref)
+    with pytest.raises(NBDError):
+        await asyncio.to_thread(pull_copy, uri, tmp_path / "no.qcow2", tls=_tls_config(stranger))
+    assert not (tmp_path / "no.qcow2").exists()
     assert info(forged).returncode != 0
     assert info(None, uri.replace("nbds://", "nbd://")).returncode != 0
     await cli.ok("backup-end", "1")
