@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,33 +75,32 @@ class Cli:
             await asyncio.sleep(0.1)
 
 
-def allocated_clusters(image: Path | str, fmt: str = "qcow2") -> set[int]:
-    """Cluster indexes allocated in ``image``'s own top layer (data or zero flag)."""
+def _mapped_clusters(
+    image: Path | str, fmt: str, keep: Callable[[dict[str, Any]], bool]
+) -> set[int]:
+    """Cluster indexes of the ``qemu-img map`` extents that ``keep`` accepts."""
     proc = subprocess.run(
         ["qemu-img", "map", "-U", "--output=json", "-f", fmt, str(image)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     clusters: set[int] = set()
     for extent in json.loads(proc.stdout):
-        if extent["depth"] != 0 or not extent.get("present", extent["data"]):
-            continue
-        start, end = extent["start"], extent["start"] + extent["length"]
-        clusters.update(range(start // CLUSTER, (end + CLUSTER - 1) // CLUSTER))
+        if keep(extent):
+            start, end = extent["start"], extent["start"] + extent["length"]
+            clusters.update(range(start // CLUSTER, (end + CLUSTER - 1) // CLUSTER))
     return clusters
+
+
+def allocated_clusters(image: Path | str, fmt: str = "qcow2") -> set[int]:
+    """Cluster indexes allocated in ``image``'s own top layer (data or zero flag)."""
+    return _mapped_clusters(
+        image, fmt, lambda e: e["depth"] == 0 and bool(e.get("present", e["data"]))
+    )
 
 
 def data_clusters(image: Path | str, fmt: str = "qcow2") -> set[int]:
     """Cluster indexes of ``image`` that hold data (not holes, not zero clusters)."""
-    proc = subprocess.run(
-        ["qemu-img", "map", "-U", "--output=json", "-f", fmt, str(image)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    clusters: set[int] = set()
-    for extent in json.loads(proc.stdout):
-        if extent["data"] and not extent.get("zero", False):
-            start, end = extent["start"], extent["start"] + extent["length"]
-            clusters.update(range(start // CLUSTER, (end + CLUSTER - 1) // CLUSTER))
-    return clusters
+    return _mapped_clusters(image, fmt, lambda e: e["data"] and not e.get("zero", False))
 
 
 def clusters_of(offset: int, length: int) -> set[int]:
