@@ -6,11 +6,14 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,9 +145,9 @@ def compare(a: Path, b: Path, fmt_a: str = "raw", fmt_b: str = "qcow2") -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def image_map(image: Path) -> list[dict[str, object]]:
+def image_map(image: Path) -> list[dict[str, Any]]:
     out = run("qemu-img", "map", "--output=json", "-f", "qcow2", image)
-    entries: list[dict[str, object]] = json.loads(out)
+    entries: list[dict[str, Any]] = json.loads(out)
     return entries
 
 
@@ -240,6 +243,26 @@ def test_server_error_keeps_connection(tmp_path: Path) -> None:
         ):
             c.pread(64 * KiB, MiB)
         assert c.pread(64 * KiB, 0) == b"\x33" * (64 * KiB)
+
+
+def test_block_size_constraints(tmp_path: Path) -> None:
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"\x21" * MiB)
+    blockdev = json.dumps(
+        {
+            "driver": "blkdebug",
+            "node-name": "fmt0",
+            "align": 4096,
+            "image": {"driver": "file", "filename": str(image)},
+        }
+    )
+    with storage_daemon(tmp_path, image, blockdev=blockdev) as uri, NBDClient.connect(uri) as c:
+        assert c.min_block == 4096
+        assert c.pread(4096, 8192) == b"\x21" * 4096
+        with pytest.raises(NBDError, match=r"not aligned to the 4096-byte blocks"):
+            c.pread(100, 8192)
+        with pytest.raises(NBDError, match=r"not aligned"):
+            c.write_zeroes(1, 4096)
 
 
 def test_server_gone(tmp_path: Path) -> None:
@@ -485,6 +508,40 @@ def test_tls(tmp_path: Path, certs: Path) -> None:
             NBDClient.connect(plain)
         with pytest.raises(NBDError, match=r"uses TLS: a TLS configuration .* is needed"):
             NBDClient.connect(uri)
+
+
+def test_tls_threads(tmp_path: Path, certs: Path) -> None:
+    """Many threads reading and writing at once over TLS connections (one reader each)."""
+    image = qcow2(tmp_path / "a.qcow2")
+    tls = TLSConfig.from_dir(str(certs / "good"))
+    errors: list[BaseException] = []
+
+    def worker(c: NBDClient, index: int) -> None:
+        rnd = random.Random(index)
+        base, model = index * 8 * MiB, bytearray(8 * MiB)
+        try:
+            for _ in range(20):
+                offset, length = rnd.randrange(0, 6 * MiB), rnd.randrange(1, 2 * MiB)
+                if rnd.random() < 0.5:
+                    data = rnd.randbytes(length)
+                    c.pwrite(data, base + offset)
+                    model[offset : offset + length] = data
+                else:
+                    assert c.pread(length, base + offset) == model[offset : offset + length]
+            assert c.pread(len(model), base) == model
+        except BaseException as exc:
+            errors.append(exc)
+
+    with (
+        storage_daemon(tmp_path, image, tls_dir=certs / "good") as uri,
+        NBDClient.connect(uri, connections=2, tls=tls) as c,
+    ):
+        threads = [threading.Thread(target=worker, args=(c, i)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
 
 
 def test_tls_unix(tmp_path: Path, certs: Path) -> None:

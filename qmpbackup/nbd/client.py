@@ -18,9 +18,8 @@ from .tls import TLSConfig
 from .uri import NBDAddress, parse_uri
 from .zeroes import zero_view
 
-# Data requests are split at this size (or the server's maximum, if smaller). QEMU allocates
-# a buffer per request; from 4 MiB on, glibc gives it fresh pages every time, which halves
-# QEMU's throughput; below that it reuses its heap (see copy.py).
+# Data requests are split at this size (or the server's maximum, if smaller); with QEMU,
+# 2 MiB measured as fast as larger requests, with less memory in flight.
 DEFAULT_REQUEST_SIZE = 2 << 20
 # Commands without payload (zeroing, trimming) are split at this size: well under the
 # 32-bit length limit, and a multiple of any sane minimum block size.
@@ -322,6 +321,13 @@ class NBDClient:
             raise NBDError(
                 f"nbd: range {offset}+{length} is outside export {self.export!r} "
                 f"of {self.size} bytes"
+            )
+        block = self.min_block
+        # Asking for the block size info promised the server that requests respect it.
+        if offset % block or (length % block and offset + length != self.size):
+            raise NBDError(
+                f"nbd: range {offset}+{length} is not aligned to the {block}-byte blocks "
+                f"of export {self.export!r}"
             )
 
     def _run(

@@ -103,8 +103,9 @@ def _chunks(
             size = step
 
 
-# The largest request QEMU takes (NBD_MAX_BUFFER_SIZE).
-_WARM_UP = 32 << 20
+# Size of the first read of a copy (see copy_ranges): larger than the requests after it,
+# and below glibc's 32 MiB ceiling for its mmap threshold.
+_FIRST_REQUEST = 16 << 20
 
 # Zeroes are looked for in blocks of this size, so zero clusters next to data stay sparse.
 ZERO_BLOCK = 64 * 1024
@@ -140,14 +141,15 @@ def copy_ranges(
     if in_flight < 1 or request_size < 1:
         raise NBDError("nbd: copy needs at least one request of at least one byte")
     block = max(src.min_block, sink.block)
-    largest = min(src.max_block, sink.max_request, _WARM_UP)
+    largest = min(src.max_block, sink.max_request)
     step = min(request_size, largest)
     step = max(block, step - step % block)
-    # QEMU takes each request's buffer from posix_memalign; glibc maps fresh (zeroed) pages
-    # for it until it has freed a mapped chunk at least that large, which raises its mmap
-    # threshold. So the first request is as large as allowed: on both servers every later
-    # one then comes from the heap, which roughly halves their CPU per byte.
-    first = max(step, largest - largest % step)
+    # QEMU gets each request's buffer from posix_memalign, and glibc maps fresh pages for
+    # every one of them (page faults on the whole buffer) until it has freed a mapping
+    # larger than the request, which raises its mmap threshold. One larger first request
+    # does that on both servers; it measured 2x less QEMU CPU per byte, 2x the throughput.
+    first = min(largest, _FIRST_REQUEST)
+    first = max(step, first - first % step)
     chunks = _chunks(ranges, step, first, min(src.size, sink.size))
     pool_size = in_flight * src.connections
     free: list[memoryview] = []
