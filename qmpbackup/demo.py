@@ -1,26 +1,32 @@
-"""``qmpbackup demo``: the slides' push flows on a throwaway QEMU, every result checked.
+"""``qmpbackup demo``: the slides' flows on a throwaway QEMU, every result checked.
 
 It builds the slides' two disks, starts QEMU, and walks Part II (full push
-backup) and Part IV (checkpoint size, incremental chain, differential) through
-:class:`qmpbackup.api.VM`, printing each QMP command and checking each backup
-with ``qemu-img``.  As on the slides, one letter of a picture is one MiB of the
-disk: ``ABBBB---`` is ``A`` in the first MiB, ``B`` in the next four, then zeroes.
+backup), Part III (full pull backup read by ``qemu-img`` and by the built-in
+NBD client) and Part IV (checkpoint size, then the incremental chain and the
+differential, in push and in pull mode) through :class:`qmpbackup.api.VM`,
+printing each QMP command and checking each backup with ``qemu-img``.  As on
+the slides, one letter of a picture is one MiB of the disk: ``ABBBB---`` is
+``A`` in the first MiB, ``B`` in the next four, then zeroes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
 from . import naming
-from .api import VM
+from .api import VM, BackupBegun
 from .errors import InvalidInputError, QmpBackupError
+from .nbd import Extent, NBDClient
 from .plan import Step
+from .pull_copy import CopyResult, pull_copy
+from .records import BackupRecord
 from .runner import query_jobs
 from .spec import parse_backup_spec, parse_checkpoint_spec
 from .spec.models import CheckpointSpec
@@ -59,6 +65,12 @@ ROUNDS = (
     Round(4, "differential from check1, no checkpoint", "check1", None, 1,
           {"vda": "------!!", "vdb": "------!!"}),
 )  # fmt: skip
+
+# The pull chain is the same walk; the guest writes the lowercase letters so that
+# each write changes what the disk reads (the push chain left the uppercase ones).
+PULL_ROUNDS = tuple(
+    replace(r, during={disk: drawing.lower() for disk, drawing in r.during.items()}) for r in ROUNDS
+)
 
 
 def say(text: str = "") -> None:
@@ -159,6 +171,54 @@ def push_xml(targets: dict[str, tuple[Path, str, bool]], incremental: str | None
     return "\n".join(lines) + "\n"
 
 
+def pull_xml(
+    socket: Path, incremental: str | None = None, scratches: dict[str, Path | None] | None = None
+) -> str:
+    """A ``<domainbackup mode="pull">`` laid out as on the slides, served on a unix socket.
+
+    ``scratches`` lists the disks, each with its scratch file or None for the default;
+    without it there is no ``<disks>`` and every disk is backed up.
+    """
+    lines = ['<domainbackup mode="pull">']
+    if incremental:
+        lines.append(f"  <incremental>{escape(incremental)}</incremental>")
+    lines.append(f'  <server transport="unix" socket="{attr(socket)}"/>')
+    if scratches is not None:
+        lines.append("  <disks>")
+        for disk, scratch in scratches.items():
+            if scratch is None:
+                lines.append(f'    <disk name="{disk}"/>')
+                continue
+            lines.append(f'    <disk name="{disk}" type="file">')
+            lines.append(f'      <scratch file="{attr(scratch)}"/>')
+            lines.append("    </disk>")
+        lines.append("  </disks>")
+    lines.append("</domainbackup>")
+    return "\n".join(lines) + "\n"
+
+
+def dirty_extents(uri: str, context: str) -> list[Extent]:
+    """The dirty extents of an export, from NBD block status on ``context``."""
+    with NBDClient.connect(uri, meta_contexts=[context]) as client:
+        return [extent for extent in client.extents(context) if extent.flags & 1]
+
+
+def extents_picture(extents: list[Extent]) -> str:
+    """The first MiBs as the slides draw a bitmap: ``!`` where an extent touches the MiB."""
+    return "".join(
+        "!" if any(e.offset < (i + 1) * MiB and e.end > i * MiB for e in extents) else "-"
+        for i in range(PICTURE)
+    )
+
+
+def extent_clusters(extents: list[Extent]) -> set[int]:
+    """Indexes of the clusters the extents cover."""
+    clusters: set[int] = set()
+    for extent in extents:
+        clusters.update(range(extent.offset // CLUSTER, (extent.end + CLUSTER - 1) // CLUSTER))
+    return clusters
+
+
 def checkpoint_xml(name: str) -> str:
     """A ``<domaincheckpoint>`` with only a name, as ``check1.xml`` on the slides."""
     return f"<domaincheckpoint>\n  <name>{escape(name)}</name>\n</domaincheckpoint>\n"
@@ -179,6 +239,7 @@ class Demo:
         self.machine = machine
         self.vm = vm
         self.verbose = verbose
+        self.socket = workdir / "nbd.sock"  # the pull backups' NBD server
         # Clusters the guest dirtied since each live checkpoint, per disk.
         self.dirty: dict[str, dict[str, set[int]]] = {}
 
@@ -240,14 +301,58 @@ class Demo:
         await self.check_clean()
 
     async def check_clean(self) -> None:
-        """Check that QEMU holds no qmpbackup- node, bitmap or job."""
+        """Check that QEMU holds no qmpbackup- node, bitmap or job, and no export."""
         graph = await self.vm.graph()
         jobs = await query_jobs(self.vm.session)
+        exports = await self.vm.session.execute("query-block-exports")
         left = graph.nodes_with_prefix(naming.PREFIX)
         left += [f"bitmap {b.bitmap.name}" for b in graph.bitmaps_with_prefix(naming.PREFIX)]
         left += [f"job {j}" for j in jobs]
+        left += [f"export {e['id']}" for e in exports]
         found = f": {', '.join(left)}" if left else ""
-        check(not left, f"QEMU holds no {naming.PREFIX} node, bitmap or job{found}")
+        check(not left, f"QEMU holds no {naming.PREFIX} node, bitmap, job or export{found}")
+
+    async def end_pull(self, backup_id: int) -> None:
+        """``backup-end`` of a pull backup: the reader is done, exports and fleecing go."""
+        say(f"$ qmpbackup backup-end {backup_id}")
+        ended = await self.vm.backup_end(backup_id, on_step=self.show_step)
+        say(f"Backup id {ended.id} {ended.outcome}")
+        if ended.outcome != "completed":
+            raise CheckFailed(f"backup id {ended.id} {ended.outcome}: {ended.errors}")
+        await self.check_clean()
+
+    def show_uris(self, record: BackupRecord) -> dict[str, str]:
+        """Print one NBD URI per disk, as ``backup-begin`` does; return them."""
+        uris = {d.disk: d.uri for d in record.disks if d.uri}
+        for disk, uri in uris.items():
+            say(f"{disk} {uri}")
+        return uris
+
+    async def copy(
+        self, uri: str, out: Path, backing: Path | None = None, bitmap: str | None = None
+    ) -> CopyResult:
+        """Copy an export with the built-in NBD client (``pull_copy``), printed as called."""
+        args = f'"{uri}", Path("{out.name}")'
+        if backing is not None:
+            args += f', backing=Path("{backing.name}"), bitmap="{bitmap}"'
+        say(f">>> pull_copy({args})")
+        result = await asyncio.to_thread(pull_copy, uri, out, backing=backing, bitmap=bitmap)
+        zeroes = f", {mib(result.zero_bytes)} as zeroes" if result.zero_bytes else ""
+        say(f"{out.name}: {mib(result.data_bytes)} of data copied{zeroes}")
+        return result
+
+    async def show_dirty(
+        self, uri: str, bitmap: str, disk: str, since: str, dirty: set[int]
+    ) -> None:
+        """Print the export's dirty extents from NBD block status; check them."""
+        context = f"qemu:dirty-bitmap:{bitmap}"
+        say(f"$ NBD_CMD_BLOCK_STATUS on {context}   (built-in client: NBDClient.extents)")
+        extents = await asyncio.to_thread(dirty_extents, uri, context)
+        for extent in extents:
+            say(f"  dirty: offset {mib(extent.offset)}, length {mib(extent.length)}")
+        say(f"  {extents_picture(extents)}   (! = dirty MiB)")
+        found = extent_clusters(extents)
+        check(found == dirty, f"exactly the {size_text(dirty)} of {disk} dirtied since {since}")
 
     def machine_pid(self) -> int:
         """The QEMU process id."""
@@ -338,6 +443,10 @@ class Demo:
         folder.mkdir()
         for backup_round in ROUNDS:
             await self.backup_round(folder, backup_round)
+        self.check_chains(folder)
+
+    def check_chains(self, folder: Path) -> None:
+        """Print the chains as the slides do; check them and the checkpoints."""
         say()
         for disk in DISKS:
             n = NUMBER[disk]
@@ -348,9 +457,6 @@ class Demo:
                 check(drawn == want, drawn)
         listed = " → ".join(c.name for c in self.vm.checkpoints())
         check(listed == "check1 → check2 → check3", f"checkpoints: {listed}")
-        say()
-        say("The pull flavour of these flows (Part III, NBD exports read by a third party)")
-        say("comes with pull mode.")
 
     async def backup_round(self, folder: Path, backup: Round) -> None:
         """One backup of the chain: begin, guest writes, end, then rebase and compare."""
@@ -360,6 +466,20 @@ class Demo:
         spec_path = folder / f"backup_push_{backup.number}.xml"
         text = push_xml({d: (t, "qcow2", False) for d, t in targets.items()}, backup.incremental)
         show_file(spec_path, text)
+        refs, expected, begun = await self.begin_round(folder, backup, spec_path, text)
+        await self.paint_all(backup.during, "right after backup-begin")
+        await self.end_backup(begun.record.id)
+        for disk, target in targets.items():
+            self.verify(target, refs[disk], disk, backup, expected.get(disk))
+
+    async def begin_round(
+        self, folder: Path, backup: Round, spec_path: Path, text: str
+    ) -> tuple[dict[str, Path], dict[str, set[int]], BackupBegun]:
+        """Show the round's checkpoint XML, take references, ``backup-begin``.
+
+        Returns the references of the disks at the instant, the clusters dirtied
+        since the round's incremental checkpoint, and what began.
+        """
         checkpoint: CheckpointSpec | None = None
         command = f"$ qmpbackup backup-begin {spec_path.name}"
         if backup.checkpoint is not None:
@@ -368,7 +488,7 @@ class Demo:
             show_file(check_path, check_text)
             checkpoint = parse_checkpoint_spec(check_text, str(check_path))
             command += f" {check_path.name}"
-        refs = await self.references(str(backup.number))
+        refs = await self.references(f"{folder.name}-{backup.number}")
         expected = (
             {disk: set(self.dirty[backup.incremental][disk]) for disk in DISKS}
             if backup.incremental
@@ -384,15 +504,22 @@ class Demo:
         say(f"backup used description from '{spec_path.name}'")
         if backup.checkpoint is not None:
             say(f"checkpoint created from '{backup.checkpoint}.xml'")
-        await self.paint_all(backup.during, "right after backup-begin")
-        await self.end_backup(begun.record.id)
-        for disk, target in targets.items():
-            self.verify(target, refs[disk], disk, backup, expected.get(disk))
+        return refs, expected, begun
 
     def verify(
-        self, target: Path, reference: Path, disk: str, backup: Round, dirty: set[int] | None
+        self,
+        target: Path,
+        reference: Path,
+        disk: str,
+        backup: Round,
+        dirty: set[int] | None,
+        pulled: bool = False,
     ) -> None:
-        """Check one disk's backup of a round against the disk at the round's instant."""
+        """Check one disk's backup of a round against the disk at the round's instant.
+
+        A push incremental is rebased onto its parent as on the slides; a pulled one
+        already has its parent as backing file (``pull_copy`` sets it, relative).
+        """
         seen = picture(reference)
         if backup.parent is None or dirty is None:
             check(len(image_info(target)) == 1, f"{target.name} stands alone (no backing file)")
@@ -405,11 +532,101 @@ class Demo:
         since = f"the {size_text(dirty)} dirtied since {backup.incremental}"
         check(copied == dirty, f"{target.name} holds exactly {since}")
         parent = target.with_name(f"Backup{NUMBER[disk]}.{backup.parent}.qcow2")
-        rebase(target, parent)
+        if pulled:
+            backing = image_info(target)[0].get("backing-filename")
+            check(backing == parent.name, f"{target.name}'s backing file is {backing}")
+        else:
+            rebase(target, parent)
         check(
             images_equal(target, reference),
             f"{chain_text(target)} equals {disk} at the instant: {seen}",
         )
+
+    # -- pull mode --------------------------------------------------------------
+
+    async def pull_full(self) -> None:
+        """Part III: backup_pull_full.xml; vda read by qemu-img, vdb by the built-in client."""
+        header("Part III: full backup, pull mode")
+        scratch = self.workdir / "scratch.qcow2"
+        size = image_info(self.machine.disks[1].path)[0]["virtual-size"]
+        say(f"$ qemu-img create -f qcow2 {scratch.name} {size // MiB}M")
+        qemu_img("create", "-q", "-f", "qcow2", str(scratch), str(size))
+        say("(no -b Active2.qcow2 as on the slides: qmpbackup opens the scratch over vdb itself)")
+        spec_path = self.workdir / "backup_pull_full.xml"
+        text = pull_xml(self.socket, scratches={"vda": None, "vdb": scratch})
+        show_file(spec_path, text)
+        refs = await self.references("pull-full")
+        say(f"$ qmpbackup backup-begin {spec_path.name}")
+        begun = await self.vm.backup_begin(
+            parse_backup_spec(text, str(spec_path)), None, self.show_step
+        )
+        say(f"Backup id {begun.record.id} created")
+        say(f"backup used description from '{spec_path.name}'")
+        uris = self.show_uris(begun.record)
+        await self.paint_all({"vda": "--cccc--", "vdb": "--zzzz--"}, "right after backup-begin")
+        b1, b2 = self.workdir / "Backup1.full.raw", self.workdir / "Backup2.qcow2"
+        say(f"$ qemu-img convert -f raw {uris['vda']} -O raw {b1.name}")
+        await asyncio.to_thread(qemu_img, "convert", "-f", "raw", uris["vda"], "-O", "raw", str(b1))
+        await self.copy(uris["vdb"], b2)
+        now = await self.references("after-pull-full")
+        for disk, backup in (("vda", b1), ("vdb", b2)):
+            then = picture(refs[disk])
+            check(images_equal(backup, refs[disk]), f"{backup.name} equals {disk} at the instant")
+            say(f"       {disk} then: {then}, {disk} now: {picture(now[disk])}")
+            check(not images_equal(backup, now[disk]), "the guest's later writes are not in it")
+        await self.end_pull(begun.record.id)
+        check(scratch.exists(), f"{scratch.name} is still there: qmpbackup did not create it")
+        made = sorted(p.name for p in (self.vm.state_dir / "scratch").iterdir())
+        left = f": {', '.join(made)} left" if made else ""
+        check(not made, f"the scratch qmpbackup created for vda is gone{left}")
+        say(f"$ rm {scratch.name}")
+        scratch.unlink()
+
+    async def pull_chain(self) -> None:
+        """Part IV, pull flavour: the same chain, read over NBD with dirty-bitmap block status."""
+        header("Part IV: incremental and differential backups, pull mode")
+        say("The push chain's checkpoints go first, so the pull chain can use the slides' names:")
+        say("$ qmpbackup checkpoint-delete check1 --children")
+        names = await self.vm.checkpoint_delete("check1", children=True, on_step=self.show_step)
+        for name in names:
+            self.dirty.pop(name, None)
+            say(f"Domain checkpoint {name} deleted")
+        graph = await self.vm.graph()
+        left = [d for d in DISKS for layer in graph.chain_nodes(d) for b in layer.bitmaps]
+        check(not left and not self.vm.checkpoints(), "no checkpoint and no bitmap left")
+        folder = self.workdir / "pull-chain"
+        folder.mkdir()
+        for backup_round in PULL_ROUNDS:
+            await self.pull_round(folder, backup_round)
+        self.check_chains(folder)
+
+    async def pull_round(self, folder: Path, backup: Round) -> None:
+        """One pull backup of the chain: begin, guest writes, read over NBD, end, compare."""
+        say()
+        say(f"-- Backup{{1,2}}.{backup.number}.qcow2: {backup.title} --")
+        spec_path = folder / f"backup_pull_{backup.number}.xml"
+        text = pull_xml(self.socket, backup.incremental)
+        show_file(spec_path, text)
+        refs, expected, begun = await self.begin_round(folder, backup, spec_path, text)
+        self.show_uris(begun.record)
+        await self.paint_all(backup.during, "right after backup-begin")
+        targets: dict[str, Path] = {}
+        for job in begun.record.disks:
+            assert job.uri is not None
+            n = NUMBER[job.disk]
+            targets[job.disk] = folder / f"Backup{n}.{backup.number}.qcow2"
+            if backup.parent is None or backup.incremental is None:
+                await self.copy(job.uri, targets[job.disk])
+                continue
+            assert job.export_bitmap is not None
+            await self.show_dirty(
+                job.uri, job.export_bitmap, job.disk, backup.incremental, expected[job.disk]
+            )
+            parent = folder / f"Backup{n}.{backup.parent}.qcow2"
+            await self.copy(job.uri, targets[job.disk], parent, job.export_bitmap)
+        await self.end_pull(begun.record.id)
+        for disk, target in targets.items():
+            self.verify(target, refs[disk], disk, backup, expected.get(disk), pulled=True)
 
 
 def prepare_workdir(workdir: Path | None) -> Path:
@@ -429,6 +646,8 @@ async def walk(demo: Demo) -> None:
     await demo.push_full()
     await demo.checkpoint_size()
     await demo.chain()
+    await demo.pull_full()
+    await demo.pull_chain()
 
 
 async def run_demo(workdir: Path | None, keep: bool = False, verbose: bool = False) -> int:

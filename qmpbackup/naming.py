@@ -55,6 +55,11 @@ def access_node(backup_id: int, disk: str) -> str:
     return f"{PREFIX}{backup_id}-{disk}-access"
 
 
+def view_node(backup_id: int, disk: str) -> str:
+    """The node that is exported: the point-in-time view, with reads split by cluster."""
+    return f"{PREFIX}{backup_id}-{disk}-view"
+
+
 def export_id(backup_id: int, disk: str) -> str:
     """The block export of ``disk``'s point-in-time view."""
     return f"{PREFIX}{backup_id}-{disk}"

@@ -52,6 +52,7 @@ class DiskJob(BaseModel):
     target: str | None = None
     format: str | None = None
     target_nodes: tuple[str, ...] = ()
+    view_nodes: tuple[str, ...] = ()
     temporary_bitmaps: tuple[tuple[str, str], ...] = ()
     created_files: tuple[str, ...] = ()
     export: str | None = None

@@ -1,4 +1,4 @@
-"""``qmpbackup demo`` end to end: every check passes, nothing is left behind."""
+"""``qmpbackup demo`` end to end, push and pull: every check passes, nothing is left."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def test_demo_walks_the_slides(tmp_path: Path) -> None:
     assert any(
         line.startswith("  -> ") and '"execute": "transaction"' in line for line in out.splitlines()
     )
+    # Part III and Part IV in pull mode: NBD URIs, dirty extents, the pulled chain.
+    pull = out.partition("== Part III: full backup, pull mode ==")[2]
+    assert "vda nbd+unix:///vda?socket=" in pull
+    assert "Backup1.full.raw equals vda at the instant" in pull
+    assert "Backup2.qcow2 equals vdb at the instant" in pull
+    assert "scratch.qcow2 is still there" in pull
+    assert "NBD_CMD_BLOCK_STATUS on qemu:dirty-bitmap:vda" in pull
+    assert "  ---!!!!-   (! = dirty MiB)" in pull
+    assert "ok: Backup1.1.qcow2 ← Backup1.4.qcow2" in pull
+    assert "ok: Backup2.1.qcow2 ← Backup2.2.qcow2 ← Backup2.3.qcow2" in pull
     assert "FAILED" not in out
     assert "all checks passed" in out
     assert not qemu_processes_using(workdir)
@@ -65,6 +75,9 @@ def test_demo_keep_leaves_the_files(tmp_path: Path) -> None:
     assert f"work directory kept: {workdir}" in proc.stdout
     assert (workdir / "chain" / "Backup1.4.qcow2").is_file()
     assert (workdir / "Backup2.full.raw").is_file()
+    assert (workdir / "pull-chain" / "Backup1.4.qcow2").is_file()
+    assert (workdir / "Backup1.full.raw").is_file()
+    assert not (workdir / "scratch.qcow2").exists()
     assert not qemu_processes_using(workdir)
 
 

@@ -22,6 +22,7 @@ from ..qapi.commands import (
     AuthzListAdd,
     AuthzRule,
     BitmapRef,
+    BlockdevAddBlkdebug,
     BlockdevAddFile,
     BlockdevAddQcow2,
     BlockdevAddSnapshotAccess,
@@ -57,6 +58,9 @@ from .chain import (
 )
 
 SyncKind = Literal["full", "top", "incremental"]
+
+# The cluster of QEMU's copy-before-write: max(64 KiB, the scratch's cluster size).
+CBW_CLUSTER = 64 * 1024
 
 
 class _Frozen(BaseModel):
@@ -394,6 +398,7 @@ def _pull_disk(
     fleece = naming.fleece_node(backup_id, disk)
     cbw = naming.cbw_node(backup_id, disk)
     access = naming.access_node(backup_id, disk)
+    view = naming.view_node(backup_id, disk)
     export_id = naming.export_id(backup_id, disk)
     assert choice.export is not None
     pieces = _DiskPieces(job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"))
@@ -457,11 +462,27 @@ def _pull_disk(
             undo=(BlockdevDel(node_name=access),),
         )
     )
+    # QEMU 7.2's snapshot-access answers a read that starts in clusters already saved
+    # by copy-before-write and runs past them with the guest's new data. Reads of at
+    # most one copy cluster, aligned to it, never do; the block layer splits them here.
+    pieces.after.append(
+        Step(
+            command=BlockdevAddBlkdebug(
+                node_name=view,
+                image=access,
+                align=CBW_CLUSTER,
+                max_transfer=CBW_CLUSTER,
+                read_only=True,
+            ),
+            reason=f"split reads of the view of {disk} at copy-before-write clusters",
+            undo=(BlockdevDel(node_name=view),),
+        )
+    )
     pieces.exports.append(
         Step(
             command=BlockExportAddNbd(
                 id=export_id,
-                node_name=access,
+                node_name=view,
                 name=choice.export,
                 bitmaps=bitmaps,
                 allocation_depth=True if choice.shallow else None,
@@ -477,7 +498,8 @@ def _pull_disk(
             "incremental": choice.incremental,
             "target": choice.target,
             "format": "qcow2",
-            "target_nodes": (access, fleece, file_node),
+            "view_nodes": (view, access),
+            "target_nodes": (fleece, file_node),
             "temporary_bitmaps": temporaries,
             "created_files": () if scratch_exists else (choice.target,),
             "export": choice.export,
@@ -721,14 +743,12 @@ def plan_backup_end(
             for o in record.server.objects
         ]
     for disk in record.disks:
-        access = disk.target_nodes[0] if pull else None
-        if access is not None and access in graph.nodes:
-            steps.append(
-                Step(
-                    command=BlockdevDel(node_name=access),
-                    reason=f"close the point-in-time view of {disk.disk}",
-                )
-            )
+        # The view sits on the job's filter node: it goes before the job.
+        steps += [
+            Step(command=BlockdevDel(node_name=node), reason=f"close the view of {disk.disk}")
+            for node in disk.view_nodes
+            if node in graph.nodes
+        ]
         job = jobs.get(disk.job_id)
         if job is None:
             continue
@@ -751,7 +771,7 @@ def plan_backup_end(
             Step(command=JobDismiss(id=disk.job_id), reason=f"forget the job of {disk.disk}")
         )
     for disk in record.disks:
-        for node in disk.target_nodes[1:] if pull else disk.target_nodes:
+        for node in disk.target_nodes:
             if node in graph.nodes:
                 steps.append(
                     Step(

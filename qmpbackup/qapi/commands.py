@@ -240,6 +240,18 @@ class BlockdevAddSnapshotAccess(QMPCommand):
     file: str
 
 
+class BlockdevAddBlkdebug(QMPCommand):
+    """``blockdev-add`` of a ``blkdebug`` filter, used for its request alignment and size limit."""
+
+    execute: ClassVar[str] = "blockdev-add"
+    driver: Literal["blkdebug"] = "blkdebug"
+    node_name: str
+    image: str
+    align: int | None = None
+    max_transfer: int | None = None
+    read_only: bool | None = None
+
+
 class UnixSocketPath(QAPIModel):
     """``UnixSocketAddress``."""
 
