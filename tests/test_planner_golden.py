@@ -39,6 +39,7 @@ from qmpbackup.planner import (
     BackupPlan,
     EndPlan,
     JobState,
+    PullOptions,
     plan_backup_begin,
     plan_backup_end,
     plan_checkpoint_create,
@@ -46,9 +47,9 @@ from qmpbackup.planner import (
     plan_checkpoint_size,
 )
 from qmpbackup.qapi.schema import QAPISchema
-from qmpbackup.records import BackupRecord
+from qmpbackup.records import BackupRecord, NbdServer
 from qmpbackup.runner import check_plan
-from qmpbackup.spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
+from qmpbackup.spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "fixtures" / "qemu-7.2" / "graphs"
@@ -137,7 +138,7 @@ def with_backup_nodes(base: BlockGraph, record: BackupRecord) -> BlockGraph:
     """``base`` as QEMU shows it while ``record``'s backup runs: targets and temporary bitmaps."""
     nodes = dict(base.nodes)
     for disk in record.disks:
-        for node in disk.target_nodes:
+        for node in (*disk.view_nodes, *disk.target_nodes):
             driver = "file" if node.endswith("-file") else "qcow2"
             nodes[node] = BlockNode(node_name=node, driver=driver, filename=disk.target or "")
         for node, name in disk.temporary_bitmaps:
@@ -345,7 +346,106 @@ def backup_end_full_completed() -> Result:
     return end_json(ended), [ended.plan]
 
 
+# -- pull mode ------------------------------------------------------------------
+
+UNIX_FACTS = {"scratch_dir": "/state/scratch", "default_socket": "/state/nbd.sock"}
+
+
+def pull_full_slides() -> Result:
+    """backup_pull_full.xml: vdb's scratch named, vda's made in the state directory."""
+    spec = BackupSpec(
+        mode="pull",
+        server=ServerSpec(name="localhost", port=10809),
+        disks=(
+            DiskBackupSpec(name="vda"),
+            DiskBackupSpec(name="vdb", scratch="/home/eblake/scratch.qcow2"),
+        ),
+    )
+    planned = plan_backup_begin(
+        spec,
+        graph("slides"),
+        [],
+        facts(existing_files=frozenset({"/home/eblake/scratch.qcow2"}), **UNIX_FACTS),
+    )
+    return begin_json(planned), [planned.plan]
+
+
+def pull_incremental_check1_new_check2() -> Result:
+    """backup_pull_2.xml + check2.xml, default unix socket, shallow vda."""
+    spec = BackupSpec(
+        mode="pull",
+        incremental="check1",
+        disks=(DiskBackupSpec(name="vda", shallow=True, exportbitmap="vda-changes"),),
+    )
+    planned = plan_backup_begin(
+        spec,
+        graph("slides-check1"),
+        [CHECK1],
+        facts(**UNIX_FACTS),
+        CheckpointSpec(name="check2"),
+    )
+    return begin_json(planned), [planned.plan]
+
+
+def pull_tls_auto_port() -> Result:
+    spec = BackupSpec(mode="pull", server=ServerSpec(name="localhost", tls=True))
+    planned = plan_backup_begin(
+        spec,
+        graph("slides"),
+        [],
+        facts(free_port=40123, **UNIX_FACTS),
+        None,
+        PullOptions(tls_dir="/etc/pki/qemu", tls_allow=("O=Example,CN=backup-client",)),
+    )
+    return begin_json(planned), [planned.plan]
+
+
+def pull_joins_running_server() -> Result:
+    """A second pull backup of vdb while backup 1 serves vda: no second server."""
+    running = NbdServer(transport="tcp", host="localhost", port=10809)
+    spec = BackupSpec(mode="pull", disks=(DiskBackupSpec(name="vda", backup=False),))
+    planned = plan_backup_begin(
+        spec,
+        graph("slides"),
+        [],
+        BackupFacts(
+            backup_id=2, now=NOW, running_server=running, busy_disks={"vda": 1}, **UNIX_FACTS
+        ),
+    )
+    return begin_json(planned), [planned.plan]
+
+
+def _begun_pull() -> tuple[BackupRecord, BlockGraph]:
+    spec = BackupSpec(mode="pull", incremental="check1")
+    planned = plan_backup_begin(
+        spec, graph("slides-check1"), [CHECK1], facts(**UNIX_FACTS), CheckpointSpec(name="check2")
+    )
+    return planned.record, with_backup_nodes(graph("slides-check1-check2"), planned.record)
+
+
+def pull_end_completed() -> Result:
+    record, running = _begun_pull()
+    jobs = {j: _job(j, "running") for j in record.job_ids()}
+    exports = frozenset(d.export_id for d in record.disks if d.export_id)
+    ended = plan_backup_end(record, jobs, running, [CHECK1, CHECK2], False, exports)
+    return end_json(ended), [ended.plan]
+
+
+def pull_end_aborted_shared_server() -> Result:
+    record, running = _begun_pull()
+    jobs = {j: _job(j, "running") for j in record.job_ids()}
+    exports = frozenset(d.export_id for d in record.disks if d.export_id)
+    ended = plan_backup_end(record, jobs, running, [CHECK1, CHECK2], True, exports, True)
+    return end_json(ended), [ended.plan]
+
+
 CASES: dict[str, Callable[[], Result]] = {
+    "pull-full-slides": pull_full_slides,
+    "pull-incremental-check1-new-check2": pull_incremental_check1_new_check2,
+    "pull-tls-auto-port": pull_tls_auto_port,
+    "pull-joins-running-server": pull_joins_running_server,
+    "pull-end-completed": pull_end_completed,
+    "pull-end-aborted-shared-server": pull_end_aborted_shared_server,
     "push-full": push_full,
     "push-full-new-checkpoint": push_full_new_checkpoint,
     "push-default-targets": push_default_targets,
