@@ -293,12 +293,7 @@ class Demo:
         info = await self.vm.job_info(backup_id)
         say("$ qmpbackup jobinfo   (once JOB_STATUS_CHANGE says concluded)")
         say(f"Job type: Backup, {info.status}, {mib(info.processed)} of {mib(info.total)}")
-        say(f"$ qmpbackup backup-end {backup_id}")
-        ended = await self.vm.backup_end(backup_id, on_step=self.show_step)
-        say(f"Backup id {ended.id} {ended.outcome}")
-        if ended.outcome != "completed":
-            raise CheckFailed(f"backup id {ended.id} {ended.outcome}: {ended.errors}")
-        await self.check_clean()
+        await self.end_pull(backup_id)
 
     async def check_clean(self) -> None:
         """Check that QEMU holds no qmpbackup- node, bitmap or job, and no export."""
@@ -313,7 +308,7 @@ class Demo:
         check(not left, f"QEMU holds no {naming.PREFIX} node, bitmap, job or export{found}")
 
     async def end_pull(self, backup_id: int) -> None:
-        """``backup-end`` of a pull backup: the reader is done, exports and fleecing go."""
+        """``backup-end``: a push copy is done, or a pull reader is; check nothing is left."""
         say(f"$ qmpbackup backup-end {backup_id}")
         ended = await self.vm.backup_end(backup_id, on_step=self.show_step)
         say(f"Backup id {ended.id} {ended.outcome}")

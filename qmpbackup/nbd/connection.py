@@ -260,6 +260,11 @@ class Connection:
         with self._state_lock:
             self._pending.pop(req.handle, None)
         self._slots.release()
+        self._deliver(req)
+
+    @staticmethod
+    def _deliver(req: Request) -> None:
+        """Hand a finished request to its callback, or wake its waiter."""
         if req.callback is not None:
             req.callback(req)
         else:
@@ -278,11 +283,7 @@ class Connection:
             if req.error is None:
                 req.error = self._error
             self._slots.release()
-            if req.callback is not None:
-                req.callback(req)
-            else:
-                assert req.event is not None
-                req.event.set()
+            self._deliver(req)
 
     def _describe(self, exc: BaseException) -> str:
         if self._closing:
