@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -448,8 +447,3 @@ class VM:
 async def connect(address: str, state_dir: Path | str | None = None) -> VM:
     """Shorthand for :meth:`VM.connect`."""
     return await VM.connect(address, state_dir)
-
-
-def plan_json(plan: Plan) -> list[dict[str, Any]]:
-    """The QMP messages of ``plan`` in send order."""
-    return plan.commands()

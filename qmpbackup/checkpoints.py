@@ -81,10 +81,10 @@ def order_oldest_first(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
     return sorted(checkpoints, key=lambda c: (c.creation_time, c.name))
 
 
-def current_checkpoint(checkpoints: Iterable[Checkpoint]) -> Checkpoint | None:
-    """The newest checkpoint: the parent of the next one."""
+def next_parent(checkpoints: Iterable[Checkpoint]) -> str | None:
+    """The newest checkpoint's name: the parent of the next checkpoint."""
     ordered = order_oldest_first(checkpoints)
-    return ordered[-1] if ordered else None
+    return ordered[-1].name if ordered else None
 
 
 def find_checkpoint(checkpoints: Iterable[Checkpoint], name: str) -> Checkpoint:

@@ -35,11 +35,6 @@ def size_bitmap(disk: str) -> str:
     return f"{PREFIX}size-{disk}"
 
 
-def is_ours(name: str) -> bool:
-    """True for a node, job, export or bitmap qmpbackup created."""
-    return name.startswith(PREFIX)
-
-
 def fleece_node(backup_id: int, disk: str) -> str:
     """The scratch node that keeps the old data of clusters the guest overwrites."""
     return f"{PREFIX}{backup_id}-{disk}-fleece"

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from .. import naming
-from ..checkpoints import Checkpoint, CheckpointDisk, find_checkpoint
+from ..checkpoints import Checkpoint, CheckpointDisk, find_checkpoint, next_parent
 from ..errors import (
     BackupActiveError,
     InvalidInputError,
@@ -612,7 +612,7 @@ def plan_backup_begin(
         job = naming.job_id(backup_id, choice.disk)
         if job in facts.job_ids:
             raise PlanError(f"QEMU already has a job {job}: run 'qmpbackup recover'")
-    parent = checkpoints[-1].name if checkpoints else None
+    parent = next_parent(checkpoints)
     checkpoint = _new_checkpoint(
         new_checkpoint, [c.disk for c in choices], graph, checkpoints, parent, facts.now
     )

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .. import naming
-from ..checkpoints import Checkpoint, CheckpointDisk, descendants, find_checkpoint
+from ..checkpoints import (
+    Checkpoint,
+    CheckpointDisk,
+    descendants,
+    find_checkpoint,
+    next_parent,
+)
 from ..errors import InvalidInputError
 from ..graph import BlockGraph
 from ..plan import Plan, Step
@@ -47,7 +53,7 @@ def plan_checkpoint_create(
         raise InvalidInputError(f"checkpoint {spec.name!r} would cover no disk")
     checkpoint = Checkpoint(
         name=spec.name,
-        parent=checkpoints[-1].name if checkpoints else None,
+        parent=next_parent(checkpoints),
         creation_time=now,
         description=spec.description,
         disks=tuple(entries),
