@@ -1,0 +1,416 @@
+"""The backup repository on disk: image files, their chains and one record per backup.
+
+Layout of a repository ``<repo>``::
+
+    <repo>/<vm>/.lock                         flock(2) held while records change
+    <repo>/<vm>/backups/<backup-id>.json      one record per backup (BackupRecord)
+    <repo>/<vm>/<disk>/<backup-id>.qcow2      the image of that disk in that backup
+    <repo>/<vm>/<disk>/<backup-id>.digests    per-block digests (qmpbackup.digests)
+
+An incremental or differential image's backing file is its parent's file name,
+relative (``20260101T000000Z-1.qcow2``), so ``qemu-img`` and QEMU open any point of a
+chain directly and the repository can be moved. The order of backups is the sequence
+number in the records (the ``-N`` of the id), never file times.
+
+A backup is reserved by :meth:`Repository.begin_backup`, which writes its record with
+``complete: false``; :meth:`Repository.commit` rewrites it with ``complete: true``. Every
+record write is atomic (temporary name, fsync, rename, fsync of the folder). Only
+complete backups are listed by default, taken as parents or restored; an incomplete one
+(a crash, an interrupt) is removed with :meth:`Repository.discard`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidInputError, QmpBackupError
+from .files import atomic_write_text
+from .spec.models import check_name
+
+Level = Literal["full", "inc", "diff"]
+Mode = Literal["push", "pull"]
+
+RECORDS_DIR = "backups"
+IMAGE_SUFFIX = ".qcow2"
+DIGESTS_SUFFIX = ".digests"
+DEFAULT_DIGEST_BLOCK = 1 << 20
+_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[1-9]\d*$")
+
+
+class RepositoryError(QmpBackupError):
+    """The repository is inconsistent, or an operation on it is refused."""
+
+
+def _check_file_name(value: str | None) -> str | None:
+    if value is not None and (not value or "/" in value or "\0" in value or value.startswith(".")):
+        raise ValueError(f"not a plain file name: {value!r}")
+    return value
+
+
+def _check_id(value: str | None) -> str | None:
+    if value is not None and not _ID_RE.match(value):
+        raise ValueError(f"invalid backup id {value!r}")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DiskRecord(_Model):
+    """One disk of a backup; file names are relative to the disk's folder."""
+
+    name: str
+    file: str
+    virtual_size: int = Field(ge=0)
+    granularity: int | None = Field(default=None, gt=0)
+    level: Level
+    parent: str | None = None
+    parent_file: str | None = None
+    digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
+    digests_file: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_disk(value)
+
+    @field_validator("file", "parent_file", "digests_file")
+    @classmethod
+    def _plain(cls, value: str | None) -> str | None:
+        return _check_file_name(value)
+
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, value: str | None) -> str | None:
+        return _check_id(value)
+
+
+class BackupRecord(_Model):
+    """The metadata record of one backup, ``<repo>/<vm>/backups/<id>.json``."""
+
+    id: str
+    seq: int = Field(ge=1)
+    level: Level
+    parent: str | None = None
+    checkpoint: str | None = None
+    created: datetime
+    mode: Mode
+    complete: bool = False
+    disks: tuple[DiskRecord, ...]
+
+    @field_validator("id", "parent")
+    @classmethod
+    def _ids(cls, value: str | None) -> str | None:
+        return _check_id(value)
+
+    def disk(self, name: str) -> DiskRecord | None:
+        """The record of disk ``name`` in this backup, if it has one."""
+        return next((d for d in self.disks if d.name == name), None)
+
+
+class DiskRequest(_Model):
+    """What :meth:`Repository.begin_backup` needs to know of one disk."""
+
+    name: str
+    virtual_size: int = Field(ge=0)
+    level: Level
+    granularity: int | None = Field(default=None, gt=0)
+    digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
+
+
+class DiskTarget(_Model):
+    """Where a backup of one disk goes: ``image`` with ``backing`` (relative) or none."""
+
+    name: str
+    image: Path
+    digests: Path
+    backing: str | None
+
+
+class BackupEntry(_Model):
+    """A reserved backup: its record (as written) and the target paths of its disks."""
+
+    record: BackupRecord
+    targets: tuple[DiskTarget, ...]
+
+    @property
+    def id(self) -> str:
+        """The backup id."""
+        return self.record.id
+
+    def target(self, disk: str) -> DiskTarget:
+        """The target of disk ``disk``."""
+        for target in self.targets:
+            if target.name == disk:
+                return target
+        raise KeyError(disk)
+
+
+def _check_disk(name: str) -> str:
+    check_name(name, "disk")
+    if name == RECORDS_DIR:
+        raise ValueError(f"invalid disk name {name!r}: reserved for the backup records")
+    return name
+
+
+def _valid(name: str, what: str) -> str:
+    try:
+        return _check_disk(name) if what == "disk" else check_name(name, what)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+
+
+class Repository:
+    """The backups of one VM in repository ``root``."""
+
+    def __init__(self, root: Path, vm: str) -> None:
+        self.root = Path(root).absolute()
+        self.vm = _valid(vm, "vm")
+        self.base = self._inside(self.root / self.vm)
+        self.records_dir = self.base / RECORDS_DIR
+
+    # Paths.
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise InvalidInputError(f"path {path} escapes the repository {self.root}")
+        return path
+
+    def disk_dir(self, disk: str) -> Path:
+        """The folder of disk ``disk``."""
+        return self._inside(self.base / _valid(disk, "disk"))
+
+    def record_path(self, backup_id: str) -> Path:
+        """The record file of backup ``backup_id``."""
+        try:
+            _check_id(backup_id)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        return self._inside(self.records_dir / f"{backup_id}.json")
+
+    def image_path(self, record: BackupRecord, disk: str) -> Path:
+        """The image file of ``disk`` in ``record``."""
+        return self.disk_dir(disk) / self._disk(record, disk).file
+
+    def digests_path(self, record: BackupRecord, disk: str) -> Path:
+        """The digests file of ``disk`` in ``record``."""
+        return self.disk_dir(disk) / self._disk(record, disk).digests_file
+
+    @staticmethod
+    def _disk(record: BackupRecord, disk: str) -> DiskRecord:
+        found = record.disk(disk)
+        if found is None:
+            raise RepositoryError(f"backup {record.id} has no disk {disk!r}")
+        return found
+
+    # Records.
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.base / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _load(self, path: Path) -> BackupRecord:
+        try:
+            record = BackupRecord.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            raise RepositoryError(f"unreadable backup record {path}: {exc}") from None
+        if f"{record.id}.json" != path.name:
+            raise RepositoryError(f"backup record {path} holds backup {record.id}")
+        return record
+
+    def _write(self, record: BackupRecord) -> None:
+        atomic_write_text(self.record_path(record.id), record.model_dump_json(indent=2) + "\n")
+
+    def _all(self) -> list[BackupRecord]:
+        if not self.records_dir.is_dir():
+            return []
+        paths = [p for p in self.records_dir.iterdir() if p.suffix == ".json" and p.name[0] != "."]
+        records = [self._load(p) for p in paths]
+        records.sort(key=lambda r: r.seq)
+        return records
+
+    def backups(self, complete_only: bool = True) -> list[BackupRecord]:
+        """Backups, oldest first by their sequence number; only complete ones by default."""
+        return [r for r in self._all() if r.complete or not complete_only]
+
+    def get(self, backup_id: str) -> BackupRecord:
+        """The record of backup ``backup_id`` (complete or not)."""
+        path = self.record_path(backup_id)
+        if not path.exists():
+            raise InvalidInputError(f"no backup {backup_id} in {self.base}")
+        return self._load(path)
+
+    def latest(self, disk: str) -> BackupRecord | None:
+        """The newest complete backup that holds ``disk``."""
+        _valid(disk, "disk")
+        return next((r for r in reversed(self.backups()) if r.disk(disk)), None)
+
+    def parent_for(self, disk: str, level: Level) -> BackupRecord | None:
+        """The backup a ``level`` backup of ``disk`` chains to: none for full, the newest
+        complete backup of the disk for inc, its newest complete full backup for diff."""
+        _valid(disk, "disk")
+        if level == "full":
+            return None
+        for record in reversed(self.backups()):
+            found = record.disk(disk)
+            if found is not None and (level == "inc" or found.level == "full"):
+                return record
+        return None
+
+    def chain(self, backup_id: str, disk: str) -> list[Path]:
+        """The image files of ``disk`` from its full backup to ``backup_id``, in order."""
+        paths: list[Path] = []
+        seen: set[str] = set()
+        current: str | None = backup_id
+        child: DiskRecord | None = None
+        while current is not None:
+            if current in seen:
+                raise RepositoryError(f"backup chain of {disk} loops at {current}")
+            seen.add(current)
+            record = self.get(current)
+            if not record.complete:
+                raise RepositoryError(f"backup {current} is not complete")
+            entry = self._disk(record, disk)
+            if child is not None and child.parent_file != entry.file:
+                raise RepositoryError(
+                    f"backup chain of {disk}: {child.file} names parent file "
+                    f"{child.parent_file}, backup {current} has {entry.file}"
+                )
+            paths.append(self.disk_dir(disk) / entry.file)
+            current, child = entry.parent, entry
+        return paths[::-1]
+
+    # Life cycle.
+
+    def begin_backup(
+        self,
+        disks: Sequence[DiskRequest],
+        *,
+        mode: Mode,
+        checkpoint: str | None = None,
+        now: datetime | None = None,
+    ) -> BackupEntry:
+        """Reserve the next backup id and write its incomplete record; return the targets.
+
+        Each disk chains to :meth:`parent_for` its level; an inc or diff without a
+        parent is refused.
+        """
+        if not disks:
+            raise InvalidInputError("a backup needs at least one disk")
+        names = [_valid(d.name, "disk") for d in disks]
+        if len(set(names)) != len(names):
+            raise InvalidInputError(f"disk named twice in {names}")
+        if checkpoint is not None:
+            _valid(checkpoint, "checkpoint")
+        created = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+        with self._locked():
+            seq = max((r.seq for r in self._all()), default=0) + 1
+            backup_id = f"{created:%Y%m%dT%H%M%SZ}-{seq}"
+            disk_records: list[DiskRecord] = []
+            targets: list[DiskTarget] = []
+            parents: list[BackupRecord] = []
+            for req in disks:
+                parent = self.parent_for(req.name, req.level)
+                if req.level != "full" and parent is None:
+                    want = "backup" if req.level == "inc" else "full backup"
+                    raise RepositoryError(
+                        f"no complete {want} of disk {req.name} for a {req.level} backup"
+                    )
+                parent_disk = None if parent is None else self._disk(parent, req.name)
+                if parent is not None:
+                    parents.append(parent)
+                disk_rec = DiskRecord(
+                    name=req.name,
+                    file=f"{backup_id}{IMAGE_SUFFIX}",
+                    virtual_size=req.virtual_size,
+                    granularity=req.granularity,
+                    level=req.level,
+                    parent=None if parent is None else parent.id,
+                    parent_file=None if parent_disk is None else parent_disk.file,
+                    digest_block_size=req.digest_block_size,
+                    digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
+                )
+                folder = self.disk_dir(req.name)
+                for name in (disk_rec.file, disk_rec.digests_file):
+                    if (folder / name).exists():
+                        raise RepositoryError(f"{folder / name} exists already")
+                disk_records.append(disk_rec)
+                targets.append(
+                    DiskTarget(
+                        name=req.name,
+                        image=folder / disk_rec.file,
+                        digests=folder / disk_rec.digests_file,
+                        backing=disk_rec.parent_file,
+                    )
+                )
+            levels = {d.level for d in disk_records} - {"full"}
+            level: Level = "full" if not levels else "inc" if "inc" in levels else "diff"
+            newest = max(parents, key=lambda r: r.seq, default=None)
+            record = BackupRecord(
+                id=backup_id,
+                seq=seq,
+                level=level,
+                parent=None if newest is None else newest.id,
+                checkpoint=checkpoint,
+                created=created,
+                mode=mode,
+                complete=False,
+                disks=tuple(disk_records),
+            )
+            for target in targets:
+                target.image.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._write(record)
+        return BackupEntry(record=record, targets=tuple(targets))
+
+    def commit(self, entry: BackupEntry) -> BackupRecord:
+        """Mark the backup complete, atomically, once every image and digests file exists."""
+        with self._locked():
+            record = self.get(entry.id)
+            if record.complete:
+                raise RepositoryError(f"backup {record.id} is complete already")
+            for target in entry.targets:
+                for path in (target.image, target.digests):
+                    if not path.is_file():
+                        raise RepositoryError(f"backup {record.id}: {path} is missing")
+            done = record.model_copy(update={"complete": True})
+            self._write(done)
+        return done
+
+    def discard(self, entry: BackupEntry | BackupRecord) -> None:
+        """Remove an incomplete backup: its images, digests and then its record."""
+        backup_id = entry.id
+        with self._locked():
+            record = self.get(backup_id)
+            if record.complete:
+                raise RepositoryError(f"backup {backup_id} is complete: refusing to discard it")
+            for disk in record.disks:
+                for path in (
+                    self.image_path(record, disk.name),
+                    self.digests_path(record, disk.name),
+                ):
+                    path.unlink(missing_ok=True)
+            self.record_path(backup_id).unlink(missing_ok=True)
+            self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        """Remove temporary record files a crash left (``.<id>.json.<random>``)."""
+        for path in self.records_dir.iterdir():
+            if path.name.startswith(".") and ".json." in path.name:
+                path.unlink(missing_ok=True)
