@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .child_process import stop_process
 from .errors import QmpBackupError
 from .files import atomic_write_bytes
 from .nbd import NBDClient
@@ -254,12 +255,7 @@ def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
             _wait_listening(proc, sock, log)
             yield f"nbd+unix:///disk?socket={sock}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], sock: str, log: Path) -> None:

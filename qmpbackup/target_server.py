@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .child_process import stop_process
 from .errors import QmpBackupError
 
 STORAGE_DAEMON = os.environ.get("QMPBACKUP_STORAGE_DAEMON", "qemu-storage-daemon")
@@ -75,16 +76,10 @@ class TargetServer:
     def stop(self) -> None:
         """Stop the daemon (it flushes the image on exit) and remove the socket folder."""
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+            code = stop_process(self._process)
             err = self._process.stderr.read().decode() if self._process.stderr else ""
             if self._process.stderr is not None:
                 self._process.stderr.close()
-            code = self._process.returncode
             self._process = None
             if code not in (0, -15):
                 raise QmpBackupError(

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from qmpbackup.child_process import stop_process
 from qmpbackup.nbd import Extent, NBDClient, NBDError, TLSConfig, parse_uri
 
 MiB = 1 << 20
@@ -76,12 +77,7 @@ def server(argv: list[str], log: Path, address: str | tuple[str, int]) -> Iterat
             time.sleep(0.02)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @contextlib.contextmanager
