@@ -244,11 +244,16 @@ class VM:
         options: PullOptions | None = None,
     ) -> BackupPlan:
         """The plan ``backup_begin`` would run, checked against the live schema, not sent."""
-        graph = await self.graph()
-        facts = await self._backup_facts(spec, graph, checkpoint)
-        planned = plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint, options)
+        planned = await self._plan_backup(spec, checkpoint, options)
         check_plan(planned.plan, self.schema)
         return planned
+
+    async def _plan_backup(
+        self, spec: BackupSpec, checkpoint: CheckpointSpec | None, options: PullOptions | None
+    ) -> BackupPlan:
+        graph = await self.graph()
+        facts = await self._backup_facts(spec, graph, checkpoint)
+        return plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint, options)
 
     async def backup_begin(
         self,
@@ -262,7 +267,8 @@ class VM:
         In pull mode ``record.disks[i].uri`` says where each disk's view is served.
         """
         with locked(self.state_dir):
-            planned = await self.plan_backup(spec, checkpoint, options)
+            # _run checks the plan against the schema before sending it.
+            planned = await self._plan_backup(spec, checkpoint, options)
             if spec.mode == "pull":
                 (self.state_dir / "scratch").mkdir(mode=0o700, exist_ok=True)
             await self._run(planned.plan, "backup-begin", on_step)
@@ -370,18 +376,21 @@ class VM:
 
     async def plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
         """The plan that creates ``spec``, checked, not sent."""
-        plan, checkpoint = plan_checkpoint_create(
-            spec, await self.graph(), self.checkpoints(), int(time.time())
-        )
+        plan, checkpoint = await self._plan_checkpoint_create(spec)
         check_plan(plan, self.schema)
         return plan, checkpoint
+
+    async def _plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
+        return plan_checkpoint_create(
+            spec, await self.graph(), self.checkpoints(), int(time.time())
+        )
 
     async def checkpoint_create(
         self, spec: CheckpointSpec, on_step: StepCallback | None = None
     ) -> Checkpoint:
         """Create a checkpoint on its own: one transaction of persistent bitmaps."""
         with locked(self.state_dir):
-            plan, checkpoint = await self.plan_checkpoint_create(spec)
+            plan, checkpoint = await self._plan_checkpoint_create(spec)
             await self._run(plan, "checkpoint-create", on_step)
             self.checkpoint_store.save(checkpoint)
         return checkpoint

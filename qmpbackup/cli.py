@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
 from .plan import Step
 from .planner import PullOptions
+from .planner.chain import image_path
 from .spec import load_backup_spec, load_checkpoint_spec
 from .spec.models import CheckpointSpec, check_name
 
@@ -169,8 +171,6 @@ def _tree(checkpoints: list[Checkpoint]) -> list[str]:
 
 
 async def cmd_checkpoint_list(args: argparse.Namespace, vm: VM) -> int:
-    import time
-
     checkpoints = vm.checkpoints()
     if args.name:
         for checkpoint in checkpoints:
@@ -226,8 +226,6 @@ def _info_text(info: VMInfo) -> str:
         lines.append(f"  {disk.name}{alias}: attached to node {disk.root_node}")
         for depth, node_name in enumerate(disk.chain):
             node = graph.node(node_name)
-            from .planner.chain import image_path
-
             lines.append(
                 f"    {'  ' * depth}{node.driver} {image_path(graph, node)} [{node_name}]"
                 f" size={node.virtual_size}"
