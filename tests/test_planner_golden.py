@@ -207,14 +207,19 @@ def push_default_targets() -> Result:
     return begin_json(planned), [planned.plan]
 
 
-def push_incremental_check1_new_check2() -> Result:
-    planned = plan_backup_begin(
+def incremental_check1_new_check2() -> BackupPlan:
+    """The slides' second backup: incremental from check1, creating check2."""
+    return plan_backup_begin(
         slides_push("check1"),
         graph("slides-check1"),
         [CHECK1],
         facts(),
         CheckpointSpec(name="check2"),
     )
+
+
+def push_incremental_check1_new_check2() -> Result:
+    planned = incremental_check1_new_check2()
     return begin_json(planned), [planned.plan]
 
 
@@ -299,13 +304,7 @@ def checkpoint_size_two_layers() -> Result:
 
 def _begun_incremental() -> tuple[BackupRecord, BlockGraph]:
     """Backup 1, incremental from check1 creating check2, as running in QEMU."""
-    planned = plan_backup_begin(
-        slides_push("check1"),
-        graph("slides-check1"),
-        [CHECK1],
-        facts(),
-        CheckpointSpec(name="check2"),
-    )
+    planned = incremental_check1_new_check2()
     return planned.record, with_backup_nodes(graph("slides-check1-check2"), planned.record)
 
 
@@ -557,13 +556,7 @@ def test_incremental_merges_every_layer_into_a_temporary_bitmap() -> None:
 
 
 def test_new_checkpoint_is_in_the_backup_transaction() -> None:
-    planned = plan_backup_begin(
-        slides_push("check1"),
-        graph("slides-check1"),
-        [CHECK1],
-        facts(),
-        CheckpointSpec(name="check2"),
-    )
+    planned = incremental_check1_new_check2()
     adds = [
         a["data"]
         for a in _actions(planned.plan)
