@@ -109,6 +109,17 @@ class Digests:
         return cls(block_size, size, blocks)
 
 
+def file_digest(path: Path) -> str:
+    """BLAKE2b (hex) of a file's bytes: any change anywhere in the file shows."""
+    digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
 def changed_blocks(dirty_extents: Iterable[tuple[int, int]], block_size: int) -> set[int]:
     """The indexes of the blocks that the ``(offset, length)`` extents touch."""
     blocks: set[int] = set()

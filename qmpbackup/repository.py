@@ -32,8 +32,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .digests import file_digest
 from .errors import InvalidInputError, QmpBackupError
 from .files import atomic_write_text
+from .planner.level import DiskHistory
 from .spec.models import check_name
 
 Level = Literal["full", "inc", "diff"]
@@ -78,6 +80,8 @@ class DiskRecord(_Model):
     parent_file: str | None = None
     digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
     digests_file: str
+    source: str | None = None
+    file_digest: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -103,9 +107,11 @@ class BackupRecord(_Model):
     level: Level
     parent: str | None = None
     checkpoint: str | None = None
+    checkpoint_time: int | None = None
     created: datetime
     mode: Mode
     complete: bool = False
+    merged: tuple[str, ...] = ()
     disks: tuple[DiskRecord, ...]
 
     @field_validator("id", "parent")
@@ -126,6 +132,7 @@ class DiskRequest(_Model):
     level: Level
     granularity: int | None = Field(default=None, gt=0)
     digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
+    source: str | None = None
 
 
 class DiskTarget(_Model):
@@ -305,6 +312,7 @@ class Repository:
         *,
         mode: Mode,
         checkpoint: str | None = None,
+        checkpoint_time: int | None = None,
         now: datetime | None = None,
     ) -> BackupEntry:
         """Reserve the next backup id and write its incomplete record; return the targets.
@@ -346,6 +354,7 @@ class Repository:
                     parent_file=None if parent_disk is None else parent_disk.file,
                     digest_block_size=req.digest_block_size,
                     digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
+                    source=req.source,
                 )
                 folder = self.disk_dir(req.name)
                 for name in (disk_rec.file, disk_rec.digests_file):
@@ -369,6 +378,7 @@ class Repository:
                 level=level,
                 parent=None if newest is None else newest.id,
                 checkpoint=checkpoint,
+                checkpoint_time=checkpoint_time,
                 created=created,
                 mode=mode,
                 complete=False,
@@ -380,7 +390,8 @@ class Repository:
         return BackupEntry(record=record, targets=tuple(targets))
 
     def commit(self, entry: BackupEntry) -> BackupRecord:
-        """Mark the backup complete, atomically, once every image and digests file exists."""
+        """Mark the backup complete, atomically, once every image and digests file exists;
+        record each image file's digest so that any later change to it is found."""
         with self._locked():
             record = self.get(entry.id)
             if record.complete:
@@ -389,9 +400,56 @@ class Repository:
                 for path in (target.image, target.digests):
                     if not path.is_file():
                         raise RepositoryError(f"backup {record.id}: {path} is missing")
-            done = record.model_copy(update={"complete": True})
+            disks = tuple(
+                d.model_copy(update={"file_digest": file_digest(self.image_path(record, d.name))})
+                for d in record.disks
+            )
+            done = record.model_copy(update={"complete": True, "disks": disks})
             self._write(done)
         return done
+
+    def rewrite(self, record: BackupRecord) -> None:
+        """Replace the record of a complete backup atomically (prune uses it after
+        rebasing a backup's images onto a new base)."""
+        with self._locked():
+            if not self.get(record.id).complete or not record.complete:
+                raise RepositoryError(f"backup {record.id}: only complete records are rewritten")
+            self._write(record)
+
+    def dependents(self, backup_id: str) -> list[BackupRecord]:
+        """Complete backups that name ``backup_id`` as a disk's parent."""
+        return [r for r in self.backups() if any(d.parent == backup_id for d in r.disks)]
+
+    def remove(self, backup_id: str) -> None:
+        """Delete a complete backup no other backup depends on: record first, then files,
+        so a crash in between leaves unreferenced files, never a record without them."""
+        with self._locked():
+            record = self.get(backup_id)
+            users = [r.id for r in self.dependents(backup_id)]
+            if users:
+                raise RepositoryError(f"backup {backup_id} is the parent of {', '.join(users)}")
+            self.record_path(backup_id).unlink()
+            for disk in record.disks:
+                self.image_path(record, disk.name).unlink(missing_ok=True)
+                self.digests_path(record, disk.name).unlink(missing_ok=True)
+
+    def history(self, disk: str) -> DiskHistory | None:
+        """What the level decision needs of ``disk``'s last complete backups."""
+        last = self.parent_for(disk, "inc")
+        if last is None:
+            return None
+        full = self.parent_for(disk, "diff")
+        entry = self._disk(last, disk)
+        return DiskHistory(
+            disk=disk,
+            image=entry.source or "",
+            virtual_size=entry.virtual_size,
+            granularity=entry.granularity,
+            last_checkpoint=last.checkpoint,
+            last_checkpoint_time=last.checkpoint_time,
+            full_checkpoint=None if full is None else full.checkpoint,
+            full_checkpoint_time=None if full is None else full.checkpoint_time,
+        )
 
     def discard(self, entry: BackupEntry | BackupRecord) -> None:
         """Remove an incomplete backup: its images, digests and then its record."""

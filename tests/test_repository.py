@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.digests import Digests
+from qmpbackup.digests import Digests, file_digest
 from qmpbackup.errors import InvalidInputError
 from qmpbackup.repository import (
     BackupEntry,
@@ -75,7 +75,9 @@ def test_layout_and_relative_backing_chain(repo: Repository, tmp_path: Path) -> 
     assert info[0]["backing-filename"] == f"{full.id}.qcow2"
     assert repo.chain(diff.id, "vda")[0] == chain[0] and len(repo.chain(diff.id, "vda")) == 2
 
-    assert repo.latest("vda") == diff.record.model_copy(update={"complete": True})
+    latest_a = repo.latest("vda")
+    assert latest_a is not None and latest_a.id == diff.id and latest_a.complete
+    assert latest_a.disks[0].file_digest == file_digest(base / "vda" / f"{diff.id}.qcow2")
     latest_b = repo.latest("vdb")
     assert latest_b is not None and latest_b.id == inc.id
     assert repo.latest("vdc") is None
