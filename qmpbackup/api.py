@@ -18,8 +18,9 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -42,8 +43,11 @@ from .planner import (
     plan_checkpoint_delete,
     plan_checkpoint_size,
 )
+from .planner.level import Requested
+from .progress import EventSink
 from .qapi.schema import QAPISchema
 from .records import BackupRecord, BackupRecordStore
+from .repository_backup import RepositoryBackup, backup_to_repository
 from .runner import check_plan, query_jobs, run_plan, wait_job
 from .session import Address, QMPSession, describe_address, parse_address
 from .spec.models import BackupSpec, CheckpointSpec
@@ -146,12 +150,19 @@ class VM:
     """One QEMU, reached over QMP, with its state directory."""
 
     def __init__(
-        self, session: QMPSession, schema: QAPISchema, state_dir: Path, name: str | None
+        self,
+        session: QMPSession,
+        schema: QAPISchema,
+        state_dir: Path,
+        name: str | None,
+        key: str | None = None,
     ) -> None:
         self.session = session
         self.schema = schema
         self.state_dir = state_dir
         self.name = name
+        #: Names this VM in state and repository folders: its name, UUID or QMP address.
+        self.key = key or state_key(name, None, "default")
         self.checkpoint_store = CheckpointStore(state_dir)
         self.records = BackupRecordStore(state_dir)
 
@@ -168,9 +179,10 @@ class VM:
         except BaseException:
             await session.disconnect()
             raise
+        key = state_key(name, uuid, describe_address(addr))
         if state_dir is None:
-            state_dir = default_state_root() / state_key(name, uuid, describe_address(addr))
-        return cls(session, schema, Path(state_dir), name)
+            state_dir = default_state_root() / key
+        return cls(session, schema, Path(state_dir), name, key)
 
     async def close(self) -> None:
         """Close the QMP connection."""
@@ -370,6 +382,32 @@ class VM:
             outcome=ended.outcome,
             errors=dict(ended.errors),
             dropped_checkpoint=ended.drop_checkpoint,
+        )
+
+    # -- repository backups -------------------------------------------------
+
+    async def backup(
+        self,
+        repository: Path | str,
+        *,
+        level: Requested = "auto",
+        mode: Literal["push", "pull"] = "push",
+        disks: Sequence[str] | None = None,
+        on_event: EventSink | None = None,
+    ) -> RepositoryBackup:
+        """One-shot backup into ``repository``: levels decided per disk, begin, copy,
+        digests and check, commit, end; checkpoints no backup needs are deleted.
+
+        On failure or cancellation the backup job is aborted and the repository is
+        left as it was.
+        """
+        return await backup_to_repository(
+            self,
+            Path(repository),
+            level=level,
+            mode=mode,
+            disks=disks,
+            on_event=on_event,
         )
 
     # -- checkpoints --------------------------------------------------------

@@ -18,6 +18,7 @@ from .checkpoints import Checkpoint
 from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
 from .plan import Step
+from .progress import EventSink, JsonLines, PlainLines, ProgressBar
 from .planner import PullOptions
 from .planner.chain import image_path
 from .spec import load_backup_spec, load_checkpoint_spec
@@ -211,6 +212,26 @@ async def cmd_plan(args: argparse.Namespace, vm: VM) -> int:
     return 0
 
 
+def _event_sink(args: argparse.Namespace) -> EventSink:
+    """JSON lines with ``--log-format json``, a bar on a terminal, else plain lines."""
+    if args.log_format == "json":
+        return JsonLines(sys.stdout)
+    if sys.stderr.isatty() and not getattr(args, "no_progress", False):
+        return ProgressBar(sys.stderr)
+    return PlainLines(sys.stdout)
+
+
+async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
+    await vm.backup(
+        args.repo,
+        level=args.level,
+        mode=args.mode,
+        disks=args.disk,
+        on_event=_event_sink(args),
+    )
+    return 0
+
+
 def _info_text(info: VMInfo) -> str:
     lines = [
         f"QEMU:          {info.version}",
@@ -323,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
     p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
     _tls_arguments(p)
+    p = add("backup", cmd_backup, "one-shot backup into a repository")
+    p.add_argument("--repo", type=Path, required=True, help="repository folder")
+    p.add_argument(
+        "--level",
+        choices=["full", "inc", "diff", "auto"],
+        default="auto",
+        help="auto: incremental where the disk's chain is valid, else full (default)",
+    )
+    p.add_argument("--mode", choices=["push", "pull"], default="push")
+    p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
+    p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     p = add("info", cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")

@@ -73,6 +73,7 @@ def pull_copy(
     tls: TLSConfig | None = None,
     connections: int = 4,
     on_progress: Progress | None = None,
+    on_start: Progress | None = None,
 ) -> CopyResult:
     """Copy an export into the new image ``out``.
 
@@ -88,6 +89,8 @@ def pull_copy(
         source_uri, connections=connections, meta_contexts=contexts, tls=tls
     ) as source:
         data, zeros = _plan_ranges(source, dirty_context)
+        if on_start is not None:
+            on_start(sum(n for _, n in data))
         create_image(out, source.size, fmt, backing)
         try:
             with (

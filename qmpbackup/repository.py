@@ -24,7 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,19 +318,19 @@ class Repository:
         """Reserve the next backup id and write its incomplete record; return the targets.
 
         Each disk chains to :meth:`parent_for` its level; an inc or diff without a
-        parent is refused.
+        parent is refused. ``{id}`` in ``checkpoint`` becomes the new backup id.
         """
         if not disks:
             raise InvalidInputError("a backup needs at least one disk")
         names = [_valid(d.name, "disk") for d in disks]
         if len(set(names)) != len(names):
             raise InvalidInputError(f"disk named twice in {names}")
-        if checkpoint is not None:
-            _valid(checkpoint, "checkpoint")
         created = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
         with self._locked():
             seq = max((r.seq for r in self._all()), default=0) + 1
             backup_id = f"{created:%Y%m%dT%H%M%SZ}-{seq}"
+            if checkpoint is not None:
+                checkpoint = _valid(checkpoint.replace("{id}", backup_id), "checkpoint")
             disk_records: list[DiskRecord] = []
             targets: list[DiskTarget] = []
             parents: list[BackupRecord] = []
@@ -389,9 +389,32 @@ class Repository:
             self._write(record)
         return BackupEntry(record=record, targets=tuple(targets))
 
-    def commit(self, entry: BackupEntry) -> BackupRecord:
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait."""
+        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.base / ".run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RepositoryError(
+                    f"another qmpbackup run is using the repository {self.base}"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    def commit(
+        self,
+        entry: BackupEntry,
+        *,
+        checkpoint_time: int | None = None,
+        granularity: Mapping[str, int] | None = None,
+    ) -> BackupRecord:
         """Mark the backup complete, atomically, once every image and digests file exists;
-        record each image file's digest so that any later change to it is found."""
+        record each image file's digest so that any later change to it is found, and what
+        was learnt only after the backup began (its checkpoint's time and granularity)."""
         with self._locked():
             record = self.get(entry.id)
             if record.complete:
@@ -400,11 +423,20 @@ class Repository:
                 for path in (target.image, target.digests):
                     if not path.is_file():
                         raise RepositoryError(f"backup {record.id}: {path} is missing")
+            granularity = granularity or {}
             disks = tuple(
-                d.model_copy(update={"file_digest": file_digest(self.image_path(record, d.name))})
+                d.model_copy(
+                    update={
+                        "file_digest": file_digest(self.image_path(record, d.name)),
+                        "granularity": granularity.get(d.name, d.granularity),
+                    }
+                )
                 for d in record.disks
             )
-            done = record.model_copy(update={"complete": True, "disks": disks})
+            update: dict[str, object] = {"complete": True, "disks": disks}
+            if checkpoint_time is not None:
+                update["checkpoint_time"] = checkpoint_time
+            done = record.model_copy(update=update)
             self._write(done)
         return done
 

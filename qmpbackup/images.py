@@ -1,0 +1,63 @@
+"""``qemu-img`` on backup image files: info, check, layers, backing links."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .errors import QmpBackupError
+
+
+class ImageError(QmpBackupError):
+    """``qemu-img`` refused an image or found it damaged."""
+
+
+def qemu_img(*args: str, ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    """Run ``qemu-img``; ImageError with its message unless the exit code is in ``ok_codes``."""
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    if proc.returncode not in ok_codes:
+        detail = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
+        raise ImageError(f"qemu-img {args[0]}: {detail}")
+    return proc
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of ``path`` alone (its backing chain is not opened)."""
+    info: dict[str, Any] = json.loads(
+        qemu_img("info", "-U", "--output=json", str(path)).stdout
+    )
+    return info
+
+
+def check_image(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
+    """``qemu-img check``; ImageError naming ``path`` when it finds corruption."""
+    proc = qemu_img("check", "--output=json", "-f", fmt, str(path), ok_codes=(0, 1, 2, 3))
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise ImageError(f"{path}: {proc.stderr.strip() or 'qemu-img check failed'}") from None
+    if proc.returncode in (1, 2) or report.get("corruptions", 0):
+        raise ImageError(f"{path}: qemu-img check found {report.get('corruptions', '?')} errors")
+    return report
+
+
+def set_backing_name(path: Path, backing: str | None) -> None:
+    """Write ``backing`` (a name relative to ``path``'s folder) into the image header only.
+
+    Used for a push incremental: QEMU wrote exactly the changed clusters into a
+    qcow2 opened without a backing chain; naming its parent makes it a link of the chain.
+    """
+    args = ["-b", backing, "-F", "qcow2"] if backing else ["-b", ""]
+    qemu_img("rebase", "-u", "-f", "qcow2", *args, str(path))
+
+
+def top_layer_extents(path: Path) -> list[tuple[int, int]]:
+    """``(offset, length)`` of what the top layer of ``path`` itself holds (data or zeroes)."""
+    proc = qemu_img("map", "--output=json", "-f", "qcow2", str(path))
+    return [
+        (int(e["start"]), int(e["length"]))
+        for e in json.loads(proc.stdout)
+        if e.get("depth") == 0 and (e.get("data") or e.get("zero")) and e.get("present", True)
+    ]

@@ -1,0 +1,362 @@
+"""One-shot backups into a repository (``qmpbackup backup``).
+
+The steps, in order:
+
+1. decide each disk's level from the repository's history and the live graph
+   (:func:`qmpbackup.planner.level.decide_levels`);
+2. reserve the backup in the repository: an incomplete record and target paths;
+3. begin: one transaction sets the instant and creates checkpoint ``backup-<id>``;
+4. copy: push waits for QEMU's jobs; pull reads the exports with the built-in client;
+5. end the backup job, so QEMU lets go of every node, export and scratch file;
+6. seal each image: a push incremental gets its parent's name as backing file,
+   ``qemu-img check`` passes, and the per-block digests are recorded (an
+   incremental reads only its changed blocks and derives the others);
+7. commit the record, then delete checkpoints that no backup needs any more.
+
+A failure or an interrupt before 7 aborts the job (its checkpoint goes with it)
+and discards the reserved backup: the repository is left as it was, and the
+next run chains to the last complete backup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from .digests import (
+    DEFAULT_BLOCK_SIZE,
+    Digests,
+    changed_blocks,
+    derive,
+    digest_all,
+    digest_image,
+    resized_blocks,
+)
+from .errors import JobFailedError, QmpBackupError
+from .graph import BlockGraph
+from .images import check_image, set_backing_name, top_layer_extents
+from .planner.chain import image_path
+from .planner.level import LevelDecision, Requested, decide_levels
+from .progress import BackupEvent, EventSink
+from .pull_copy import pull_copy
+from .repository import BackupEntry, DiskRequest, Repository
+from .repository import BackupRecord as RepositoryRecord
+from .spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
+
+if TYPE_CHECKING:
+    from .api import VM, BackupBegun
+
+log = structlog.get_logger("qmpbackup.backup")
+
+Mode = Literal["push", "pull"]
+CHECKPOINT_NAME = "backup-{id}"
+_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class RepositoryBackup:
+    """A finished repository backup: its record, why each disk got its level, and the
+    checkpoints deleted because no backup needs them any more."""
+
+    record: RepositoryRecord
+    decisions: tuple[LevelDecision, ...]
+    released: tuple[str, ...]
+
+
+class CopyInterrupted(QmpBackupError):
+    """The copy was stopped because the backup is being abandoned."""
+
+
+def _chosen_disks(graph: BlockGraph, names: Sequence[str] | None) -> list[str]:
+    if not names:
+        return list(graph.disks)
+    chosen = [graph.disk(name).name for name in names]
+    return list(dict.fromkeys(chosen))
+
+
+def _disk_requests(graph: BlockGraph, decisions: Sequence[LevelDecision]) -> list[DiskRequest]:
+    requests = []
+    for decision in decisions:
+        top = graph.top_node(decision.disk)
+        requests.append(
+            DiskRequest(
+                name=decision.disk,
+                virtual_size=top.virtual_size,
+                level=decision.level,
+                source=image_path(graph, top),
+                digest_block_size=DEFAULT_BLOCK_SIZE,
+            )
+        )
+    return requests
+
+
+def _backup_spec(
+    graph: BlockGraph, entry: BackupEntry, decisions: Sequence[LevelDecision], mode: Mode
+) -> BackupSpec:
+    """The ``<domainbackup>`` of this run: every other disk of the VM is left out."""
+    chosen = {d.disk: d for d in decisions}
+    disks = []
+    for name in graph.disks:
+        decision = chosen.get(name)
+        if decision is None:
+            disks.append(DiskBackupSpec(name=name, backup=False))
+            continue
+        disks.append(
+            DiskBackupSpec(
+                name=name,
+                backupmode="full" if decision.level == "full" else "incremental",
+                incremental=decision.since,
+                target=str(entry.target(name).image) if mode == "push" else None,
+                format="qcow2" if mode == "push" else None,
+            )
+        )
+    return BackupSpec(mode=mode, disks=tuple(disks))
+
+
+async def _push_copy(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int]:
+    """Wait for QEMU's jobs, reporting their progress; bytes written per disk."""
+    waiter = asyncio.ensure_future(vm.wait_backup(job.record.id))
+    try:
+        while True:
+            info = await vm.job_info(job.record.id)
+            emit(BackupEvent("progress", done=info.processed, total=info.total))
+            if waiter.done():
+                break
+            await asyncio.wait({waiter}, timeout=_POLL)
+        waiter.result()
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(BaseException):
+                await waiter
+    return {d.disk: d.total for d in info.disks}
+
+
+async def _pull_copy(
+    vm: VM,
+    repo: Repository,
+    entry: BackupEntry,
+    job: BackupBegun,
+    levels: dict[str, LevelDecision],
+    emit: EventSink,
+) -> dict[str, int]:
+    """Copy each export with the built-in client; bytes written per disk."""
+    loop = asyncio.get_running_loop()
+    cancel = threading.Event()
+    totals: dict[str, int] = {}
+    done: dict[str, int] = {}
+
+    def report() -> None:
+        emit(BackupEvent("progress", done=sum(done.values()), total=sum(totals.values())))
+
+    def started(disk: str, total: int) -> None:
+        totals[disk] = total
+        loop.call_soon_threadsafe(report)
+
+    def progressed(disk: str, copied: int) -> None:
+        if cancel.is_set():
+            raise CopyInterrupted("copy stopped")
+        done[disk] = copied
+        loop.call_soon_threadsafe(report)
+
+    written: dict[str, int] = {}
+    for disk_job in job.record.disks:
+        disk = disk_job.disk
+        target = entry.target(disk)
+        incremental = levels[disk].level != "full"
+        assert disk_job.uri is not None
+        copy = functools.partial(
+            pull_copy,
+            disk_job.uri,
+            target.image,
+            fmt="qcow2",
+            backing=target.image.parent / target.backing if target.backing else None,
+            bitmap=disk_job.export_bitmap if incremental else None,
+            on_progress=functools.partial(progressed, disk),
+            on_start=functools.partial(started, disk),
+        )
+        future = loop.run_in_executor(None, copy)
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The thread cannot be cancelled: stop it at its next request and wait,
+            # so that nothing writes into the repository once we have left.
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+        written[disk] = result.data_bytes + result.zero_bytes
+    report()
+    return written
+
+
+def _seal(repo: Repository, entry: BackupEntry, decision: LevelDecision, mode: Mode) -> int:
+    """Link, check and digest one disk's new image; return the blocks read."""
+    target = entry.target(decision.disk)
+    disk_record = entry.record.disk(decision.disk)
+    assert disk_record is not None
+    if mode == "push" and target.backing:
+        set_backing_name(target.image, target.backing)
+    check_image(target.image)
+    block = disk_record.digest_block_size
+    size = disk_record.virtual_size
+    if disk_record.parent is None:
+        digests = digest_all(target.image, size, block_size=block)
+        read = len(digests.blocks)
+    else:
+        parent = repo.get(disk_record.parent)
+        before = Digests.load(repo.digests_path(parent, decision.disk))
+        changed = changed_blocks(top_layer_extents(target.image), block)
+        changed |= resized_blocks(before.size, size, block)
+        fresh = digest_image(target.image, size, changed, block_size=block)
+        digests = derive(before, fresh, size)
+        read = len(changed)
+    digests.save(target.digests)
+    return read
+
+
+def discard_incomplete(repo: Repository) -> list[str]:
+    """Discard backups an interrupted run left incomplete; return their checkpoints."""
+    dropped = []
+    for record in repo.backups(complete_only=False):
+        if not record.complete:
+            log.warning("backup.discard-incomplete", id=record.id)
+            repo.discard(record)
+            if record.checkpoint:
+                dropped.append(record.checkpoint)
+    return dropped
+
+
+async def _abandon(
+    vm: VM, repo: Repository, entry: BackupEntry, job: BackupBegun | None, why: str
+) -> None:
+    """Abort QEMU's part of the backup, then remove the reserved backup's files.
+
+    An aborted job drops its checkpoint itself; once the job has ended, the
+    checkpoint is deleted here, since no backup will hold what it promises.
+    """
+    if job is not None:
+        try:
+            await vm.backup_end(job.record.id, abort=True)
+        except QmpBackupError as exc:
+            log.error("backup.abort-failed", id=job.record.id, error=str(exc))
+    elif entry.record.checkpoint is not None:
+        await release_checkpoints(vm, [entry.record.checkpoint])
+    repo.discard(entry)
+    log.warning("backup.abandoned", id=entry.id, reason=why)
+
+
+async def release_checkpoints(
+    vm: VM, names: Sequence[str], emit: EventSink | None = None
+) -> list[str]:
+    """Delete the named checkpoints that QEMU still has; a failure is logged, not raised,
+    because a checkpoint left behind costs only bitmap upkeep."""
+    existing = {c.name for c in vm.checkpoints()}
+    released = []
+    for name in names:
+        if name not in existing:
+            continue
+        try:
+            await vm.checkpoint_delete(name)
+        except QmpBackupError as exc:
+            log.warning("backup.release-failed", checkpoint=name, error=str(exc))
+            continue
+        released.append(name)
+        if emit is not None:
+            emit(BackupEvent("released", message=name))
+    return released
+
+
+async def backup_to_repository(
+    vm: VM,
+    root: Path,
+    *,
+    level: Requested = "auto",
+    mode: Mode = "push",
+    disks: Sequence[str] | None = None,
+    on_event: EventSink | None = None,
+    unneeded: Callable[[Repository], list[str]] | None = None,
+) -> RepositoryBackup:
+    """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``.
+
+    ``unneeded`` names the checkpoints no backup of the repository needs any more;
+    they are deleted once the backup is committed.
+    """
+    emit: EventSink = on_event or (lambda event: None)
+    repo = Repository(root, vm.key)
+    with repo.exclusive():
+        stale = discard_incomplete(repo)
+        graph = await vm.graph()
+        names = _chosen_disks(graph, disks)
+        history = {name: h for name in names if (h := repo.history(name)) is not None}
+        decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
+        for decision in decisions:
+            emit(
+                BackupEvent(
+                    "level", disk=decision.disk, level=decision.level, reason=decision.reason
+                )
+            )
+        entry = repo.begin_backup(
+            _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
+        )
+        checkpoint = entry.record.checkpoint
+        assert checkpoint is not None
+        levels = {d.disk: d for d in decisions}
+        job: BackupBegun | None = None
+        try:
+            spec = _backup_spec(graph, entry, decisions, mode)
+            job = await vm.backup_begin(
+                spec, CheckpointSpec(name=checkpoint, description=f"qmpbackup {entry.id}")
+            )
+            emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {checkpoint}"))
+            if mode == "push":
+                written = await _push_copy(vm, job, emit)
+            else:
+                written = await _pull_copy(vm, repo, entry, job, levels, emit)
+            ended = await vm.backup_end(job.record.id)
+            job = None
+            if ended.outcome != "completed":
+                detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
+                raise JobFailedError(f"backup {entry.id} {ended.outcome}: {detail}")
+            for decision in decisions:
+                read = await asyncio.to_thread(_seal, repo, entry, decision, mode)
+                emit(
+                    BackupEvent(
+                        "disk-done",
+                        backup=entry.id,
+                        disk=decision.disk,
+                        level=decision.level,
+                        done=written.get(decision.disk, 0),
+                        message=f"checked, digests of {read} blocks read",
+                    )
+                )
+            graph_after = await vm.graph()
+            granularity = {}
+            for decision in decisions:
+                bitmap = graph_after.top_node(decision.disk).bitmap(checkpoint)
+                if bitmap is not None:
+                    granularity[decision.disk] = bitmap.granularity
+            assert job is None
+            made = next((c for c in vm.checkpoints() if c.name == checkpoint), None)
+            record = repo.commit(
+                entry,
+                checkpoint_time=None if made is None else made.creation_time,
+                granularity=granularity,
+            )
+        except BaseException as exc:
+            why = "interrupted" if isinstance(exc, asyncio.CancelledError) else str(exc)
+            await _abandon(vm, repo, entry, job, why)
+            emit(BackupEvent("aborted", backup=entry.id, message=why))
+            raise
+        emit(BackupEvent("committed", backup=entry.id))
+        doomed = stale + (unneeded(repo) if unneeded is not None else [])
+        released = await release_checkpoints(vm, doomed, emit)
+    return RepositoryBackup(record=record, decisions=tuple(decisions), released=tuple(released))
