@@ -45,9 +45,11 @@ from .planner import (
 )
 from .planner.level import Requested
 from .progress import EventSink
+from .prune import PruneResult, prune, unneeded_checkpoints
 from .qapi.schema import QAPISchema
 from .records import BackupRecord, BackupRecordStore
-from .repository_backup import RepositoryBackup, backup_to_repository
+from .repository import Repository
+from .repository_backup import RepositoryBackup, backup_to_repository, release_checkpoints
 from .runner import check_plan, query_jobs, run_plan, wait_job
 from .session import Address, QMPSession, describe_address, parse_address
 from .spec.models import BackupSpec, CheckpointSpec
@@ -408,7 +410,21 @@ class VM:
             mode=mode,
             disks=disks,
             on_event=on_event,
+            unneeded=unneeded_checkpoints,
         )
+
+    async def release_checkpoints(self, names: Sequence[str]) -> list[str]:
+        """Delete those of ``names`` that are checkpoints of this VM (e.g. what
+        :func:`qmpbackup.prune.prune` released); return the names deleted."""
+        return await release_checkpoints(self, names)
+
+    async def prune(self, repository: Path | str, keep: int, dry_run: bool = False) -> PruneResult:
+        """:func:`qmpbackup.prune.prune` the repository, then delete the checkpoints
+        no remaining backup needs."""
+        result = prune(Repository.open(Path(repository), self.key), keep, dry_run=dry_run)
+        if not dry_run:
+            await self.release_checkpoints(result.released)
+        return result
 
     # -- checkpoints --------------------------------------------------------
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -18,13 +19,18 @@ from .checkpoints import Checkpoint
 from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
 from .plan import Step
-from .progress import EventSink, JsonLines, PlainLines, ProgressBar
 from .planner import PullOptions
 from .planner.chain import image_path
+from .progress import EventSink, JsonLines, PlainLines, ProgressBar, human_size
+from .prune import prune
+from .repository import Repository
+from .restore import restore
 from .spec import load_backup_spec, load_checkpoint_spec
 from .spec.models import CheckpointSpec, check_name
+from .verify import verify
 
 Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
+OfflineHandler = Callable[[argparse.Namespace], Awaitable[int]]
 
 
 def _out(text: str = "") -> None:
@@ -92,11 +98,7 @@ async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
 
 
 def _size(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.3f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return str(value)
+    return human_size(value, digits=3)
 
 
 def _jobinfo_text(info: JobInfo) -> str:
@@ -232,6 +234,57 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
     return 0
 
 
+def _repository(args: argparse.Namespace) -> Repository:
+    return Repository.open(args.repo, args.vm)
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    result = restore(_repository(args), args.disk, args.out, args.backup, args.format)
+    _out(
+        f"Disk {result.disk} of backup {result.backup_id} restored to {result.out} "
+        f"({result.fmt}, {human_size(result.virtual_size)}, "
+        f"{result.blocks_checked} blocks match the recorded digests)"
+    )
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(_repository(args), args.backup)
+    for problem in report.problems:
+        _out(str(problem))
+    errors = sum(p.severity == "error" for p in report.problems)
+    if errors:
+        raise QmpBackupError(f"verify found {errors} errors (listed above)")
+    _out(
+        f"{report.backups} backups verified: {report.files} files checked, "
+        f"{report.blocks_read} blocks read"
+    )
+    return 0
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    repo = _repository(args)
+    result = prune(repo, args.keep, dry_run=args.dry_run)
+    would = "would be " if args.dry_run else ""
+    for backup_id in result.removed:
+        _out(f"Backup {backup_id} {would}removed")
+    for backup_id in result.rebased:
+        _out(f"Backup {backup_id} {would}made a standalone base")
+    if args.dry_run or not result.released:
+        return 0
+    if not args.qmp:
+        names = ", ".join(result.released)
+        _out(f"Checkpoints no backup needs any more: {names} (pass --qmp to delete them)")
+        return 0
+    vm = await VM.connect(args.qmp, args.state_dir)
+    try:
+        for name in await vm.release_checkpoints(result.released):
+            _out(f"Domain checkpoint {name} deleted")
+    finally:
+        await vm.close()
+    return 0
+
+
 def _info_text(info: VMInfo) -> str:
     lines = [
         f"QEMU:          {info.version}",
@@ -305,7 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, offline=None)
+        return p
+
+    def add_offline(name: str, handler: OfflineHandler, help_text: str) -> argparse.ArgumentParser:
+        """A command on a repository alone: no QEMU needed."""
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=None, offline=handler)
         return p
 
     p = add("backup-begin", cmd_backup_begin, "start a push or pull backup")
@@ -355,12 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["push", "pull"], default="push")
     p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    p = add_offline("restore", cmd_restore, "a standalone image of a disk at a backup")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help="VM folder in the repository (default: its only one)")
+    p.add_argument("--disk", required=True)
+    p.add_argument("--out", type=Path, required=True, help="new image file (never overwritten)")
+    p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
+    p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    p = add_offline("verify", cmd_verify, "check a repository's files, chains and digests")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help="VM folder in the repository (default: its only one)")
+    p.add_argument("--backup", help="only this backup and the chain it needs")
+    p = add_offline("prune", cmd_prune, "keep the newest N backups, merging older ones away")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help="VM folder in the repository (default: its only one)")
+    p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
+    p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
     p = add("info", cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.set_defaults(handler=None)
+    p.set_defaults(handler=None, offline=None)
     return parser
 
 
@@ -369,9 +444,16 @@ async def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         return await run_demo(args.workdir, keep=args.keep, verbose=args.verbose)
+    if args.offline is not None:
+        offline: OfflineHandler = args.offline
+        return await offline(args)
     if not args.qmp:
         raise InvalidInputError("no QMP socket: pass --qmp SOCKET|HOST:PORT or set QMPBACKUP_QMP")
     handler: Handler = args.handler
+    # SIGTERM (systemd stopping the service) cancels like SIGINT: the run cleans up.
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     vm = await VM.connect(args.qmp, args.state_dir)
     try:
         return await handler(args, vm)
@@ -394,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("error: interrupted", file=sys.stderr)
         return 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +15,25 @@ class ImageError(QmpBackupError):
     """``qemu-img`` refused an image or found it damaged."""
 
 
-def qemu_img(*args: str, ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run ``qemu-img``; ImageError with its message unless the exit code is in ``ok_codes``."""
+def qemu_img(*args: str, ok: Container[int] = (0,)) -> subprocess.CompletedProcess[str]:
+    """Run ``qemu-img``; ImageError with its message unless the exit code is in ``ok``."""
     proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-    if proc.returncode not in ok_codes:
+    if proc.returncode not in ok:
         detail = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
         raise ImageError(f"qemu-img {args[0]}: {detail}")
     return proc
 
 
-def image_info(path: Path) -> dict[str, Any]:
+def image_info(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
     """``qemu-img info`` of ``path`` alone (its backing chain is not opened)."""
-    info: dict[str, Any] = json.loads(
-        qemu_img("info", "-U", "--output=json", str(path)).stdout
-    )
+    proc = qemu_img("info", "-U", "-f", fmt, "--output=json", str(path))
+    info: dict[str, Any] = json.loads(proc.stdout)
     return info
 
 
 def check_image(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
     """``qemu-img check``; ImageError naming ``path`` when it finds corruption."""
-    proc = qemu_img("check", "--output=json", "-f", fmt, str(path), ok_codes=(0, 1, 2, 3))
+    proc = qemu_img("check", "--output=json", "-f", fmt, str(path), ok=(0, 1, 2, 3))
     try:
         report: dict[str, Any] = json.loads(proc.stdout)
     except json.JSONDecodeError:

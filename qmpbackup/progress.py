@@ -44,11 +44,11 @@ class EventSink(Protocol):
     def __call__(self, event: BackupEvent) -> None: ...
 
 
-def human_size(value: float) -> str:
+def human_size(value: float, digits: int = 2) -> str:
     """``value`` bytes in binary units, e.g. ``1.50 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+            return f"{int(value)} B" if unit == "B" else f"{value:.{digits}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 
@@ -77,10 +77,14 @@ def describe(event: BackupEvent) -> str | None:
 
 
 class _Rate:
-    """Bytes per second since the first progress event."""
+    """Bytes per second since the backup began (or since the first progress event)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
+
+    def begin(self, event: BackupEvent) -> None:
+        if event.kind == "begin":
+            self.start = event.time
 
     def __call__(self, event: BackupEvent) -> tuple[float, float | None]:
         if self.start is None:
@@ -101,6 +105,7 @@ class ProgressBar:
         self.drawn = False
 
     def __call__(self, event: BackupEvent) -> None:
+        self.rate.begin(event)
         if event.kind != "progress":
             self._clear()
             line = describe(event)
@@ -133,18 +138,20 @@ class PlainLines:
         self.interval = interval
         self.rate = _Rate()
         self.last = 0.0
+        self.shown = -1
 
     def __call__(self, event: BackupEvent) -> None:
+        self.rate.begin(event)
         if event.kind != "progress":
             line = describe(event)
             if line:
                 print(line, file=self.stream, flush=True)
             return
         rate, eta = self.rate(event)
-        finished = event.total and event.done >= event.total
-        if event.time - self.last < self.interval and not finished:
+        finished = bool(event.total) and event.done >= event.total
+        if event.done == self.shown or (event.time - self.last < self.interval and not finished):
             return
-        self.last = event.time
+        self.last, self.shown = event.time, event.done
         pct = f"{event.done / event.total:.0%}" if event.total else "100%"
         eta_text = f", ETA {_clock(eta)}" if eta is not None and not finished else ""
         print(

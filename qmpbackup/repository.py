@@ -186,6 +186,20 @@ class Repository:
         self.base = self._inside(self.root / self.vm)
         self.records_dir = self.base / RECORDS_DIR
 
+    @classmethod
+    def open(cls, root: Path, vm: str | None = None) -> Repository:
+        """The repository of ``vm`` at ``root``; without ``vm``, of its only VM."""
+        if vm is not None:
+            return cls(root, vm)
+        root = Path(root)
+        if not root.is_dir():
+            raise InvalidInputError(f"no repository at {root}")
+        vms = sorted(p.name for p in root.iterdir() if (p / RECORDS_DIR).is_dir())
+        if len(vms) != 1:
+            found = ", ".join(vms) or "none"
+            raise InvalidInputError(f"name the VM with --vm: {root} holds VMs {found}")
+        return cls(root, vms[0])
+
     # Paths.
 
     def _inside(self, path: Path) -> Path:

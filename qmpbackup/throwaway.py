@@ -204,6 +204,17 @@ class ThrowawayVM:
                 self.process.wait()
             self.process = None
 
+    async def kill(self) -> None:
+        """SIGKILL QEMU, as a crash would: nothing is flushed, bitmaps stay in use."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(self.process.wait)
+            self.process = None
+        if self._session is not None:
+            with contextlib.suppress(QmpBackupError):
+                await self._session.disconnect()
+            self._session = None
+
     async def __aenter__(self) -> ThrowawayVM:
         await self.start()
         return self

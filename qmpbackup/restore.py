@@ -1,0 +1,187 @@
+"""Restore one disk of a backup into a standalone image, checked against its digests.
+
+The image is built by ``qemu-img convert`` from the chain top (which opens its relative
+backing chain) into a hidden temporary file next to ``out``, read back and compared with
+the digests recorded at backup time, flushed, and only then linked to ``out`` with a
+primitive that never replaces an existing file. ``out`` therefore either does not exist
+or holds the whole checked image; a failure or an interrupt removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import structlog
+
+from .digests import Digests, compare, digest_all
+from .errors import InvalidInputError, QmpBackupError, TargetExistsError
+from .images import image_info, qemu_img
+from .repository import BackupRecord, DiskRecord, Repository, RepositoryError
+
+log = structlog.get_logger("qmpbackup.restore")
+
+Format = Literal["qcow2", "raw"]
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What :func:`restore` wrote: which backup and disk, where, and what was checked."""
+
+    backup_id: str
+    disk: str
+    out: Path
+    fmt: Format
+    virtual_size: int
+    blocks_checked: int
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush folder ``path``, so that names created or removed in it persist."""
+    fsync_file(path)
+
+
+@contextlib.contextmanager
+def temporary_file(folder: Path, prefix: str) -> Iterator[Path]:
+    """A new hidden file in ``folder``, removed on leaving unless renamed away."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    temp = Path(name)
+    try:
+        yield temp
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def recorded_digests(repo: Repository, record: BackupRecord, disk: DiskRecord) -> Digests:
+    """The digests recorded for ``disk`` of ``record``, checked against its geometry."""
+    path = repo.digests_path(record, disk.name)
+    try:
+        digests = Digests.load(path)
+    except OSError as exc:
+        raise RepositoryError(
+            f"backup {record.id}, disk {disk.name}: cannot read {path}: {exc.strerror}"
+        ) from None
+    if digests.size != disk.virtual_size or digests.block_size != disk.digest_block_size:
+        raise RepositoryError(
+            f"backup {record.id}, disk {disk.name}: {path} covers {digests.size} bytes in "
+            f"{digests.block_size}-byte blocks, the record says {disk.virtual_size} in "
+            f"{disk.digest_block_size}"
+        )
+    return digests
+
+
+def describe_blocks(blocks: list[int], block_size: int) -> str:
+    """``block 3 (bytes 3145728-4194303)``, and how many more there are."""
+    first = blocks[0]
+    text = f"block {first} (bytes {first * block_size}-{(first + 1) * block_size - 1})"
+    if len(blocks) > 1:
+        shown = ", ".join(str(i) for i in blocks[:8]) + (", ..." if len(blocks) > 8 else "")
+        text += f"; {len(blocks)} blocks differ: {shown}"
+    return text
+
+
+def check_standalone(path: Path, fmt: Format, expected: Digests, what: str) -> int:
+    """Check that ``path`` has no backing file, ``expected``'s size and every block equal
+    to ``expected``; the number of blocks checked."""
+    info = image_info(path, fmt)
+    if info.get("virtual-size") != expected.size:
+        raise RepositoryError(
+            f"{what}: the image has {info.get('virtual-size')} bytes, "
+            f"the backup recorded {expected.size}"
+        )
+    if info.get("backing-filename") is not None:
+        raise RepositoryError(f"{what}: the image still has a backing file")
+    actual = digest_all(path, fmt=fmt, block_size=expected.block_size)
+    bad = compare(expected, actual)
+    if bad:
+        raise RepositoryError(
+            f"{what}: {describe_blocks(bad, expected.block_size)} differs from the recorded digests"
+        )
+    return len(actual.blocks)
+
+
+def build_checked(top: Path, dest: Path, fmt: Format, expected: Digests, what: str) -> int:
+    """Convert the chain of ``top`` into a standalone ``fmt`` image at ``dest`` (which is
+    overwritten), check it with :func:`check_standalone` and flush it; the number of
+    blocks checked."""
+    # -S (default 4 KiB) keeps zeroes sparse; without -B a qcow2 result has no backing.
+    qemu_img("convert", "-q", "-f", "qcow2", "-O", fmt, str(top), str(dest))
+    blocks = check_standalone(dest, fmt, expected, what)
+    fsync_file(dest)
+    return blocks
+
+
+def _select(repo: Repository, disk: str, backup_id: str | None) -> tuple[BackupRecord, DiskRecord]:
+    if backup_id is None:
+        record = repo.latest(disk)
+        if record is None:
+            raise InvalidInputError(f"no complete backup of disk {disk} in {repo.base}")
+    else:
+        record = repo.get(backup_id)
+        if not record.complete:
+            raise InvalidInputError(f"backup {backup_id} is not complete: it cannot be restored")
+    found = record.disk(disk)
+    if found is None:
+        held = ", ".join(d.name for d in record.disks)
+        raise InvalidInputError(f"backup {record.id} has no disk {disk} (it has {held})")
+    return record, found
+
+
+def restore(
+    repo: Repository,
+    disk: str,
+    out: Path,
+    backup_id: str | None = None,
+    fmt: Format = "qcow2",
+) -> RestoreResult:
+    """Write disk ``disk`` as it was at backup ``backup_id`` (default: the newest complete
+    backup holding it) to the new standalone image ``out``, checked against the digests
+    recorded at backup time; an existing ``out`` is never touched."""
+    if fmt not in get_args(Format):
+        raise InvalidInputError(f"unknown image format {fmt!r}: use qcow2 or raw")
+    out = Path(out).absolute()
+    if os.path.lexists(out):
+        raise TargetExistsError(f"{out} exists: refusing to overwrite it")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{out.parent} is not a folder this process can write to")
+    record, disk_record = _select(repo, disk, backup_id)
+    what = f"backup {record.id}, disk {disk}"
+    expected = recorded_digests(repo, record, disk_record)
+    top = repo.chain(record.id, disk)[-1]
+    log.info("restore.begin", backup=record.id, disk=disk, out=str(out), fmt=fmt)
+    with temporary_file(out.parent, f".{out.name}.restore-") as temp:
+        blocks = build_checked(top, temp, fmt, expected, what)
+        try:
+            # link(2) fails when out exists: unlike rename it never replaces a file
+            # that appeared since the check above.
+            os.link(temp, out)
+        except FileExistsError:
+            raise TargetExistsError(f"{out} appeared during the restore: left alone") from None
+        except OSError as exc:
+            raise QmpBackupError(f"cannot create {out}: {exc.strerror}") from None
+        temp.unlink()
+        fsync_dir(out.parent)
+    log.info("restore.done", backup=record.id, disk=disk, out=str(out), blocks=blocks)
+    return RestoreResult(
+        backup_id=record.id,
+        disk=disk,
+        out=out,
+        fmt=fmt,
+        virtual_size=disk_record.virtual_size,
+        blocks_checked=blocks,
+    )
