@@ -180,14 +180,14 @@ def _valid(name: str, what: str) -> str:
 class Repository:
     """The backups of one VM in repository ``root``."""
 
-    def __init__(self, root: Path, vm: str) -> None:
+    def __init__(self, root: Path | str, vm: str) -> None:
         self.root = Path(root).absolute()
         self.vm = _valid(vm, "vm")
         self.base = self._inside(self.root / self.vm)
         self.records_dir = self.base / RECORDS_DIR
 
     @classmethod
-    def open(cls, root: Path, vm: str | None = None) -> Repository:
+    def open(cls, root: Path | str, vm: str | None = None) -> Repository:
         """The repository of ``vm`` at ``root``; without ``vm``, of its only VM."""
         if vm is not None:
             return cls(root, vm)

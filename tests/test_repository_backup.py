@@ -42,6 +42,7 @@ async def test_full_then_three_auto_runs_restore_to_each_instant(
     refs: dict[str, dict[str, Path]] = {}
     during: list[asyncio.Future[None]] = []
     expected_a: set[int] = set()
+    events: list[BackupEvent] = []
     async with await VM.connect(str(vm.qmp_path), tmp_path / "state") as api:
         for run, mode in enumerate(["push", "pull", "push", "pull"]):
             await vm.write("vda", 0x20 + run, (run * 3 + 1) * MiB, 128 * KiB)
@@ -55,6 +56,7 @@ async def test_full_then_three_auto_runs_restore_to_each_instant(
             ref_b = await vm.reference("vdb", tmp_path / f"ref-b{run}.raw")
 
             def write_during(event: BackupEvent, run: int = run) -> None:
+                events.append(event)
                 if event.kind == "begin":
                     during.append(asyncio.ensure_future(vm.write("vda", 0x70 + run, 40 * MiB, KiB)))
 
@@ -76,6 +78,9 @@ async def test_full_then_three_auto_runs_restore_to_each_instant(
                 assert allocated_clusters(image_a) == expected_a, run
                 image_b = repo.image_path(record, "vdb")
                 assert allocated_clusters(image_b) == clusters_of((run * 5 + 1) * MiB, 64 * KiB)
+                # Digests read only the one 1 MiB block that changed, not the disk.
+                done_b = [e for e in events if e.kind == "disk-done" and e.disk == "vdb"]
+                assert done_b[-1].message == "checked, digests of 1 blocks read"
             # What was written after the instant belongs to the next run.
             expected_a = clusters_of(40 * MiB, KiB)
         # Only the newest backup's checkpoint and the full's are kept.
@@ -104,6 +109,11 @@ async def test_removed_bitmap_falls_back_to_full_for_that_disk_only(
     await vm.write("vdb", 0x52, 3 * MiB, 64 * KiB)
     ref_a = await vm.reference("vda", tmp_path / "a.raw")
     ref_b = await vm.reference("vdb", tmp_path / "b.raw")
+
+    # An explicit incremental refuses rather than fall back, and changes nothing.
+    refused = await cli("backup", "--repo", str(repo.root), "--level", "inc")
+    assert refused.rc == 1 and "no inc backup of vdb" in refused.err
+    assert len(repo.backups(complete_only=False)) == 1
 
     run = await cli.ok("backup", "--repo", str(repo.root))
     assert f"vda: incremental (changes since {first.checkpoint})" in run.out
@@ -194,7 +204,13 @@ async def test_verify_names_the_file_with_a_flipped_byte(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
 ) -> None:
     repo = repository(tmp_path)
-    await cli.ok("backup", "--repo", str(repo.root), "--level", "full")
+    first = await cli.ok("backup", "--repo", str(repo.root), "--level", "full", verbose=True)
+    emitted = [json.loads(line) for line in first.out.splitlines()]
+    assert [e["event"] for e in emitted if e["event"] != "backup.progress"] == [
+        "backup.level", "backup.level", "backup.begin",
+        "backup.disk-done", "backup.disk-done", "backup.committed",
+    ]  # fmt: skip
+    assert emitted[-1]["backup"] == repo.backups()[0].id
     await vm.write("vda", 0x81, 3 * MiB, 64 * KiB)
     await cli.ok("backup", "--repo", str(repo.root), "--mode", "pull")
     await vm.write("vda", 0x82, 4 * MiB, 64 * KiB)
