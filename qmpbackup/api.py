@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict
 
 from . import naming
 from .checkpoints import Checkpoint, CheckpointStore, find_checkpoint
-from .errors import JobFailedError
+from .errors import JobFailedError, LeftoversError
 from .graph import BlockGraph, discover
-from .journal import Journal
+from .journal import Journal, read_journals
 from .plan import Plan, Step
 from .planner import (
     BackupFacts,
@@ -44,6 +44,7 @@ from .planner import (
     plan_checkpoint_size,
 )
 from .planner.level import Requested
+from .planner.recover import Inventory, RecoverPlan, plan_recover
 from .progress import EventSink
 from .prune import PruneResult, prune, unneeded_checkpoints
 from .qapi.schema import QAPISchema
@@ -138,6 +139,17 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
     "block-export-add": ("block-export-add", ""),
     "x-debug-query-block-graph": ("x-debug-query-block-graph", ""),
 }
+
+
+def _alive(pid: int) -> bool:
+    """True while process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def find_free_port(host: str) -> int:
@@ -275,30 +287,45 @@ class VM:
         checkpoint: CheckpointSpec | None = None,
         on_step: StepCallback | None = None,
         options: PullOptions | None = None,
+        owned: bool = False,
+        recover: bool = False,
     ) -> BackupBegun:
         """Start a backup; with ``checkpoint``, create it at the backup's instant.
 
         In pull mode ``record.disks[i].uri`` says where each disk's view is served.
+        ``owned``: the backup belongs to this process, and is left over once it is gone.
+        Leftovers of an earlier run refuse the backup (LeftoversError) unless ``recover``.
         """
         with locked(self.state_dir):
+            if recover:
+                await self._recover_locked(on_step)
+            else:
+                await self._refuse_leftovers()
             # _run checks the plan against the schema before sending it.
             planned = await self._plan_backup(spec, checkpoint, options)
             if spec.mode == "pull":
                 (self.state_dir / "scratch").mkdir(mode=0o700, exist_ok=True)
-            await self._run(planned.plan, "backup-begin", on_step)
+            journal = await self._run(planned.plan, "backup-begin", on_step)
             server = planned.record.server
             if server is not None and server.socket and os.path.exists(server.socket):
                 os.chmod(server.socket, 0o600)
+            record = planned.record
+            if owned:
+                record = record.model_copy(update={"owner_pid": os.getpid()})
             if planned.checkpoint is not None:
                 self.checkpoint_store.save(planned.checkpoint)
-            self.records.save(planned.record)
-        log.info("backup.begun", id=planned.record.id, checkpoint=planned.record.checkpoint)
-        return BackupBegun(record=planned.record, checkpoint=planned.checkpoint)
+            self.records.save(record)
+            journal.close("done")
+        log.info("backup.begun", id=record.id, checkpoint=record.checkpoint)
+        return BackupBegun(record=record, checkpoint=planned.checkpoint)
 
-    async def _run(self, plan: Plan, operation: str, on_step: StepCallback | None) -> None:
+    async def _run(self, plan: Plan, operation: str, on_step: StepCallback | None) -> Journal:
+        """Check and send ``plan``, journaled; the caller closes the journal ``done`` once
+        it has saved its own state, so that ``recover`` sees a run killed in between."""
         check_plan(plan, self.schema)
         journal = Journal(self.state_dir, operation)
         await run_plan(self.session, plan, journal, on_step)
+        return journal
 
     async def _jobs_of(self, record: BackupRecord) -> dict[str, JobState]:
         jobs = await query_jobs(self.session)
@@ -369,7 +396,7 @@ class VM:
                 frozenset(e["id"] for e in exports),
                 shared,
             )
-            await self._run(ended.plan, "backup-end", on_step)
+            journal = await self._run(ended.plan, "backup-end", on_step)
             if record.mode == "pull":
                 # The scratch files qmpbackup created hold only fleecing data.
                 for disk in record.disks:
@@ -379,12 +406,90 @@ class VM:
             if ended.drop_checkpoint is not None:
                 self._forget_checkpoints([ended.drop_checkpoint])
             self.records.delete(record.id)
+            journal.close("done")
         return BackupEnded(
             id=record.id,
             outcome=ended.outcome,
             errors=dict(ended.errors),
             dropped_checkpoint=ended.drop_checkpoint,
         )
+
+    # -- recovery -------------------------------------------------------------
+
+    async def _inventory(self) -> Inventory:
+        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+        edges: list[tuple[str, str]] = []
+        if self.schema.has_command("x-debug-query-block-graph"):
+            graph = await self.session.execute("x-debug-query-block-graph")
+            names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
+            edges = [
+                (names[e["parent"]], names[e["child"]])
+                for e in graph["edges"]
+                if e["parent"] in names and e["child"] in names
+            ]
+        objects = await self.session.execute("qom-list", {"path": "/objects"})
+        return Inventory(
+            jobs=await query_jobs(self.session),
+            exports=tuple(e["id"] for e in await self.session.execute("query-block-exports")),
+            nodes=tuple(n["node-name"] for n in nodes),
+            edges=tuple(edges),
+            bitmaps=tuple(
+                (n["node-name"], b["name"])
+                for n in nodes
+                for b in n.get("dirty-bitmaps", ())
+                if b.get("name")
+            ),
+            objects=tuple(o["name"] for o in objects),
+        )
+
+    async def plan_recover(self) -> RecoverPlan:
+        """What ``recover`` would clean, checked against the schema, nothing sent."""
+        records = self.records.load_all()
+        scratch = self.state_dir / "scratch"
+        planned = plan_recover(
+            await self._inventory(),
+            records,
+            self.checkpoints(),
+            read_journals(self.state_dir),
+            dead_owners=frozenset(
+                r.id for r in records if r.owner_pid is not None and not _alive(r.owner_pid)
+            ),
+            scratch_files=sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else (),
+        )
+        check_plan(planned.plan, self.schema)
+        return planned
+
+    async def recover(self, on_step: StepCallback | None = None) -> RecoverPlan:
+        """Clean everything a crashed or killed run left in QEMU and in the state
+        directory; live backups are left alone. Idempotent: returns what was found."""
+        with locked(self.state_dir):
+            return await self._recover_locked(on_step)
+
+    async def _recover_locked(self, on_step: StepCallback | None) -> RecoverPlan:
+        planned = await self.plan_recover()
+        if planned.plan.steps:
+            (await self._run(planned.plan, "recover", on_step)).close("done")
+        for path in planned.remove_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if planned.drop_checkpoints:
+            self._forget_checkpoints(list(planned.drop_checkpoints))
+        for backup_id in planned.stale_records:
+            self.records.delete(backup_id)
+        for journal in planned.journals:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(journal)
+        log.info("recover.done", found=planned.summary())
+        return planned
+
+    async def _refuse_leftovers(self) -> None:
+        planned = await self.plan_recover()
+        if planned.needed:
+            found = planned.summary()
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise LeftoversError(
+                f"an earlier run left leftovers: {found[0]}{more}; run 'qmpbackup recover' first"
+            )
 
     # -- repository backups -------------------------------------------------
 
@@ -396,12 +501,13 @@ class VM:
         mode: Literal["push", "pull"] = "push",
         disks: Sequence[str] | None = None,
         on_event: EventSink | None = None,
+        recover: bool = False,
     ) -> RepositoryBackup:
         """One-shot backup into ``repository``: levels decided per disk, begin, copy,
         digests and check, commit, end; checkpoints no backup needs are deleted.
 
         On failure or cancellation the backup job is aborted and the repository is
-        left as it was.
+        left as it was. ``recover`` cleans an earlier run's leftovers first.
         """
         return await backup_to_repository(
             self,
@@ -411,6 +517,7 @@ class VM:
             disks=disks,
             on_event=on_event,
             unneeded=unneeded_checkpoints,
+            recover=recover,
         )
 
     async def release_checkpoints(self, names: Sequence[str]) -> list[str]:
@@ -445,8 +552,9 @@ class VM:
         """Create a checkpoint on its own: one transaction of persistent bitmaps."""
         with locked(self.state_dir):
             plan, checkpoint = await self._plan_checkpoint_create(spec)
-            await self._run(plan, "checkpoint-create", on_step)
+            journal = await self._run(plan, "checkpoint-create", on_step)
             self.checkpoint_store.save(checkpoint)
+            journal.close("done")
         return checkpoint
 
     async def checkpoint_delete(
@@ -461,9 +569,10 @@ class VM:
             plan, doomed = plan_checkpoint_delete(
                 name, await self.graph(), self.checkpoints(), children, metadata_only
             )
-            await self._run(plan, "checkpoint-delete", on_step)
+            journal = await self._run(plan, "checkpoint-delete", on_step)
             names = [c.name for c in doomed]
             self._forget_checkpoints(names)
+            journal.close("done")
         return names
 
     def _forget_checkpoints(self, names: list[str]) -> None:
@@ -487,7 +596,7 @@ class VM:
         graph = await self.graph()
         sizes, measure, remove = plan_checkpoint_size(checkpoint, graph)
         if measure.steps:
-            await self._run(measure, "checkpoint-size", on_step)
+            (await self._run(measure, "checkpoint-size", on_step)).close("done")
             try:
                 measured = await self.graph()
                 for entry in checkpoint.bitmap_disks():
@@ -495,7 +604,7 @@ class VM:
                     if temp is not None:
                         sizes[entry.name] = temp.count
             finally:
-                await self._run(remove, "checkpoint-size", on_step)
+                (await self._run(remove, "checkpoint-size", on_step)).close("done")
         return sizes
 
     async def checkpoint_xml(

@@ -62,7 +62,9 @@ def _print_step(args: argparse.Namespace) -> Callable[[int, Step], None] | None:
 async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
     spec = load_backup_spec(args.spec)
     checkpoint = _checkpoint_arg(args.checkpoint)
-    begun = await vm.backup_begin(spec, checkpoint, _print_step(args), _pull_options(args))
+    begun = await vm.backup_begin(
+        spec, checkpoint, _print_step(args), _pull_options(args), recover=args.recover
+    )
     _out(f"Backup id {begun.record.id} created")
     _out(f"backup used description from '{args.spec}'")
     if checkpoint is not None:
@@ -230,7 +232,21 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         mode=args.mode,
         disks=args.disk,
         on_event=_event_sink(args),
+        recover=args.recover,
     )
+    return 0
+
+
+async def cmd_recover(args: argparse.Namespace, vm: VM) -> int:
+    planned = await (vm.plan_recover() if args.dry_run else vm.recover(_print_step(args)))
+    for line in planned.summary():
+        _out(line)
+    for backup_id in planned.live_records:
+        _out(f"backup id {backup_id} is running: left alone (end it with backup-end)")
+    if not planned.needed:
+        _out("Nothing to recover")
+    elif not args.dry_run:
+        _out("Recovered")
     return 0
 
 
@@ -372,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
     _tls_arguments(p)
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+    p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
     p = add("backup-end", cmd_backup_end, "end a backup job")
     p.add_argument("id", nargs="?", type=int)
     p.add_argument("--abort", action="store_true", help="cancel a copy still running")
@@ -414,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["push", "pull"], default="push")
     p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
+    p = add("recover", cmd_recover, "clean what a crashed or killed run left")
+    p.add_argument("--dry-run", action="store_true", help="say what would be cleaned, send nothing")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
     p = add_offline("restore", cmd_restore, "a standalone image of a disk at a backup")
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help="VM folder in the repository (default: its only one)")

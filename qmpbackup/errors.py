@@ -79,3 +79,7 @@ class BackupActiveError(QmpBackupError):
 
 class BackupNotFoundError(InvalidInputError):
     """No backup job with that id."""
+
+
+class LeftoversError(QmpBackupError):
+    """An earlier run left jobs, nodes, exports, bitmaps, files or journals behind."""

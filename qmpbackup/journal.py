@@ -1,7 +1,10 @@
 """An append-only journal of the QMP steps a run sends, written before and after each.
 
 A run killed at any step leaves a journal saying which steps were sent and
-how to undo them.  Each line is one JSON object; every line is fsynced.
+how to undo them.  Each line is one JSON object; every line is fsynced.  A
+journal is closed by its ``end`` line once the run's own state (checkpoint
+metadata, backup record) is saved too; a journal closed ``done`` is deleted,
+one without ``end`` is what ``recover`` reads.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,53 @@ class Journal:
         )
 
     def close(self, outcome: str) -> None:
-        """Record the outcome; a closed journal needs no recovery."""
+        """Record the outcome; a closed journal needs no recovery, and a ``done`` one is
+        removed."""
+        if self._fd < 0:
+            return
         self.write("end", outcome=outcome)
         os.close(self._fd)
+        self._fd = -1
+        if outcome == "done":
+            self.path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class JournalState:
+    """What a journal file says: the plan, the steps sent, and how it ended (if it did)."""
+
+    path: Path
+    operation: str
+    steps: tuple[dict[str, Any], ...]
+    sent: int  # steps handed to QEMU (the last one may or may not have run)
+    ended: str | None
+
+    def sent_steps(self) -> tuple[dict[str, Any], ...]:
+        """The planned steps that were sent."""
+        return self.steps[: self.sent]
+
+
+def read_journals(state_dir: Path) -> list[JournalState]:
+    """Every journal in ``state_dir``, oldest first; torn last lines are ignored."""
+    directory = state_dir / "journal"
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.glob("*.jsonl")):
+        steps: tuple[dict[str, Any], ...] = ()
+        sent = 0
+        ended = None
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash
+            if entry.get("event") == "plan":
+                steps = tuple(entry.get("steps", ()))
+            elif entry.get("event") == "step":
+                sent = max(sent, int(entry.get("index", 0)) + 1)
+            elif entry.get("event") == "end":
+                ended = str(entry.get("outcome"))
+        operation = path.stem.split("-", 2)[-1]
+        found.append(JournalState(path, operation, steps, sent, ended))
+    return found

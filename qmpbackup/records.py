@@ -73,6 +73,9 @@ class BackupRecord(BaseModel):
     incremental: str | None = None
     disks: tuple[DiskJob, ...]
     server: NbdServer | None = None
+    # Set when the backup lives only as long as one process (``qmpbackup backup``):
+    # once that process is gone, ``recover`` treats the backup as left over.
+    owner_pid: int | None = None
 
     def job_ids(self) -> list[str]:
         """Every QEMU job id of this backup."""

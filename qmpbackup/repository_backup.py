@@ -284,6 +284,7 @@ async def backup_to_repository(
     disks: Sequence[str] | None = None,
     on_event: EventSink | None = None,
     unneeded: Callable[[Repository], list[str]] | None = None,
+    recover: bool = False,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``.
 
@@ -314,7 +315,10 @@ async def backup_to_repository(
         try:
             spec = _backup_spec(graph, entry, decisions, mode)
             job = await vm.backup_begin(
-                spec, CheckpointSpec(name=checkpoint, description=f"qmpbackup {entry.id}")
+                spec,
+                CheckpointSpec(name=checkpoint, description=f"qmpbackup {entry.id}"),
+                owned=True,
+                recover=recover,
             )
             emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {checkpoint}"))
             if mode == "push":

@@ -147,7 +147,8 @@ async def run_plan(
         if journal is not None:
             journal.write("done", index=number)
     if journal is not None:
-        journal.close("done")
+        # The caller closes the journal once it has saved its own state.
+        journal.write("sent")
     return replies
 
 

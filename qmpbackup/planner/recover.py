@@ -1,0 +1,274 @@
+"""Plan ``recover``: reconcile what QEMU holds with the state directory and journals.
+
+Everything qmpbackup creates in QEMU is named ``qmpbackup-<backup id>-…``
+(``qmpbackup-size-…`` for measuring bitmaps), so a leftover is any such job,
+node, export, object or bitmap that no live backup record owns.  A record is
+live while all its jobs still exist and the process owning it (if one does)
+is alive; a stale record is cleaned like any leftover.
+
+The cleanup order follows the block graph: exports, the NBD server (only one
+qmpbackup started) and its TLS objects; the point-in-time views, which sit on
+the jobs' filter nodes; the jobs (cancelled, then dismissed); every other node,
+parents before children; temporary bitmaps.  Checkpoints keep the failure
+policy: a checkpoint created by a backup that is being cleaned up is removed,
+bitmaps and metadata, so that none promises data no backup holds; a
+checkpoint whose creation was cut before its metadata was saved loses its
+bitmaps.  Every step may fail (the thing may be gone already), which makes
+``recover`` idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..checkpoints import Checkpoint
+from ..journal import JournalState
+from ..naming import PREFIX
+from ..plan import Plan, Step
+from ..qapi.commands import (
+    BlockdevDel,
+    BlockDirtyBitmapRemove,
+    BlockExportDel,
+    JobCancel,
+    JobDismiss,
+    NbdServerStop,
+    ObjectDel,
+)
+from ..records import BackupRecord
+from .backup import JobState
+
+_CHECKPOINT_OPERATIONS = ("backup-begin", "checkpoint-create")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+
+class Inventory(_Frozen):
+    """What QEMU holds now, as far as recovery cares."""
+
+    jobs: Mapping[str, JobState]
+    exports: tuple[str, ...]
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...]  # (parent node, child node)
+    bitmaps: tuple[tuple[str, str], ...]  # (node, bitmap)
+    objects: tuple[str, ...]
+
+
+class RecoverPlan(_Frozen):
+    """The QMP steps of a recovery and the state-directory changes that follow them."""
+
+    plan: Plan
+    stale_records: tuple[int, ...]
+    live_records: tuple[int, ...]
+    drop_checkpoints: tuple[str, ...]
+    remove_files: tuple[str, ...]
+    journals: tuple[str, ...]
+    unfinished: tuple[str, ...]  # operations whose journals were left open
+
+    @property
+    def needed(self) -> bool:
+        """True when QEMU or the state directory holds anything to clean."""
+        return bool(
+            self.plan.steps
+            or self.stale_records
+            or self.drop_checkpoints
+            or self.remove_files
+            or self.unfinished
+        )
+
+    def summary(self) -> list[str]:
+        """One line per finding, for people."""
+        lines = [f"unfinished {op} (journal left open)" for op in self.unfinished]
+        lines += [f"backup id {r}: left over, its run is gone" for r in self.stale_records]
+        lines += [step.reason for step in self.plan.steps]
+        lines += [f"checkpoint {c}: its backup did not complete" for c in self.drop_checkpoints]
+        lines += [f"remove {path}" for path in self.remove_files]
+        return lines
+
+
+def stale_records(
+    records: Sequence[BackupRecord], jobs: Mapping[str, JobState], dead_owners: frozenset[int]
+) -> tuple[list[BackupRecord], list[BackupRecord]]:
+    """Split records into (stale, live): stale when a job is gone or the owner is dead."""
+    stale: list[BackupRecord] = []
+    live: list[BackupRecord] = []
+    for record in records:
+        gone = any(j not in jobs for j in record.job_ids())
+        (stale if gone or record.id in dead_owners else live).append(record)
+    return stale, live
+
+
+def _topological(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str]:
+    """``nodes`` with every parent before its children (edges among them only)."""
+    remaining = list(nodes)
+    order: list[str] = []
+    while remaining:
+        members = set(remaining)
+        free = [n for n in remaining if not any(c == n and p in members for p, c in edges)]
+        if not free:  # a cycle cannot happen in a block graph; keep going regardless
+            free = remaining[:1]
+        order += free
+        remaining = [n for n in remaining if n not in free]
+    return order
+
+
+def _journal_checkpoints(journal: JournalState) -> set[tuple[str, str]]:
+    """(node, bitmap) of persistent non-temporary bitmaps the journal's sent steps add."""
+    found: set[tuple[str, str]] = set()
+
+    def visit(command: Mapping[str, Any]) -> None:
+        args = command.get("arguments") or command.get("data") or {}
+        kind = command.get("execute") or command.get("type")
+        if kind == "transaction":
+            for action in args.get("actions", ()):
+                visit(action)
+        elif (
+            kind == "block-dirty-bitmap-add"
+            and args.get("persistent")
+            and not str(args.get("name", "")).startswith(PREFIX)
+        ):
+            found.add((str(args["node"]), str(args["name"])))
+
+    for step in journal.sent_steps():
+        visit(step.get("command", {}))
+    return found
+
+
+def _journal_sent(journal: JournalState, execute: str) -> bool:
+    return any(s.get("command", {}).get("execute") == execute for s in journal.sent_steps())
+
+
+def plan_recover(
+    inventory: Inventory,
+    records: Sequence[BackupRecord],
+    checkpoints: Sequence[Checkpoint],
+    journals: Sequence[JournalState],
+    *,
+    dead_owners: frozenset[int] = frozenset(),
+    scratch_files: Sequence[str] = (),
+) -> RecoverPlan:
+    """Plan the cleanup of every leftover; live backups are left alone."""
+    stale, live = stale_records(records, inventory.jobs, dead_owners)
+    live_prefixes = tuple(f"{PREFIX}{r.id}-" for r in live)
+
+    def ours(name: str) -> bool:
+        return name.startswith(PREFIX) and not name.startswith(live_prefixes)
+
+    open_journals = [j for j in journals if j.ended is None]
+    steps: list[Step] = []
+    for export in inventory.exports:
+        if ours(export):
+            steps.append(
+                Step(
+                    command=BlockExportDel(id=export, mode="hard"),
+                    reason=f"delete export {export}",
+                    await_export_deleted=export,
+                    may_fail=True,
+                )
+            )
+    server_in_use = any(r.server is not None for r in live)
+    started = any(r.server is not None for r in stale) or any(
+        _journal_sent(j, "nbd-server-start") for j in open_journals
+    )
+    if started and not server_in_use:
+        steps.append(
+            Step(
+                command=NbdServerStop(),
+                reason="stop the NBD server qmpbackup started",
+                may_fail=True,
+            )
+        )
+    steps += [
+        Step(command=ObjectDel(id=o), reason=f"delete object {o}", may_fail=True)
+        for o in inventory.objects
+        if ours(o)
+    ]
+    our_nodes = [n for n in inventory.nodes if ours(n)]
+    ordered = _topological(our_nodes, inventory.edges)
+    # Views sit on the fleecing job's filter node: they go before the job.
+    views = [n for n in ordered if n.endswith(("-view", "-access"))]
+    steps += [
+        Step(command=BlockdevDel(node_name=n), reason=f"delete node {n}", may_fail=True)
+        for n in views
+    ]
+    for job_id, job in sorted(inventory.jobs.items()):
+        if not ours(job_id):
+            continue
+        if job.status not in ("concluded", "null"):
+            steps.append(
+                Step(
+                    command=JobCancel(id=job_id),
+                    reason=f"cancel job {job_id}",
+                    await_job=job_id,
+                    job_may_fail=True,
+                    may_fail=True,
+                )
+            )
+        steps.append(
+            Step(command=JobDismiss(id=job_id), reason=f"dismiss job {job_id}", may_fail=True)
+        )
+    steps += [
+        Step(command=BlockdevDel(node_name=n), reason=f"delete node {n}", may_fail=True)
+        for n in ordered
+        if n not in views
+    ]
+    removed_nodes = set(our_nodes)
+    steps += [
+        Step(
+            command=BlockDirtyBitmapRemove(node=node, name=name),
+            reason=f"remove temporary bitmap {name} from {node}",
+            may_fail=True,
+        )
+        for node, name in inventory.bitmaps
+        if ours(name) and node not in removed_nodes
+    ]
+
+    known = {c.name for c in checkpoints}
+    recorded = {r.checkpoint for r in records if r.checkpoint}
+    drop: set[str] = {r.checkpoint for r in stale if r.checkpoint}
+    orphan_bitmaps: set[tuple[str, str]] = set()
+    for journal in open_journals:
+        if journal.operation not in _CHECKPOINT_OPERATIONS:
+            continue
+        for node, name in _journal_checkpoints(journal):
+            if journal.operation == "backup-begin" and name in known and name not in recorded:
+                drop.add(name)  # metadata saved, record not: the backup never began
+            elif name not in known:
+                orphan_bitmaps.add((node, name))
+    for node, name in inventory.bitmaps:
+        if name in drop:
+            orphan_bitmaps.add((node, name))
+    present = set(inventory.bitmaps)
+    steps += [
+        Step(
+            command=BlockDirtyBitmapRemove(node=node, name=name),
+            reason=f"remove bitmap {name} from {node}: its checkpoint was never completed",
+            may_fail=True,
+        )
+        for node, name in sorted(orphan_bitmaps)
+        if (node, name) in present and node not in removed_nodes
+    ]
+
+    files: list[str] = []
+    for record in stale:
+        if record.mode == "pull":
+            for disk in record.disks:
+                files += disk.created_files
+    for journal in open_journals:
+        for step in journal.sent_steps():
+            files += step.get("created_files", ())
+    live_files = {f for r in live for d in r.disks for f in d.created_files}
+    files += [f for f in scratch_files if f not in live_files]
+    return RecoverPlan(
+        plan=Plan(steps=tuple(steps)),
+        stale_records=tuple(r.id for r in stale),
+        live_records=tuple(r.id for r in live),
+        drop_checkpoints=tuple(sorted(drop & known)),
+        remove_files=tuple(dict.fromkeys(f for f in files if f not in live_files)),
+        journals=tuple(str(j.path) for j in journals),
+        unfinished=tuple(j.operation for j in open_journals),
+    )
