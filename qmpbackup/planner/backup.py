@@ -751,6 +751,8 @@ def plan_backup_end(
         ]
         job = jobs.get(disk.job_id)
         if job is None:
+            # QEMU restarted or someone dismissed it: nothing says the copy finished.
+            errors[disk.disk] = f"job {disk.job_id} is gone (QEMU restarted?)"
             continue
         if job.status != "concluded":
             steps.append(
