@@ -37,6 +37,8 @@ class Checkpoint(BaseModel):
     name: str
     parent: str | None = None
     creation_time: int
+    # Creation order: several checkpoints can share a creation second.
+    seq: int = 0
     description: str | None = None
     disks: tuple[CheckpointDisk, ...] = ()
 
@@ -77,8 +79,13 @@ class Checkpoint(BaseModel):
 
 
 def order_oldest_first(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:
-    """Checkpoints by creation time, parents before children."""
-    return sorted(checkpoints, key=lambda c: (c.creation_time, c.name))
+    """Checkpoints in creation order, parents before children."""
+    return sorted(checkpoints, key=lambda c: (c.seq, c.creation_time, c.name))
+
+
+def next_seq(checkpoints: Iterable[Checkpoint]) -> int:
+    """The creation order number of the next checkpoint."""
+    return max((c.seq for c in checkpoints), default=0) + 1
 
 
 def next_parent(checkpoints: Iterable[Checkpoint]) -> str | None:

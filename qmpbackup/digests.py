@@ -15,17 +15,15 @@ import contextlib
 import functools
 import hashlib
 import os
-import socket
 import struct
 import subprocess
 import tempfile
-import time
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .child_process import stop_process
+from .child_process import stop_process, wait_listening
 from .errors import QmpBackupError
 from .files import atomic_write_bytes
 from .nbd import NBDClient
@@ -263,26 +261,13 @@ def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
                 [*argv, str(Path(path).absolute())], stdout=subprocess.DEVNULL, stderr=err
             )
         try:
-            _wait_listening(proc, sock, log)
+            try:
+                wait_listening(proc, sock, lambda: log.read_text().strip())
+            except RuntimeError as exc:
+                raise DigestError(f"qemu-nbd: {exc}") from None
             yield f"nbd+unix:///disk?socket={sock}"
         finally:
             stop_process(proc)
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], sock: str, log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise DigestError(f"qemu-nbd exited: {log.read_text().strip()}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(sock)
-                return
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise DigestError("qemu-nbd did not start")
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
-from .child_process import stop_process
+from .child_process import stop_process, wait_listening
 from .errors import QmpBackupError
 
 STORAGE_DAEMON = os.environ.get("QMPBACKUP_STORAGE_DAEMON", "qemu-storage-daemon")
@@ -63,15 +62,17 @@ class TargetServer:
         self._process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self._process.poll() is not None:
-                err = self._process.stderr.read().decode() if self._process.stderr else ""
-                raise QmpBackupError(f"qemu-storage-daemon failed: {err.strip()}")
-            if time.monotonic() > deadline:
+        process = self._process
+
+        def failure() -> str:
+            return process.stderr.read().decode().strip() if process.stderr else "exited"
+
+        try:
+            wait_listening(process, self.socket, failure, timeout)
+        except RuntimeError as exc:
+            with contextlib.suppress(QmpBackupError):
                 self.stop()
-                raise QmpBackupError("qemu-storage-daemon did not start")
-            time.sleep(0.01)
+            raise QmpBackupError(f"qemu-storage-daemon failed: {exc}") from None
 
     def stop(self) -> None:
         """Stop the daemon (it flushes the image on exit) and remove the socket folder."""

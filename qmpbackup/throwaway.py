@@ -158,8 +158,21 @@ class ThrowawayVM:
             if loop.time() > deadline:
                 raise QmpBackupError("QEMU did not create its QMP socket")
             await asyncio.sleep(0.02)
-        self._session = QMPSession(str(self.harness_path), name="throwaway-harness")
-        await self._session.connect()
+        # The socket file exists once QEMU binds it, a little before it listens.
+        while True:
+            session = QMPSession(str(self.harness_path), name="throwaway-harness")
+            try:
+                await session.connect()
+            except QmpBackupError:
+                if loop.time() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    self.process.wait()
+                    self.process = None
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            self._session = session
+            return
 
     @property
     def session(self) -> QMPSession:

@@ -9,7 +9,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from .. import naming
-from ..checkpoints import Checkpoint, CheckpointDisk, find_checkpoint, next_parent
+from ..checkpoints import (
+    Checkpoint,
+    CheckpointDisk,
+    find_checkpoint,
+    next_parent,
+    next_seq,
+)
 from ..errors import (
     BackupActiveError,
     InvalidInputError,
@@ -239,6 +245,7 @@ def _new_checkpoint(
         name=spec.name,
         parent=parent,
         creation_time=now,
+        seq=next_seq(checkpoints),
         description=spec.description,
         disks=tuple(entries),
     )

@@ -11,6 +11,7 @@ from ..checkpoints import (
     descendants,
     find_checkpoint,
     next_parent,
+    next_seq,
 )
 from ..errors import InvalidInputError
 from ..graph import BlockGraph
@@ -55,6 +56,7 @@ def plan_checkpoint_create(
         name=spec.name,
         parent=next_parent(checkpoints),
         creation_time=now,
+        seq=next_seq(checkpoints),
         description=spec.description,
         disks=tuple(entries),
     )

@@ -238,6 +238,10 @@ class _YamlLoader(yaml.SafeLoader):
         # PyYAML keeps the last of duplicate keys; a silently dropped setting is worse.
         seen: set[str] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # A merge key would override or hide keys as silently as a duplicate.
+                line = key_node.start_mark.line + 1
+                raise _Invalid(f"YAML merge keys ('<<') are not accepted (line {line})")
             if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
                     line = key_node.start_mark.line + 1
@@ -307,6 +311,9 @@ def _parse_xml(data: str | bytes, skipped_lines: int, root: str) -> Element:
         raise _Invalid("XML entity declarations are not accepted") from None
     except defusedxml.ExternalReferenceForbidden:
         raise _Invalid("external XML references are not accepted") from None
+    except (LookupError, ValueError) as err:
+        # expat's answer to an unknown or multi-byte declared encoding.
+        raise _Invalid(f"invalid XML: unsupported encoding ({err})") from None
     if element.tag != root:
         raise _Invalid(f"root element is <{element.tag}>, expected <{root}>")
     return element

@@ -17,7 +17,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 def check_name(value: str, what: str) -> str:
     """Return ``value`` if it is a safe name for a disk, checkpoint or export."""
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             f"invalid {what} name {value!r}: use letters, digits, '_', '.', '+', '-' "
             "(at most 64, not starting with a punctuation mark)"
@@ -37,6 +37,14 @@ class ServerSpec(_Model):
     port: int | None = Field(default=None, ge=1, le=65535)
     socket: str | None = None
     tls: bool = False
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port(cls, value: object) -> object:
+        # pydantic would read true as port 1.
+        if isinstance(value, bool):
+            raise ValueError("a port is a number, not a boolean")
+        return value
 
     @model_validator(mode="after")
     def _check_transport(self) -> ServerSpec:
