@@ -351,7 +351,9 @@ class VM:
                 status=jobs[d.job_id].status if d.job_id in jobs else "gone",
                 processed=jobs[d.job_id].current_progress if d.job_id in jobs else 0,
                 total=jobs[d.job_id].total_progress if d.job_id in jobs else 0,
-                error=jobs[d.job_id].error if d.job_id in jobs else None,
+                error=jobs[d.job_id].error
+                if d.job_id in jobs
+                else f"job {d.job_id} is gone (QEMU restarted?)",
                 uri=d.uri,
             )
             for d in record.disks

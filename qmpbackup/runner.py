@@ -138,7 +138,8 @@ async def run_plan(
         except QmpBackupError as exc:
             if journal is not None:
                 journal.write("failed", index=number, error=str(exc))
-            log.warning("plan.failed", step=step.describe(), error=str(exc))
+            # The caller reports the error in one line; this is for -v.
+            log.info("plan.failed", step=step.describe(), error=str(exc))
             await rollback(session, [*done, step] if step.await_job else done)
             if journal is not None:
                 journal.close("rolled-back")

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from ..errors import PlanError
-from ..graph import BitmapLayer, BlockGraph, BlockNode
+from ..graph import FILTER_DRIVERS, BitmapLayer, BlockGraph, BlockNode
 from ..qapi.commands import BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, QMPCommand
 
 
 def image_path(graph: BlockGraph, node: BlockNode) -> str:
-    """The host file behind a format node (its protocol child's file name)."""
-    if node.file_child and node.file_child in graph.nodes:
-        return graph.nodes[node.file_child].filename
-    return node.filename
+    """The host file behind a format node: its protocol child's file name, found
+    through filters (blkdebug, throttle, …) whose own names are ``json:`` strings."""
+    child = graph.nodes.get(node.file_child or "")
+    while child is not None and child.driver in FILTER_DRIVERS:
+        below = graph.nodes.get(child.file_child or "")
+        if below is None:
+            break
+        child = below
+    return node.filename if child is None else child.filename
 
 
 def require_persistent_bitmaps(graph: BlockGraph, disk: str) -> BlockNode:

@@ -1,0 +1,672 @@
+"""Faults during a backup, on a real QEMU: each shows its one-line message, leaves no
+``qmpbackup-`` node, job, export or stray checkpoint, and lets the next backup be correct."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from qmpbackup.checkpoints import CheckpointStore
+from qmpbackup.nbd import NBDError
+from qmpbackup.pull_copy import pull_copy
+from qmpbackup.records import BackupRecordStore
+from qmpbackup.throwaway import (
+    DiskImage,
+    ThrowawayVM,
+    images_equal,
+    make_slides_images,
+    qemu_img,
+    qemu_io,
+)
+
+from .support import CLUSTER, Cli, CliResult, rebase
+from .test_pull_backup import uris
+
+MiB = 1024 * 1024
+# vdb's guest offset that the faulty backups trip over.
+BAD = 32 * MiB
+
+
+def backup_xml(
+    path: Path, mode: str, disks: dict[str, str], incremental: str | None = None
+) -> Path:
+    """A ``<domainbackup>``; ``disks`` maps a disk to its attributes, then children."""
+    parts = [f"<domainbackup mode='{mode}'>"]
+    if incremental:
+        parts.append(f"<incremental>{incremental}</incremental>")
+    parts.append("<disks>")
+    for name, extra in disks.items():
+        attrs, tag, children = extra.partition("<")
+        body = f">{tag}{children}</disk>" if tag else "/>"
+        parts.append(f"<disk name='{name}'{attrs}{body}")
+    parts.append("</disks></domainbackup>")
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def push_to(path: Path, target: Path, incremental: str | None = None, **more: str) -> Path:
+    """Push vdb alone into a qcow2 ``target`` (``more``: other disks' entries)."""
+    disks = {"vda": " backup='no'", "vdb": f"<target file='{target}'/><driver type='qcow2'/>"}
+    return backup_xml(path, "push", {**disks, **more}, incremental)
+
+
+def pull_vdb(path: Path, incremental: str | None = None, vdb: str = "") -> Path:
+    """Pull vdb alone."""
+    return backup_xml(path, "pull", {"vda": " backup='no'", "vdb": vdb}, incremental)
+
+
+async def base_checkpoint(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Path:
+    """check1 on vda and vdb, and vdb's content at that instant as a qcow2 (the last good
+    backup that later incrementals from check1 are rebased onto)."""
+    ref = await vm.reference("vdb", tmp_path / "base.raw")
+    if len(vm.disks) == 2:
+        await cli.ok("checkpoint-create-as", "check1")
+    else:
+        spec = tmp_path / "check1.xml"
+        spec.write_text(
+            "<domaincheckpoint><name>check1</name><disks>"
+            + "".join(f"<disk name='{d.name}' checkpoint='no'/>" for d in vm.disks[2:])
+            + "</disks></domaincheckpoint>"
+        )
+        await cli.ok("checkpoint-create", str(spec))
+    base = tmp_path / "base.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(ref), str(base))
+    return base
+
+
+async def settle(vm: ThrowawayVM, timeout: float = 30) -> list[dict[str, object]]:
+    """Wait until no QEMU job is still running; return query-jobs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        jobs: list[dict[str, object]] = await vm.session.execute("query-jobs")
+        if all(j["status"] == "concluded" for j in jobs):
+            return jobs
+        assert loop.time() < deadline, jobs
+        await asyncio.sleep(0.02)
+
+
+async def next_incremental(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, since: str, base: Path
+) -> None:
+    """The next backup: a push incremental of vdb from ``since`` that, rebased onto
+    ``base``, equals vdb at its instant (writes after the instant excluded)."""
+    ref = await vm.reference("vdb", tmp_path / "next.raw")
+    target = tmp_path / "next.qcow2"
+    others = {d.name: " backup='no'" for d in vm.disks[2:]}
+    spec = push_to(tmp_path / "next.xml", target, since, **others)
+    begun = await cli.ok("backup-begin", str(spec))
+    assert "Backup id 1 created" in begun.out
+    await vm.write("vdb", 0x99, 0, 2 * MiB)
+    await settle(vm)
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    rebase(target, base)
+    assert images_equal(target, ref)
+
+
+async def assert_clean(
+    vm: ThrowawayVM,
+    cli: Cli,
+    checkpoints: Sequence[str],
+    vda: Sequence[str] | None = None,
+    via_cli: bool = True,
+) -> None:
+    """Nothing of qmpbackup's is left in QEMU or in the state directory's records;
+    ``checkpoints`` (oldest first) are exactly the recorded checkpoints (as
+    ``checkpoint-list`` prints them when ``via_cli``) and vdb's bitmaps; vda holds the
+    bitmaps ``vda`` (default: the same), and no other node holds any."""
+    nodes = await vm.session.execute("query-named-block-nodes", {"flat": True})
+    assert [n["node-name"] for n in nodes if n["node-name"].startswith("qmpbackup-")] == []
+    assert await vm.session.execute("query-jobs") == []
+    assert await vm.session.execute("query-block-exports") == []
+    if via_cli:
+        listed = (await cli.ok("checkpoint-list", "--name")).out.split()
+    else:
+        listed = [c.name for c in CheckpointStore(cli.state_dir).load_all()]
+    assert listed == list(checkpoints)
+    bitmaps = {
+        n["node-name"]: {b.get("name") for b in n.get("dirty-bitmaps", [])}
+        for n in nodes
+        if n.get("dirty-bitmaps")
+    }
+    expected = {"vda-fmt": set(checkpoints if vda is None else vda), "vdb-fmt": set(checkpoints)}
+    assert bitmaps == {node: names for node, names in expected.items() if names}
+    assert BackupRecordStore(cli.state_dir).load_all() == []
+
+
+def one_line_error(result: CliResult) -> str:
+    """The ``error:`` line of a run that failed at run time (exit 1)."""
+    assert result.rc == 1, result
+    return [line for line in result.err.splitlines() if line.startswith("error: ")][-1]
+
+
+def only_line(result: CliResult) -> bool:
+    """True when stderr is that one ``error:`` line and nothing else (SPEC §3)."""
+    return len(result.err.strip().splitlines()) == 1
+
+
+async def spawn(cli: Cli, *args: str) -> asyncio.subprocess.Process:
+    """Start ``qmpbackup`` as ``cli`` runs it, with pipes, without waiting for it."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpbackup", "--qmp", str(cli.vm.qmp_path),
+        "--state-dir", str(cli.state_dir), *args,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, limit=1 << 24,
+    )  # fmt: skip
+
+
+async def read_until(stream: asyncio.StreamReader | None, *words: str) -> list[str]:
+    """Lines of ``stream`` up to the first that holds all ``words``."""
+    assert stream is not None
+    lines: list[str] = []
+    while not lines or not all(word in lines[-1] for word in words):
+        line = await stream.readline()
+        assert line, f"{words} never printed: {lines}"
+        lines.append(line.decode().rstrip("\n"))
+    return lines
+
+
+def host_offset(image: Path, guest: int) -> int | None:
+    """Where ``image``'s top layer stores the guest offset ``guest`` (None if not there)."""
+    for extent in json.loads(qemu_img("map", "-U", "--output=json", str(image))):
+        start, end = int(extent["start"]), int(extent["start"] + extent["length"])
+        if start <= guest < end and extent["depth"] == 0 and extent["data"]:
+            return int(extent["offset"]) + guest - start
+    return None
+
+
+async def guest_write_error(
+    vm: ThrowawayVM, disk: str, pattern: int, offset: int, n: int
+) -> str | None:
+    """A guest write; its error line, if it failed. HMP's qemu-io prints errors to
+    QEMU's stderr (the log), not into the HMP reply, so ``vm.write`` cannot see them."""
+    seen = vm.log_path.stat().st_size
+    await vm.write(disk, pattern, offset, n)
+    with vm.log_path.open() as log:
+        log.seek(seen)
+        return next((line for line in log.read().splitlines() if "failed" in line), None)
+
+
+# -- 1. source read errors ----------------------------------------------------
+
+
+class FilteredVM(ThrowawayVM):
+    """A ThrowawayVM where a filter sits between a disk's qcow2 node and its file:
+    ``filters[disk]`` is the filter's ``-blockdev`` options, ``{child}`` its file node."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        disks: Sequence[DiskImage],
+        filters: dict[str, str],
+        extra: Sequence[str] = (),
+    ) -> None:
+        super().__init__(workdir, disks, name="filtered")
+        self.filters = filters
+        self.extra = list(extra)
+        self.bad_host = 0  # bad_vm: the host offset whose first read fails
+
+    def command_line(self) -> list[str]:
+        """The usual command line; ``<disk>-file`` is the filter over ``<disk>-proto``."""
+        argv: list[str] = []
+        for arg in super().command_line():
+            for disk, options in self.filters.items():
+                if arg.startswith("driver=file,") and f"node-name={disk}-file," in arg:
+                    argv += [arg.replace(f"={disk}-file,", f"={disk}-proto,"), "-blockdev"]
+                    arg = options.format(child=f"{disk}-proto") + f",node-name={disk}-file"
+            argv.append(arg)
+        return argv + self.extra
+
+
+@pytest.fixture
+async def bad_vm(tmp_path: Path) -> AsyncIterator[FilteredVM]:
+    """vdb's qcow2 sits on blkdebug: the first read of the host cluster that the guest's
+    next new cluster (written at BAD) gets fails once with EIO."""
+    disks = make_slides_images(tmp_path / "vm")
+    active = disks[1].path
+    # Allocate vdb's L2 table now: the next data cluster then goes at the end of the file.
+    qemu_io(str(active), f"write -P 0x55 {8 * MiB} {MiB}", fmt="qcow2")
+    bad_host = -(-active.stat().st_size // CLUSTER) * CLUSTER
+    rule = (
+        "driver=blkdebug,image={child},inject-error.0.event=read_aio,"
+        "inject-error.0.iotype=read,inject-error.0.errno=5,inject-error.0.once=on,"
+        f"inject-error.0.sector={bad_host // 512}"
+    )
+    machine = FilteredVM(tmp_path / "vm", disks, {"vdb": rule})
+    machine.bad_host = bad_host
+    await machine.start()
+    try:
+        yield machine
+    finally:
+        await machine.stop()
+
+
+async def write_bad_cluster(vm: FilteredVM) -> None:
+    """The guest writes the cluster whose first read will fail, and one more."""
+    await vm.write("vdb", 0x66, BAD, CLUSTER)
+    await vm.write("vdb", 0x67, 40 * MiB, CLUSTER)
+    await vm.guest_io("vdb", "flush")
+    assert host_offset(vm.disks[1].path, BAD) == vm.bad_host
+
+
+async def test_info_sees_through_blkdebug(bad_vm: FilteredVM, tmp_path: Path) -> None:
+    """``info`` names vdb's qcow2 file, not the json: pseudo-filename of blkdebug."""
+    text = (await Cli(bad_vm, tmp_path / "state").ok("info")).out
+    chain = text[text.index("  vdb:") :].splitlines()[1:3]
+    assert [line.split()[0] for line in chain] == ["qcow2", "raw"]
+    assert chain[0].split()[1] == str(bad_vm.disks[1].path), chain
+
+
+async def test_push_source_read_error(bad_vm: FilteredVM, tmp_path: Path) -> None:
+    """An incremental push that hits EIO on the source fails with QEMU's words; its
+    checkpoint goes; the next incremental from the last good checkpoint is correct."""
+    vm, cli = bad_vm, Cli(bad_vm, tmp_path / "state")
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await write_bad_cluster(vm)
+    inc = tmp_path / "inc.qcow2"
+    await cli.ok("backup-begin", str(push_to(tmp_path / "2.xml", inc, "check1")), "check2")
+    jobs = await settle(vm)
+    assert [(j["id"], j.get("error")) for j in jobs] == [("qmpbackup-1-vdb", "Input/output error")]
+    info = json.loads((await cli.ok("jobinfo", "--json")).out)
+    assert (info["status"], info["disks"][0]["error"]) == ("failed", "Input/output error")
+    ended = await cli("backup-end", "1")
+    assert ended.err == (
+        "error: Backup id 1 failed: vdb: Input/output error; checkpoint check2 removed\n"
+    )
+    await assert_clean(vm, cli, ["check1"])
+    # blkdebug's rule fired once: the next incremental from check1 reads the cluster fine.
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+async def test_pull_source_read_error(bad_vm: FilteredVM, tmp_path: Path) -> None:
+    """A pull reader that gets EIO: QEMU's job stays healthy (only the reader knows), so the
+    reader aborts; the checkpoint goes, and the next pull incremental is correct."""
+    vm, cli = bad_vm, Cli(bad_vm, tmp_path / "state")
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await write_bad_cluster(vm)
+    begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "2.xml", "check1")), "check2")
+    uri = uris(begun.out)["vdb"]
+    with pytest.raises(NBDError) as failed:
+        await asyncio.to_thread(pull_copy, uri, tmp_path / "b2.qcow2", backing=base, bitmap="vdb")
+    assert f"read of 65536 bytes at offset {BAD} failed: EIO" in str(failed.value)
+    assert not (tmp_path / "b2.qcow2").exists()
+    assert [j["status"] for j in await vm.session.execute("query-jobs")] == ["running"]
+    aborted = await cli.ok("backup-end", "1", "--abort")
+    assert aborted.out.splitlines() == [
+        "Backup id 1 aborted",
+        "Domain checkpoint check2 deleted: its backup did not complete",
+    ]
+    await assert_clean(vm, cli, ["check1"])
+
+    ref = await vm.reference("vdb", tmp_path / "ref3.raw")
+    begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "3.xml", "check1")), "check3")
+    await vm.write("vdb", 0x99, BAD, MiB)
+    copy = await asyncio.to_thread(
+        pull_copy, uris(begun.out)["vdb"], tmp_path / "b3.qcow2", backing=base, bitmap="vdb"
+    )
+    assert images_equal(copy.image, ref)
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    await assert_clean(vm, cli, ["check1", "check3"], vda=["check1"], via_cli=False)
+
+
+# -- 2. target write errors ---------------------------------------------------
+
+
+@pytest.fixture
+def eio_file(tmp_path: Path) -> Iterator[Path]:
+    """A 100 MiB file on FUSE (nbdfuse over nbdkit's error filter) that fails every
+    write with EIO: device-mapper's "error" target is not available in this container."""
+    if os.geteuid() != 0 or not (shutil.which("nbdfuse") and shutil.which("nbdkit")):
+        pytest.skip("needs root, nbdfuse and nbdkit")
+    mount = tmp_path / "fuse"
+    mount.mkdir()
+    errors = [
+        f"error-{op}{suffix}" for op in ("pwrite", "zero", "trim") for suffix in ("", "-rate")
+    ]
+    values = dict(zip(errors, ["EIO", "100%"] * 3, strict=True))
+    fuse = subprocess.Popen(
+        ["nbdfuse", str(mount / "eio.raw"), "[", "nbdkit", "memory", "size=100M",
+         "--filter=error", *(f"{k}={v}" for k, v in values.items()), "]"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(250):
+            if (mount / "eio.raw").exists() or fuse.poll() is not None:
+                break
+            time.sleep(0.02)
+        if not (mount / "eio.raw").exists():
+            pytest.skip("nbdfuse could not mount (no /dev/fuse?)")
+        yield mount / "eio.raw"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+        try:
+            fuse.wait(10)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait()
+
+
+async def test_push_target_eio(vm: ThrowawayVM, cli: Cli, tmp_path: Path, eio_file: Path) -> None:
+    """A push whose (reused) target fails every write with EIO: one line, checkpoint gone,
+    the user's file left alone, the next incremental from check1 correct."""
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await vm.write("vdb", 0x58, 0, 4 * MiB)
+    spec = backup_xml(
+        tmp_path / "eio.xml",
+        "push",
+        {
+            "vda": " backup='no'",
+            "vdb": f" reuse='yes'<target file='{eio_file}'/><driver type='raw'/>",
+        },
+    )
+    await cli.ok("backup-begin", str(spec), "check2")
+    await settle(vm)
+    ended = await cli("backup-end", "1")
+    assert ended.rc == 1
+    assert ended.err == (
+        "error: Backup id 1 failed: vdb: Input/output error; checkpoint check2 removed\n"
+    )
+    assert eio_file.exists()  # reused, so never removed
+    await assert_clean(vm, cli, ["check1"])
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: room for an empty qcow2 scratch, not for what the guest overwrites."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open bug: QEMU 7.2's copy-before-write filter breaks guest writes when the "
+    "scratch fills up (on-cbw-error=break-guest-write); fix: preallocate the scratch or "
+    "refuse a scratch filesystem smaller than the disk",
+)
+async def test_pull_scratch_out_of_space(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, tiny_fs: Path
+) -> None:
+    """A pull whose scratch cannot even be created: refused at run time, nothing left.
+    Then a scratch that fills up while the guest overwrites: the guest must not pay."""
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await vm.write("vdb", 0x58, 0, 8 * MiB)
+    scratch = f"<scratch file='{tiny_fs / 'scratch.qcow2'}'/>"
+    spec = pull_vdb(tmp_path / "p.xml", "check1", scratch)
+    filler = tiny_fs / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024 - 4096))
+    refused = await cli("backup-begin", str(spec), "check2")
+    assert one_line_error(refused) == (
+        "error: job qmpbackup-1-vdb-create-qcow2 failed: "
+        "Could not write qcow2 header: No space left on device"
+    )
+    assert os.listdir(tiny_fs) == ["filler"]
+    await assert_clean(vm, cli, ["check1"], via_cli=False)
+
+    filler.unlink()
+    ref = await vm.reference("vdb", tmp_path / "ref2.raw")
+    uri = uris((await cli.ok("backup-begin", str(spec), "check2")).out)["vdb"]
+    # Copy-before-write must keep 8 MiB of old data in a scratch with ~700 KiB free.
+    guest_error = await guest_write_error(vm, "vdb", 0x99, 0, 8 * MiB)
+    copy = await asyncio.to_thread(
+        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="vdb"
+    )
+    assert images_equal(copy.image, ref)  # the view still holds the instant
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    await assert_clean(vm, cli, ["check1", "check2"], vda=["check1"], via_cli=False)
+    await next_incremental(vm, cli, tmp_path, "check2", copy.image)
+    # SPEC §1: the guest is never disturbed; §3: the error is one line on stderr.
+    assert guest_error is None  # today: "write failed: No space left on device"
+    assert only_line(refused), refused.err
+
+
+# -- 3. the NBD reader goes away mid-pull --------------------------------------
+
+READER = """
+import sys
+from qmpbackup.nbd import NBDClient
+client = NBDClient.connect(sys.argv[1])
+print(len(client.pread(1 << 20, 0)), flush=True)
+while True:  # read on until killed, so that the kill lands mid-request
+    for offset in range(0, client.size, 8 << 20):
+        client.pread(8 << 20, offset)
+"""
+
+
+async def test_reader_disconnects_mid_pull(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    """A reader killed mid-read (no NBD_CMD_DISC) breaks nothing: the export still serves
+    the instant, backup-end completes cleanly, the next pull incremental is correct."""
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await vm.write("vdb", 0x58, 0, 4 * MiB)
+    await vm.write("vdb", 0x59, 60 * MiB, MiB)
+    ref2 = await vm.reference("vdb", tmp_path / "ref2.raw")
+    begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "2.xml", "check1")), "check2")
+    uri = uris(begun.out)["vdb"]
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", READER, uri, stdout=subprocess.PIPE
+    )
+    assert reader.stdout is not None
+    assert (await reader.stdout.readline()).strip() == str(MiB).encode()
+    await vm.write("vdb", 0x99, 0, 8 * MiB)  # the guest goes on meanwhile
+    await asyncio.sleep(0.1)
+    reader.send_signal(signal.SIGKILL)
+    assert await reader.wait() == -signal.SIGKILL
+    # A new reader gets the whole instant from the same export.
+    inc2 = await asyncio.to_thread(
+        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="vdb"
+    )
+    assert images_equal(inc2.image, ref2)
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    await assert_clean(vm, cli, ["check1", "check2"], vda=["check1"], via_cli=False)
+
+    ref3 = await vm.reference("vdb", tmp_path / "ref3.raw")
+    begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "3.xml", "check2")))
+    await vm.write("vdb", 0x77, 0, MiB)
+    inc3 = await asyncio.to_thread(
+        pull_copy, uris(begun.out)["vdb"], tmp_path / "inc3.qcow2", backing=inc2.image,
+        bitmap="vdb",
+    )  # fmt: skip
+    await cli.ok("backup-end", "1")
+    assert images_equal(inc3.image, ref3)
+    await assert_clean(vm, cli, ["check1", "check2"], vda=["check1"], via_cli=False)
+
+
+# -- 4. and 5.: a copy that runs long -------------------------------------------
+
+
+@pytest.fixture
+async def slow_vm(tmp_path: Path) -> AsyncIterator[FilteredVM]:
+    """vdb's qcow2 reads its file through a throttle group of 1 MiB/s (guest writes are
+    not slowed), until ``fast_again``. The vCPUs stay stopped (-S): with SeaBIOS running,
+    QEMU 7.2's main loop stalled (QMP silent) until the throttled copy had drained."""
+    disks = make_slides_images(tmp_path / "vm")
+    throttle = "driver=throttle,throttle-group=slow,file={child}"
+    extra = ["-object", f"throttle-group,id=slow,x-bps-read={MiB}", "-S"]
+    machine = FilteredVM(tmp_path / "vm", disks, {"vdb": throttle}, extra)
+    await machine.start()
+    try:
+        yield machine
+    finally:
+        await machine.stop()
+
+
+async def fast_again(vm: ThrowawayVM) -> None:
+    """Lift vdb's read limit."""
+    await vm.session.execute(
+        "qom-set", {"path": "/objects/slow", "property": "limits", "value": {"bps-read": 0}}
+    )
+
+
+async def begin_slow_incremental(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Path:
+    """Backup id 1: vdb incremental from check1 (16 MiB dirty, 16 s at 1 MiB/s) creating
+    check2; returns its target once the copy runs."""
+    await vm.write("vdb", 0x58, 0, 16 * MiB)
+    target = tmp_path / "inc2.qcow2"
+    await cli.ok("backup-begin", str(push_to(tmp_path / "2.xml", target, "check1")), "check2")
+    jobs = await vm.session.execute("query-jobs")
+    assert [(j["id"], j["status"]) for j in jobs] == [("qmpbackup-1-vdb", "running")], jobs
+    assert jobs[0]["current-progress"] < jobs[0]["total-progress"] == 16 * MiB
+    return target
+
+
+async def test_abort_mid_copy(slow_vm: FilteredVM, tmp_path: Path) -> None:
+    """``backup-end --abort`` while vdb still copies: aborted, check2 gone from the list
+    and the bitmaps, the next incremental from check1 correct."""
+    vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await begin_slow_incremental(vm, cli, tmp_path)
+    proc = await spawn(cli, "-v", "--log-format", "json", "backup-end", "1", "--abort")
+    await read_until(proc.stderr, '"qmp.reply"', '"job-cancel"')
+    # QEMU took the cancel; the job still waits for its reads queued in the throttle.
+    jobs = await vm.session.execute("query-jobs")
+    assert jobs[0]["status"] == "running" and jobs[0]["current-progress"] < 16 * MiB
+    await fast_again(vm)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert not [line for line in err.decode().splitlines() if '"debug"' not in line]
+    assert out.decode().splitlines() == [
+        "Backup id 1 aborted",
+        "Domain checkpoint check2 deleted: its backup did not complete",
+    ]
+    await assert_clean(vm, cli, ["check1"])
+    await vm.write("vdb", 0x59, 50 * MiB, MiB)
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+async def quit_and_restart(vm: ThrowawayVM) -> None:
+    """The guest powers off (QMP ``quit``) mid-copy; QEMU starts again on the same images."""
+    await vm.session.execute("quit")
+    assert vm.process is not None
+    await asyncio.to_thread(vm.process.wait)
+    await vm.session.disconnect()
+    await vm.start()
+    await fast_again(vm)
+
+
+async def test_qemu_quits_then_recover(slow_vm: FilteredVM, tmp_path: Path) -> None:
+    """QEMU quits mid-copy and starts again: the stale record does not wedge backup-begin
+    for good: it names ``recover``, which drops check2; the next incremental is correct."""
+    vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await begin_slow_incremental(vm, cli, tmp_path)
+    await quit_and_restart(vm)
+    spec = push_to(tmp_path / "3.xml", tmp_path / "inc3.qcow2", "check1")
+    refused = await cli("backup-begin", str(spec))
+    message = one_line_error(refused)
+    assert only_line(refused), refused.err
+    assert message.startswith("error: an earlier run left leftovers: backup id 1: left over")
+    assert message.endswith("; run 'qmpbackup recover' first")
+    recovered = (await cli.ok("recover")).out.splitlines()
+    assert recovered[0] == "backup id 1: left over, its run is gone"
+    assert recovered[-2:] == ["checkpoint check2: its backup did not complete", "Recovered"]
+    await assert_clean(vm, cli, ["check1"])
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+async def test_qemu_quits_then_backup_end(slow_vm: FilteredVM, tmp_path: Path) -> None:
+    """QEMU quits mid-copy and starts again: backup-end reports the backup failed and
+    check2 goes, the next incremental from check1 is correct, and jobinfo never called
+    the backup complete."""
+    vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await begin_slow_incremental(vm, cli, tmp_path)
+    await quit_and_restart(vm)
+    # check2 was saved into vdb's qcow2 on quit; the record is still there.
+    assert [r.id for r in BackupRecordStore(cli.state_dir).load_all()] == [1]
+    info = json.loads((await cli.ok("jobinfo", "--json")).out)
+    assert [(d["disk"], d["status"]) for d in info["disks"]] == [("vdb", "gone")]
+    ended = await cli("backup-end", "1")
+    assert ended.err == (
+        "error: Backup id 1 failed: vdb: job qmpbackup-1-vdb is gone (QEMU restarted?); "
+        "checkpoint check2 removed\n"
+    )
+    await assert_clean(vm, cli, ["check1"])
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+    assert info["status"] != "completed"
+
+
+# -- 6. two backup-begin at once -------------------------------------------------
+
+
+async def test_two_begins_at_once(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    """Two CLI processes begin a backup of vdb at the same moment: one wins, the other
+    exits 1 with one clear line and leaves nothing; the winner's backup is correct."""
+    await vm.write("vdb", 0x58, MiB, 4 * MiB)
+    ref = await vm.reference("vdb", tmp_path / "ref.raw")
+    targets = [tmp_path / "a.qcow2", tmp_path / "b.qcow2"]
+    specs = [push_to(tmp_path / f"{n}.xml", t) for n, t in zip("ab", targets, strict=True)]
+    results = await asyncio.gather(
+        *(cli("backup-begin", str(spec), f"check-{n}") for n, spec in zip("ab", specs, strict=True))
+    )
+    assert sorted(r.rc for r in results) == [0, 1], results
+    won = 0 if results[0].rc == 0 else 1
+    winner, loser = results[won], results[1 - won]
+    assert "Backup id 1 created" in winner.out
+    assert one_line_error(loser) in (
+        f"error: another qmpbackup run is working on this VM ({cli.state_dir})",
+        "error: disk 'vdb' is already being backed up by backup id 1",
+    )
+    assert only_line(loser), loser.err
+    assert not targets[1 - won].exists()
+    await settle(vm)
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    assert images_equal(targets[won], ref)
+    await assert_clean(vm, cli, [f"check-{'ab'[won]}"], vda=[], via_cli=False)
+
+
+# -- 7. qmpbackup killed mid-plan (its QMP connection drops) -----------------------
+
+
+async def test_killed_mid_plan(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    """A pull backup-begin SIGKILLed once its transaction ran (check2 and the fleecing
+    job exist in QEMU, nothing is saved): backup-begin then refuses with a pointer to
+    ``recover``, which cleans all and drops check2's bitmap; the next backup is correct."""
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await vm.write("vdb", 0x58, 0, 4 * MiB)
+    spec = pull_vdb(tmp_path / "p.xml", "check1")
+    proc = await spawn(cli, "backup-begin", str(spec), "check2", "--show-steps")
+    sent = await read_until(proc.stdout, '"nbd-server-start"')
+    proc.send_signal(signal.SIGKILL)
+    assert await proc.wait() == -signal.SIGKILL
+    assert any('"transaction"' in line for line in sent)
+    # What the killed run left: its job and nodes, check2's bitmap, no record, no metadata.
+    jobs = await vm.session.execute("query-jobs")
+    assert [(j["id"], j["status"]) for j in jobs] == [("qmpbackup-1-vdb", "running")]
+    nodes = await vm.session.execute("query-named-block-nodes", {"flat": True})
+    vdb = next(n for n in nodes if n["node-name"] == "vdb-fmt")
+    assert {b.get("name") for b in vdb["dirty-bitmaps"]} >= {"check1", "check2"}
+    assert [c.name for c in CheckpointStore(cli.state_dir).load_all()] == ["check1"]
+    assert BackupRecordStore(cli.state_dir).load_all() == []
+
+    refused = await cli("backup-begin", str(spec), "check3")
+    message = one_line_error(refused)
+    assert only_line(refused), refused.err
+    assert message.startswith("error: an earlier run left leftovers: unfinished backup-begin")
+    assert message.endswith("; run 'qmpbackup recover' first")
+    recovered = await cli.ok("recover")
+    assert recovered.out.splitlines()[-1] == "Recovered"
+    await assert_clean(vm, cli, ["check1"])
+    assert list((cli.state_dir / "scratch").iterdir()) == []
+    with (
+        socket.socket(socket.AF_UNIX) as probe,
+        pytest.raises((ConnectionRefusedError, FileNotFoundError)),  # the NBD server is gone
+    ):
+        probe.connect(str(cli.state_dir / "nbd.sock"))
+    await next_incremental(vm, cli, tmp_path, "check1", base)
