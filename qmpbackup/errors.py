@@ -8,6 +8,8 @@ one line shown to the user.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class QmpBackupError(Exception):
     """Base class of every qmpbackup error."""
@@ -83,3 +85,14 @@ class BackupNotFoundError(InvalidInputError):
 
 class LeftoversError(QmpBackupError):
     """An earlier run left jobs, nodes, exports, bitmaps, files or journals behind."""
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line account of ``exc`` (pydantic's and OSError's own texts are longer)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{exc.error_count()} invalid field(s), first {where}: {first['msg']}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

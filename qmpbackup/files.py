@@ -25,8 +25,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush folder ``path``, so that names created or removed in it persist."""
+    fsync_file(path)

@@ -38,9 +38,10 @@ import structlog
 
 from .digests import file_digest
 from .errors import InvalidInputError
+from .files import fsync_dir
 from .images import image_info
 from .repository import (
-    _ID_RE,
+    BACKUP_ID_RE,
     DIGESTS_SUFFIX,
     IMAGE_SUFFIX,
     RECORDS_DIR,
@@ -53,7 +54,6 @@ from .repository import (
 from .restore import (
     build_checked,
     check_standalone,
-    fsync_dir,
     recorded_digests,
     temporary_file,
 )
@@ -125,7 +125,7 @@ def _ancestors(
     """The backups ``disk`` of ``record`` chains to, oldest first."""
     found: list[BackupRecord] = []
     current = record
-    while (parent_id := _disk(current, disk).parent) is not None:
+    while (parent_id := Repository.disk_record(current, disk).parent) is not None:
         parent = records.get(parent_id)
         if parent is None or parent.seq >= current.seq:
             raise RepositoryError(
@@ -135,13 +135,6 @@ def _ancestors(
         found.append(parent)
         current = parent
     return found[::-1]
-
-
-def _disk(record: BackupRecord, name: str) -> DiskRecord:
-    found = record.disk(name)
-    if found is None:
-        raise RepositoryError(f"backup {record.id} has no disk {name}")
-    return found
 
 
 def _plan_rebases(
@@ -241,7 +234,7 @@ def _orphans(repo: Repository, records: Iterable[BackupRecord]) -> list[Path]:
                 continue
             for suffix in (IMAGE_SUFFIX, DIGESTS_SUFFIX):
                 stem = name.removesuffix(suffix)
-                if stem != name and _ID_RE.match(stem) and path not in referenced:
+                if stem != name and BACKUP_ID_RE.match(stem) and path not in referenced:
                     found.append(path)
     return found
 

@@ -33,7 +33,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .digests import file_digest
-from .errors import InvalidInputError, QmpBackupError
+from .errors import InvalidInputError, QmpBackupError, one_line
 from .files import atomic_write_text
 from .planner.level import DiskHistory
 from .spec.models import check_name
@@ -45,11 +45,20 @@ RECORDS_DIR = "backups"
 IMAGE_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
 DEFAULT_DIGEST_BLOCK = 1 << 20
-_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[1-9]\d*$")
+BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[1-9]\d*$")
 
 
 class RepositoryError(QmpBackupError):
     """The repository is inconsistent, or an operation on it is refused."""
+
+
+class RecordError(RepositoryError):
+    """A record file cannot be read as the backup its name says."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
 
 
 def _check_file_name(value: str | None) -> str | None:
@@ -59,7 +68,7 @@ def _check_file_name(value: str | None) -> str | None:
 
 
 def _check_id(value: str | None) -> str | None:
-    if value is not None and not _ID_RE.match(value):
+    if value is not None and not BACKUP_ID_RE.match(value):
         raise ValueError(f"invalid backup id {value!r}")
     return value
 
@@ -222,14 +231,15 @@ class Repository:
 
     def image_path(self, record: BackupRecord, disk: str) -> Path:
         """The image file of ``disk`` in ``record``."""
-        return self.disk_dir(disk) / self._disk(record, disk).file
+        return self.disk_dir(disk) / self.disk_record(record, disk).file
 
     def digests_path(self, record: BackupRecord, disk: str) -> Path:
         """The digests file of ``disk`` in ``record``."""
-        return self.disk_dir(disk) / self._disk(record, disk).digests_file
+        return self.disk_dir(disk) / self.disk_record(record, disk).digests_file
 
     @staticmethod
-    def _disk(record: BackupRecord, disk: str) -> DiskRecord:
+    def disk_record(record: BackupRecord, disk: str) -> DiskRecord:
+        """The entry of ``disk`` in ``record``; RepositoryError if it has none."""
         found = record.disk(disk)
         if found is None:
             raise RepositoryError(f"backup {record.id} has no disk {disk!r}")
@@ -247,23 +257,27 @@ class Repository:
         finally:
             os.close(fd)
 
-    def _load(self, path: Path) -> BackupRecord:
+    def record_paths(self) -> list[Path]:
+        """The record files, in no particular order (temporary files left out)."""
+        if not self.records_dir.is_dir():
+            return []
+        return [p for p in self.records_dir.iterdir() if p.suffix == ".json" and p.name[0] != "."]
+
+    def load_record(self, path: Path) -> BackupRecord:
+        """The record in ``path``; RepositoryError if it is unreadable or misnamed."""
         try:
             record = BackupRecord.model_validate_json(path.read_bytes())
         except (OSError, ValidationError) as exc:
-            raise RepositoryError(f"unreadable backup record {path}: {exc}") from None
+            raise RecordError(path, f"unreadable backup record: {one_line(exc)}") from None
         if f"{record.id}.json" != path.name:
-            raise RepositoryError(f"backup record {path} holds backup {record.id}")
+            raise RecordError(path, f"the record holds backup {record.id}")
         return record
 
     def _write(self, record: BackupRecord) -> None:
         atomic_write_text(self.record_path(record.id), record.model_dump_json(indent=2) + "\n")
 
     def _all(self) -> list[BackupRecord]:
-        if not self.records_dir.is_dir():
-            return []
-        paths = [p for p in self.records_dir.iterdir() if p.suffix == ".json" and p.name[0] != "."]
-        records = [self._load(p) for p in paths]
+        records = [self.load_record(p) for p in self.record_paths()]
         records.sort(key=lambda r: r.seq)
         return records
 
@@ -276,7 +290,7 @@ class Repository:
         path = self.record_path(backup_id)
         if not path.exists():
             raise InvalidInputError(f"no backup {backup_id} in {self.base}")
-        return self._load(path)
+        return self.load_record(path)
 
     def latest(self, disk: str) -> BackupRecord | None:
         """The newest complete backup that holds ``disk``."""
@@ -308,7 +322,7 @@ class Repository:
             record = self.get(current)
             if not record.complete:
                 raise RepositoryError(f"backup {current} is not complete")
-            entry = self._disk(record, disk)
+            entry = self.disk_record(record, disk)
             if child is not None and child.parent_file != entry.file:
                 raise RepositoryError(
                     f"backup chain of {disk}: {child.file} names parent file "
@@ -355,7 +369,7 @@ class Repository:
                     raise RepositoryError(
                         f"no complete {want} of disk {req.name} for a {req.level} backup"
                     )
-                parent_disk = None if parent is None else self._disk(parent, req.name)
+                parent_disk = None if parent is None else self.disk_record(parent, req.name)
                 if parent is not None:
                     parents.append(parent)
                 disk_rec = DiskRecord(
@@ -485,7 +499,7 @@ class Repository:
         if last is None:
             return None
         full = self.parent_for(disk, "diff")
-        entry = self._disk(last, disk)
+        entry = self.disk_record(last, disk)
         return DiskHistory(
             disk=disk,
             image=entry.source or "",

@@ -141,8 +141,6 @@ async def _push_copy(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int
 
 
 async def _pull_copy(
-    vm: VM,
-    repo: Repository,
     entry: BackupEntry,
     job: BackupBegun,
     levels: dict[str, LevelDecision],
@@ -324,7 +322,7 @@ async def backup_to_repository(
             if mode == "push":
                 written = await _push_copy(vm, job, emit)
             else:
-                written = await _pull_copy(vm, repo, entry, job, levels, emit)
+                written = await _pull_copy(entry, job, levels, emit)
             ended = await vm.backup_end(job.record.id)
             job = None
             if ended.outcome != "completed":
@@ -348,7 +346,6 @@ async def backup_to_repository(
                 bitmap = graph_after.top_node(decision.disk).bitmap(checkpoint)
                 if bitmap is not None:
                     granularity[decision.disk] = bitmap.granularity
-            assert job is None
             made = next((c for c in vm.checkpoints() if c.name == checkpoint), None)
             record = repo.commit(
                 entry,

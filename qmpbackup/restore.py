@@ -21,6 +21,7 @@ import structlog
 
 from .digests import Digests, compare, digest_all
 from .errors import InvalidInputError, QmpBackupError, TargetExistsError
+from .files import fsync_dir, fsync_file
 from .images import image_info, qemu_img
 from .repository import BackupRecord, DiskRecord, Repository, RepositoryError
 
@@ -39,20 +40,6 @@ class RestoreResult:
     fmt: Format
     virtual_size: int
     blocks_checked: int
-
-
-def fsync_file(path: Path) -> None:
-    """Flush ``path``'s data to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush folder ``path``, so that names created or removed in it persist."""
-    fsync_file(path)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import images
 from .errors import QmpBackupError
 from .session import QMPSession
 
@@ -35,11 +36,8 @@ def kvm_usable() -> bool:
 
 
 def qemu_img(*args: str) -> str:
-    """Run ``qemu-img`` and return its output; raise with its stderr on failure."""
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise QmpBackupError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
-    return proc.stdout
+    """Run ``qemu-img`` and return its output; ImageError with its stderr on failure."""
+    return images.qemu_img(*args).stdout
 
 
 def qemu_io(image: str, command: str, fmt: str = "raw") -> None:

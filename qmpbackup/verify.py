@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import ValidationError
 
 from .digests import (
     DigestError,
@@ -34,10 +33,10 @@ from .digests import (
     file_digest,
     resized_blocks,
 )
-from .errors import InvalidInputError
+from .errors import InvalidInputError, one_line
 from .images import ImageError, image_info, qemu_img
 from .nbd import NBDError
-from .repository import BackupRecord, DiskRecord, Repository, RepositoryError
+from .repository import BackupRecord, DiskRecord, RecordError, Repository, RepositoryError
 from .restore import describe_blocks
 
 log = structlog.get_logger("qmpbackup.verify")
@@ -98,16 +97,6 @@ class _Disk:
     unproven: set[int] = field(default_factory=set)
 
 
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return f"{exc.error_count()} invalid field(s), first {where}: {first['msg']}"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
 class _Verifier:
     """One run of :func:`verify`: the records, what each check found, the counts."""
 
@@ -137,23 +126,11 @@ class _Verifier:
 
     def load(self) -> None:
         """Read every record; an unreadable one is a problem, not an error."""
-        folder = self.repo.records_dir
-        if not folder.is_dir():
-            return
-        for path in sorted(folder.iterdir()):
-            if path.suffix != ".json" or path.name.startswith("."):
-                continue
+        for path in sorted(self.repo.record_paths()):
             try:
-                record = BackupRecord.model_validate_json(path.read_bytes())
-            except (OSError, ValidationError) as exc:
-                self.problems.append(
-                    Problem(path.stem, None, path, f"unreadable backup record: {_one_line(exc)}")
-                )
-                continue
-            if path.name != f"{record.id}.json":
-                self.problems.append(
-                    Problem(path.stem, None, path, f"the record holds backup {record.id}")
-                )
+                record = self.repo.load_record(path)
+            except RecordError as exc:
+                self.problems.append(Problem(path.stem, None, path, exc.detail))
                 continue
             self.records[record.id] = record
 
@@ -192,7 +169,7 @@ class _Verifier:
             try:
                 same = file_digest(item.image) == expected.file_digest
             except OSError as exc:
-                self.error(item, item.image, f"unreadable: {_one_line(exc)}")
+                self.error(item, item.image, f"unreadable: {one_line(exc)}")
                 return
             item.state = "intact" if same else "changed"
             if not same:
@@ -204,7 +181,7 @@ class _Verifier:
         try:
             info = image_info(item.image)
         except (ImageError, ValueError) as exc:
-            self.error(item, item.image, f"cannot be opened: {_one_line(exc)}")
+            self.error(item, item.image, f"cannot be opened: {one_line(exc)}")
             return
         usable = self.check_info(item, info)
         self.check_qcow2(item)
@@ -296,7 +273,7 @@ class _Verifier:
         try:
             digests = Digests.load(item.digests_file)
         except (OSError, DigestError) as exc:
-            self.error(item, item.digests_file, f"unreadable digests: {_one_line(exc)}")
+            self.error(item, item.digests_file, f"unreadable digests: {one_line(exc)}")
             return
         if (
             digests.block_size != expected.digest_block_size
@@ -355,7 +332,7 @@ class _Verifier:
                     qemu_img("map", "--output=json", "-f", "qcow2", str(item.image)).stdout
                 )
             except (ImageError, ValueError) as exc:
-                self.error(item, item.image, f"qemu-img map: {_one_line(exc)}")
+                self.error(item, item.image, f"qemu-img map: {one_line(exc)}")
                 item.unproven = set(range(count))
                 return
             wanted = self.blocks_to_read(item, parent, mapping)
@@ -363,7 +340,7 @@ class _Verifier:
             try:
                 got = digest_image(item.image, item.disk.virtual_size, wanted, block_size=bs)
             except (DigestError, NBDError) as exc:
-                self.error(item, item.image, f"cannot read through the chain: {_one_line(exc)}")
+                self.error(item, item.image, f"cannot read through the chain: {one_line(exc)}")
                 item.unproven = set(range(count))
                 return
             self.blocks += len(wanted)
@@ -451,7 +428,7 @@ class _Verifier:
                     image = self.repo.image_path(record, disk.name)
                     digests_file = self.repo.digests_path(record, disk.name)
                 except (InvalidInputError, RepositoryError) as exc:
-                    self.problem(record, None, f"disk {disk.name}: {_one_line(exc)}", "error")
+                    self.problem(record, None, f"disk {disk.name}: {one_line(exc)}", "error")
                     continue
                 item = _Disk(record, disk, image, digests_file)
                 self.disks[(record.id, disk.name)] = item
