@@ -79,6 +79,8 @@ class BackupEnded(BaseModel):
     outcome: str
     errors: dict[str, str]
     dropped_checkpoint: str | None
+    # Push targets qmpbackup created for a backup that did not complete, now deleted.
+    removed_partial: tuple[str, ...] = ()
 
 
 class DiskProgress(BaseModel):
@@ -399,12 +401,11 @@ class VM:
                 shared,
             )
             journal = await self._run(ended.plan, "backup-end", on_step)
-            if record.mode == "pull":
-                # The scratch files qmpbackup created hold only fleecing data.
-                for disk in record.disks:
-                    for path in disk.created_files:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+            removed = []
+            for path in ended.remove_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
             if ended.drop_checkpoint is not None:
                 self._forget_checkpoints([ended.drop_checkpoint])
             self.records.delete(record.id)
@@ -414,6 +415,7 @@ class VM:
             outcome=ended.outcome,
             errors=dict(ended.errors),
             dropped_checkpoint=ended.drop_checkpoint,
+            removed_partial=tuple(removed) if record.mode == "push" else (),
         )
 
     # -- recovery -------------------------------------------------------------

@@ -92,10 +92,14 @@ async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
         extra = (
             f"; checkpoint {ended.dropped_checkpoint} removed" if ended.dropped_checkpoint else ""
         )
+        if ended.removed_partial:
+            extra += f"; partial target {', '.join(ended.removed_partial)} deleted"
         raise QmpBackupError(f"Backup id {ended.id} failed: {detail}{extra}")
     _out(f"Backup id {ended.id} {ended.outcome}")
     if ended.dropped_checkpoint:
         _out(f"Domain checkpoint {ended.dropped_checkpoint} deleted: its backup did not complete")
+    for path in ended.removed_partial:
+        _out(f"Partial target {path} deleted")
     return 0
 
 

@@ -134,7 +134,9 @@ async def run_plan(
                 if final.error and not step.job_may_fail:
                     with contextlib.suppress(QmpBackupError):
                         await run_command(session, JobDismiss(id=step.await_job))
-                    raise JobFailedError(f"job {step.await_job} failed: {final.error}")
+                    raise JobFailedError(
+                        f"could not {step.reason} (job {step.await_job}): {final.error}"
+                    )
         except QmpBackupError as exc:
             if journal is not None:
                 journal.write("failed", index=number, error=str(exc))

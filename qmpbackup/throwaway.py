@@ -140,9 +140,7 @@ class ThrowawayVM:
 
     async def start(self, timeout: float = 30.0) -> None:
         """Start QEMU and wait until its QMP socket accepts a connection."""
-        for path in (self.qmp_path, self.harness_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self._remove_sockets()
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
             self.command_line(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -184,10 +182,17 @@ class ThrowawayVM:
         return out
 
     async def guest_io(self, disk: str, command: str) -> None:
-        """Run a qemu-io command against ``disk`` as the guest would (through its device)."""
+        """Run a qemu-io command against ``disk`` as the guest would (through its device);
+        QmpBackupError if it fails."""
+        seen = self.log_path.stat().st_size
         out = await self.hmp(f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "{command}"')
-        if "failed" in out or "error" in out.lower():
-            raise QmpBackupError(f"guest I/O {command!r} on {disk}: {out.strip()}")
+        # HMP's qemu-io prints an I/O error to QEMU's stderr (our log), not into its reply.
+        with self.log_path.open(errors="replace") as log:
+            log.seek(seen)
+            logged = [line for line in log.read().splitlines() if "failed" in line]
+        if logged or "failed" in out or "error" in out.lower():
+            detail = "; ".join([out.strip(), *logged]).strip("; ")
+            raise QmpBackupError(f"guest I/O {command!r} on {disk}: {detail}")
 
     async def write(self, disk: str, pattern: int, offset: int | str, length: int | str) -> None:
         """Guest writes ``length`` bytes of ``pattern`` at ``offset``."""
@@ -214,6 +219,7 @@ class ThrowawayVM:
                 self.process.send_signal(signal.SIGKILL)
                 self.process.wait()
             self.process = None
+        self._remove_sockets()
 
     async def kill(self) -> None:
         """SIGKILL QEMU, as a crash would: nothing is flushed, bitmaps stay in use."""
@@ -225,6 +231,13 @@ class ThrowawayVM:
             with contextlib.suppress(QmpBackupError):
                 await self._session.disconnect()
             self._session = None
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        # A QEMU that was killed (or lost its monitor) leaves its socket files.
+        for path in (self.qmp_path, self.harness_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def __aenter__(self) -> ThrowawayVM:
         await self.start()

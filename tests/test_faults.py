@@ -12,12 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from qmpbackup.checkpoints import CheckpointStore
+from qmpbackup.errors import QmpBackupError
 from qmpbackup.nbd import NBDError
 from qmpbackup.pull_copy import pull_copy
 from qmpbackup.records import BackupRecordStore
@@ -188,13 +189,12 @@ def host_offset(image: Path, guest: int) -> int | None:
 async def guest_write_error(
     vm: ThrowawayVM, disk: str, pattern: int, offset: int, n: int
 ) -> str | None:
-    """A guest write; its error line, if it failed. HMP's qemu-io prints errors to
-    QEMU's stderr (the log), not into the HMP reply, so ``vm.write`` cannot see them."""
-    seen = vm.log_path.stat().st_size
-    await vm.write(disk, pattern, offset, n)
-    with vm.log_path.open() as log:
-        log.seek(seen)
-        return next((line for line in log.read().splitlines() if "failed" in line), None)
+    """A guest write; its error, if it failed."""
+    try:
+        await vm.write(disk, pattern, offset, n)
+    except QmpBackupError as exc:
+        return str(exc)
+    return None
 
 
 # -- 1. source read errors ----------------------------------------------------
@@ -259,6 +259,16 @@ async def write_bad_cluster(vm: FilteredVM) -> None:
     assert host_offset(vm.disks[1].path, BAD) == vm.bad_host
 
 
+async def test_guest_write_errors_are_seen(tmp_path: Path) -> None:
+    """The harness sees a guest write fail (QEMU logs it instead of replying with it)."""
+    disks = make_slides_images(tmp_path / "vm")
+    rule = "driver=blkdebug,image={child},inject-error.0.event=write_aio,inject-error.0.errno=5"
+    async with FilteredVM(tmp_path / "vm", disks, {"vdb": rule}) as vm:
+        with pytest.raises(QmpBackupError, match="write failed: Input/output error"):
+            await vm.write("vdb", 0x11, 0, CLUSTER)
+        await vm.write("vda", 0x11, 0, CLUSTER)
+
+
 async def test_info_sees_through_blkdebug(bad_vm: FilteredVM, tmp_path: Path) -> None:
     """``info`` names vdb's qcow2 file, not the json: pseudo-filename of blkdebug."""
     text = (await Cli(bad_vm, tmp_path / "state").ok("info")).out
@@ -281,8 +291,10 @@ async def test_push_source_read_error(bad_vm: FilteredVM, tmp_path: Path) -> Non
     assert (info["status"], info["disks"][0]["error"]) == ("failed", "Input/output error")
     ended = await cli("backup-end", "1")
     assert ended.err == (
-        "error: Backup id 1 failed: vdb: Input/output error; checkpoint check2 removed\n"
+        "error: Backup id 1 failed: vdb: Input/output error; checkpoint check2 removed; "
+        f"partial target {inc} deleted\n"
     )
+    assert not inc.exists()
     await assert_clean(vm, cli, ["check1"])
     # blkdebug's rule fired once: the next incremental from check1 reads the cluster fine.
     await next_incremental(vm, cli, tmp_path, "check1", base)
@@ -382,59 +394,86 @@ async def test_push_target_eio(vm: ThrowawayVM, cli: Cli, tmp_path: Path, eio_fi
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: room for an empty qcow2 scratch, not for what the guest overwrites."""
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """Mounts a tmpfs of a given size under ``tmp_path``; unmounted at teardown."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], check=True)
+    mounts: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
+        )
+        mounts.append(path)
+        return path
+
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        for path in mounts:
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug: QEMU 7.2's copy-before-write filter breaks guest writes when the "
-    "scratch fills up (on-cbw-error=break-guest-write); fix: preallocate the scratch or "
-    "refuse a scratch filesystem smaller than the disk",
-)
-async def test_pull_scratch_out_of_space(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, tiny_fs: Path
+async def test_push_target_out_of_space(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, tmpfs: Callable[[str, str], Path]
 ) -> None:
-    """A pull whose scratch cannot even be created: refused at run time, nothing left.
-    Then a scratch that fills up while the guest overwrites: the guest must not pay."""
+    """A push whose target's filesystem fills up: QEMU's ENOSPC in one line, the partial
+    target qmpbackup made is deleted, the checkpoint goes, the next incremental is right."""
     base = await base_checkpoint(vm, cli, tmp_path)
     await vm.write("vdb", 0x58, 0, 8 * MiB)
-    scratch = f"<scratch file='{tiny_fs / 'scratch.qcow2'}'/>"
-    spec = pull_vdb(tmp_path / "p.xml", "check1", scratch)
-    filler = tiny_fs / "filler"
-    filler.write_bytes(b"\0" * (1024 * 1024 - 4096))
+    full = tmpfs("full", "2M")
+    target = full / "inc.qcow2"
+    await cli.ok("backup-begin", str(push_to(tmp_path / "push.xml", target, "check1")), "check2")
+    await settle(vm)
+    ended = await cli("backup-end", "1")
+    assert ended.rc == 1
+    assert ended.err == (
+        "error: Backup id 1 failed: vdb: No space left on device; checkpoint check2 removed; "
+        f"partial target {target} deleted\n"
+    )
+    assert os.listdir(full) == []
+    await assert_clean(vm, cli, ["check1"])
+    await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+async def test_pull_scratch_out_of_space(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, tmpfs: Callable[[str, str], Path]
+) -> None:
+    """The scratch reserves room for the whole disk when it is made. A filesystem that
+    cannot hold it refuses the backup at begin, with nothing left behind; one that can
+    takes every guest overwrite during the backup without the guest seeing an error."""
+    base = await base_checkpoint(vm, cli, tmp_path)
+    await vm.write("vdb", 0x58, 0, 8 * MiB)
+    tiny = tmpfs("tiny", "1M")
+    spec = pull_vdb(tmp_path / "p.xml", "check1", f"<scratch file='{tiny / 'scratch.qcow2'}'/>")
     refused = await cli("backup-begin", str(spec), "check2")
     assert one_line_error(refused) == (
-        "error: job qmpbackup-1-vdb-create-qcow2 failed: "
-        "Could not write qcow2 header: No space left on device"
+        "error: could not format the scratch of vdb as qcow2, its space reserved "
+        "(job qmpbackup-1-vdb-create-qcow2): Could not resize image: "
+        "Failed to resize underlying file: Could not preallocate new data: "
+        "No space left on device"
     )
-    assert os.listdir(tiny_fs) == ["filler"]
+    assert only_line(refused), refused.err
+    assert os.listdir(tiny) == []
     await assert_clean(vm, cli, ["check1"], via_cli=False)
 
-    filler.unlink()
+    # vdb's 100 MiB, its qcow2 metadata, and some slack.
+    roomy = tmpfs("roomy", "102M")
+    spec = pull_vdb(tmp_path / "p.xml", "check1", f"<scratch file='{roomy / 'scratch.qcow2'}'/>")
     ref = await vm.reference("vdb", tmp_path / "ref2.raw")
     uri = uris((await cli.ok("backup-begin", str(spec), "check2")).out)["vdb"]
-    # Copy-before-write must keep 8 MiB of old data in a scratch with ~700 KiB free.
-    guest_error = await guest_write_error(vm, "vdb", 0x99, 0, 8 * MiB)
+    # SPEC §1: the guest is never disturbed, even when it overwrites the whole disk.
+    assert await guest_write_error(vm, "vdb", 0x99, 0, 100 * MiB) is None
     copy = await asyncio.to_thread(
         pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="vdb"
     )
     assert images_equal(copy.image, ref)  # the view still holds the instant
     assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    assert os.listdir(roomy) == []
     await assert_clean(vm, cli, ["check1", "check2"], vda=["check1"], via_cli=False)
     await next_incremental(vm, cli, tmp_path, "check2", copy.image)
-    # SPEC §1: the guest is never disturbed; §3: the error is one line on stderr.
-    assert guest_error is None  # today: "write failed: No space left on device"
-    assert only_line(refused), refused.err
 
 
 # -- 3. the NBD reader goes away mid-pull --------------------------------------
@@ -528,10 +567,10 @@ async def begin_slow_incremental(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> P
 
 async def test_abort_mid_copy(slow_vm: FilteredVM, tmp_path: Path) -> None:
     """``backup-end --abort`` while vdb still copies: aborted, check2 gone from the list
-    and the bitmaps, the next incremental from check1 correct."""
+    and the bitmaps, the partial target deleted, the next incremental from check1 correct."""
     vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
     base = await base_checkpoint(vm, cli, tmp_path)
-    await begin_slow_incremental(vm, cli, tmp_path)
+    target = await begin_slow_incremental(vm, cli, tmp_path)
     proc = await spawn(cli, "-v", "--log-format", "json", "backup-end", "1", "--abort")
     await read_until(proc.stderr, '"qmp.reply"', '"job-cancel"')
     # QEMU took the cancel; the job still waits for its reads queued in the throttle.
@@ -544,7 +583,9 @@ async def test_abort_mid_copy(slow_vm: FilteredVM, tmp_path: Path) -> None:
     assert out.decode().splitlines() == [
         "Backup id 1 aborted",
         "Domain checkpoint check2 deleted: its backup did not complete",
+        f"Partial target {target} deleted",
     ]
+    assert not target.exists()
     await assert_clean(vm, cli, ["check1"])
     await vm.write("vdb", 0x59, 50 * MiB, MiB)
     await next_incremental(vm, cli, tmp_path, "check1", base)
@@ -586,7 +627,7 @@ async def test_qemu_quits_then_backup_end(slow_vm: FilteredVM, tmp_path: Path) -
     the backup complete."""
     vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
     base = await base_checkpoint(vm, cli, tmp_path)
-    await begin_slow_incremental(vm, cli, tmp_path)
+    target = await begin_slow_incremental(vm, cli, tmp_path)
     await quit_and_restart(vm)
     # check2 was saved into vdb's qcow2 on quit; the record is still there.
     assert [r.id for r in BackupRecordStore(cli.state_dir).load_all()] == [1]
@@ -595,8 +636,9 @@ async def test_qemu_quits_then_backup_end(slow_vm: FilteredVM, tmp_path: Path) -
     ended = await cli("backup-end", "1")
     assert ended.err == (
         "error: Backup id 1 failed: vdb: job qmpbackup-1-vdb is gone (QEMU restarted?); "
-        "checkpoint check2 removed\n"
+        f"checkpoint check2 removed; partial target {target} deleted\n"
     )
+    assert not target.exists()
     await assert_clean(vm, cli, ["check1"])
     await next_incremental(vm, cli, tmp_path, "check1", base)
     assert info["status"] != "completed"

@@ -53,8 +53,10 @@ async def test_enospc_failure_is_reported_and_cleaned(
     ended = await cli("backup-end", "1")
     assert ended.rc == 1
     assert ended.err.strip() == (
-        "error: Backup id 1 failed: vdb: No space left on device; checkpoint check1 removed"
+        "error: Backup id 1 failed: vdb: No space left on device; checkpoint check1 removed; "
+        f"partial target {target} deleted"
     )
+    assert os.listdir(tiny_fs) == []
     state = await block_state(vm)
     assert "qmpbackup-" not in str(state) and "check1" not in str(state)
     assert state["jobs"] == []

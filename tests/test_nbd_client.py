@@ -78,6 +78,9 @@ def server(argv: list[str], log: Path, address: str | tuple[str, int]) -> Iterat
         yield
     finally:
         stop_process(proc)
+        # qemu-storage-daemon leaves its socket file when it is stopped.
+        if isinstance(address, str):
+            Path(address).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

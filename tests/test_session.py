@@ -46,6 +46,7 @@ async def fake_server(path: Path, payload: bytes, close: bool) -> AsyncIterator[
         for writer in writers:
             writer.close()
         await server.wait_closed()
+        path.unlink(missing_ok=True)
 
 
 async def connect_error(address: str | tuple[str, int], timeout: float = 3.0) -> str:
@@ -110,6 +111,7 @@ async def test_stale_socket_file_is_refused(tmp_path: Path) -> None:
         sock.bind(str(path))
     assert path.exists()
     message = await connect_error(str(path))
+    path.unlink()
     assert "refused" in message
     assert "\n" not in message
 

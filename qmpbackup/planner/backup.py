@@ -430,9 +430,13 @@ def _pull_disk(
         pieces.before += _create_steps(
             BlockdevCreate(
                 job_id=naming.create_job_id(backup_id, disk, "qcow2"),
-                options=CreateQcow2Options(file=file_node, size=size),
+                # Reserve room for every cluster the guest could overwrite: a
+                # full scratch would fail the guest's writes (copy-before-write's
+                # default on-cbw-error=break-guest-write, which blockdev-backup
+                # cannot change), so a lack of space must fail here instead.
+                options=CreateQcow2Options(file=file_node, size=size, preallocation="falloc"),
             ),
-            f"format the scratch of {disk} as qcow2",
+            f"format the scratch of {disk} as qcow2, its space reserved",
         )
     pieces.before.append(
         Step(
@@ -703,6 +707,9 @@ class EndPlan(_Frozen):
     outcome: Literal["completed", "aborted", "failed"]
     errors: Mapping[str, str]
     drop_checkpoint: str | None
+    # Files qmpbackup created that end with the backup: a pull's scratches, and the
+    # partial targets of a push that did not complete (reused targets are the user's).
+    remove_files: tuple[str, ...] = ()
 
 
 def plan_backup_end(
@@ -818,6 +825,13 @@ def plan_backup_end(
                 + (f" and checkpoint {drop}, whose backup did not complete" if drop else ""),
             )
         )
+    remove_files: tuple[str, ...] = ()
+    if pull or outcome != "completed":
+        remove_files = tuple(path for disk in record.disks for path in disk.created_files)
     return EndPlan(
-        plan=Plan(steps=tuple(steps)), outcome=outcome, errors=errors, drop_checkpoint=drop
+        plan=Plan(steps=tuple(steps)),
+        outcome=outcome,
+        errors=errors,
+        drop_checkpoint=drop,
+        remove_files=remove_files,
     )

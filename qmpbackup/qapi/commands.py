@@ -126,6 +126,7 @@ class CreateQcow2Options(QAPIModel):
     backing_file: str | None = None
     backing_fmt: str | None = None
     cluster_size: int | None = None
+    preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
 
 
 class BlockdevCreate(QMPCommand):
