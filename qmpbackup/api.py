@@ -26,7 +26,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from . import naming
-from .checkpoints import Checkpoint, CheckpointStore, find_checkpoint
+from .checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
 from .errors import JobFailedError, LeftoversError
 from .graph import BlockGraph, discover
 from .journal import Journal, read_journals
@@ -432,6 +432,8 @@ class VM:
                 if e["parent"] in names and e["child"] in names
             ]
         objects = await self.session.execute("qom-list", {"path": "/objects"})
+        block = await self.graph()
+        disk_of = {n: disk.name for disk in block.disks.values() for n in disk.chain}
         return Inventory(
             jobs=await query_jobs(self.session),
             exports=tuple(e["id"] for e in await self.session.execute("query-block-exports")),
@@ -444,6 +446,14 @@ class VM:
                 if b.get("name")
             ),
             objects=tuple(o["name"] for o in objects),
+            inconsistent=tuple(
+                (disk_of[node.node_name], node.node_name, b.name)
+                for node in block.nodes.values()
+                if node.node_name in disk_of
+                for b in node.bitmaps
+                if b.inconsistent
+            ),
+            disk_of=disk_of,
         )
 
     async def plan_recover(self) -> RecoverPlan:
@@ -476,8 +486,11 @@ class VM:
         for path in planned.remove_files:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        if planned.drop_checkpoints:
-            self._forget_checkpoints(list(planned.drop_checkpoints))
+        for name, disks in planned.damaged.items():
+            if name not in planned.broken_checkpoints:
+                self._uncover(name, list(disks))
+        if planned.drop_checkpoints or planned.broken_checkpoints:
+            self._forget_checkpoints([*planned.drop_checkpoints, *planned.broken_checkpoints])
         for backup_id in planned.stale_records:
             self.records.delete(backup_id)
         for journal in planned.journals:
@@ -488,7 +501,7 @@ class VM:
 
     async def _refuse_leftovers(self) -> None:
         planned = await self.plan_recover()
-        if planned.needed:
+        if planned.leftovers:
             found = planned.summary()
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise LeftoversError(
@@ -578,6 +591,15 @@ class VM:
             self._forget_checkpoints(names)
             journal.close("done")
         return names
+
+    def _uncover(self, name: str, disks: Sequence[str]) -> None:
+        """Checkpoint ``name`` no longer covers ``disks`` (their bitmaps are gone)."""
+        checkpoint = find_checkpoint(self.checkpoints(), name)
+        entries = tuple(
+            CheckpointDisk(name=d.name, checkpoint="no") if d.name in disks else d
+            for d in checkpoint.disks
+        )
+        self.checkpoint_store.save(checkpoint.model_copy(update={"disks": entries}))
 
     def _forget_checkpoints(self, names: list[str]) -> None:
         """Drop metadata of ``names``; their children take their parent."""

@@ -616,32 +616,103 @@ async def test_qemu_quits_then_recover(slow_vm: FilteredVM, tmp_path: Path) -> N
     assert message.endswith("; run 'qmpbackup recover' first")
     recovered = (await cli.ok("recover")).out.splitlines()
     assert recovered[0] == "backup id 1: left over, its run is gone"
-    assert recovered[-2:] == ["checkpoint check2: its backup did not complete", "Recovered"]
+    assert recovered[-3:] == [
+        "checkpoint check2: its backup did not complete",
+        f"keep {tmp_path / 'inc2.qcow2'}: its copy may have finished, "
+        "but no checkpoint follows from it",
+        "Recovered",
+    ]
     await assert_clean(vm, cli, ["check1"])
     await next_incremental(vm, cli, tmp_path, "check1", base)
 
 
-async def test_qemu_quits_then_backup_end(slow_vm: FilteredVM, tmp_path: Path) -> None:
-    """QEMU quits mid-copy and starts again: backup-end reports the backup failed and
-    check2 goes, the next incremental from check1 is correct, and jobinfo never called
-    the backup complete."""
+async def test_qemu_killed_mid_job(slow_vm: FilteredVM, tmp_path: Path) -> None:
+    """QEMU SIGKILLed mid-copy, started again on the same images: its persistent bitmaps
+    come back inconsistent. ``recover`` names them and removes them with the checkpoint,
+    and the dead backup; a new full, then an incremental from it, are correct."""
     vm, cli = slow_vm, Cli(slow_vm, tmp_path / "state")
-    base = await base_checkpoint(vm, cli, tmp_path)
+    await base_checkpoint(vm, cli, tmp_path)
+    await vm.stop()  # check1's bitmaps are saved into the images...
+    await vm.start()  # ...and loaded again: in use until QEMU closes the images
     target = await begin_slow_incremental(vm, cli, tmp_path)
-    await quit_and_restart(vm)
-    # check2 was saved into vdb's qcow2 on quit; the record is still there.
-    assert [r.id for r in BackupRecordStore(cli.state_dir).load_all()] == [1]
-    info = json.loads((await cli.ok("jobinfo", "--json")).out)
-    assert [(d["disk"], d["status"]) for d in info["disks"]] == [("vdb", "gone")]
-    ended = await cli("backup-end", "1")
-    assert ended.err == (
-        "error: Backup id 1 failed: vdb: job qmpbackup-1-vdb is gone (QEMU restarted?); "
-        f"checkpoint check2 removed; partial target {target} deleted\n"
+    await vm.kill()
+    await vm.start()
+    await fast_again(vm)
+    info = (await cli.ok("info")).out
+    assert info.count("bitmap check1: ") == info.count("INCONSISTENT") == 2, info
+    refused = await cli("backup-begin", str(push_to(tmp_path / "3.xml", target, "check1")))
+    assert one_line_error(refused).endswith("; run 'qmpbackup recover' first")
+
+    plan = (await cli.ok("recover", "--dry-run")).out.splitlines()
+    recovered = (await cli.ok("recover")).out.splitlines()
+    assert recovered == [*plan, "Recovered"]
+    # check2's bitmaps were never saved: they are simply gone.
+    assert recovered == [
+        "backup id 1: left over, its run is gone",
+        "remove bitmap check1 from vda-fmt: inconsistent, it cannot serve a backup",
+        "remove bitmap check1 from vdb-fmt: inconsistent, it cannot serve a backup",
+        "checkpoint check2: its backup did not complete",
+        "checkpoint check1: bitmap inconsistent on vda, vdb (QEMU stopped without saving "
+        "it), so the checkpoint is deleted; the next backup of those disks must be full",
+        f"keep {target}: its copy may have finished, but no checkpoint follows from it",
+        "Recovered",
+    ]
+    await assert_clean(vm, cli, [])
+    assert (await cli.ok("recover")).out == "Nothing to recover\n"
+
+    # A new full with check3 holds the instant of its begin, not the write after it.
+    ref = await vm.reference("vdb", tmp_path / "ref3.raw")
+    full = tmp_path / "full3.qcow2"
+    await cli.ok("backup-begin", str(push_to(tmp_path / "4.xml", full)), "check3")
+    await vm.write("vdb", 0x5A, 60 * MiB, MiB)
+    await settle(vm)
+    assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
+    assert images_equal(full, ref)
+    await assert_clean(vm, cli, ["check3"], vda=[])  # vda takes no part in this backup
+    await next_incremental(vm, cli, tmp_path, "check3", full)
+
+
+async def test_qemu_killed_idle(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    """A QEMU killed with no backup running: check1 (saved, loaded again) comes back
+    inconsistent, check2 (made since the start) is gone. Incrementals from either are
+    refused with a hint; ``recover`` removes both; a full then works."""
+    await cli.ok("checkpoint-create-as", "check1")
+    await vm.stop()
+    await vm.start()
+    await cli.ok("checkpoint-create-as", "check2")
+    await vm.write("vdb", 0x61, 0, MiB)
+    await vm.kill()
+    await vm.start()
+    spec = push_to(tmp_path / "inc.xml", tmp_path / "inc.qcow2", "check1")
+    refused = await cli("backup-begin", str(spec), "check3")
+    assert one_line_error(refused) == (
+        "error: disk 'vdb': bitmap 'check1' on node vdb-fmt is inconsistent (QEMU stopped "
+        "without saving it); run 'qmpbackup recover' to remove it, then take a full backup"
     )
-    assert not target.exists()
-    await assert_clean(vm, cli, ["check1"])
-    await next_incremental(vm, cli, tmp_path, "check1", base)
-    assert info["status"] != "completed"
+    spec = push_to(tmp_path / "inc.xml", tmp_path / "inc.qcow2", "check2")
+    refused = await cli("backup-begin", str(spec), "check3")
+    assert one_line_error(refused) == (
+        "error: disk 'vdb': bitmap 'check2' of the checkpoint is missing in QEMU; "
+        "take a full backup"
+    )
+    assert not (tmp_path / "inc.qcow2").exists()
+    assert (await cli.ok("recover")).out.splitlines() == [
+        "remove bitmap check1 from vda-fmt: inconsistent, it cannot serve a backup",
+        "remove bitmap check1 from vdb-fmt: inconsistent, it cannot serve a backup",
+        "checkpoint check1: bitmap inconsistent on vda, vdb (QEMU stopped without saving "
+        "it), so the checkpoint is deleted; the next backup of those disks must be full",
+        "checkpoint check2: bitmap missing on vda, vdb (QEMU stopped without saving "
+        "it), so the checkpoint is deleted; the next backup of those disks must be full",
+        "Recovered",
+    ]
+    await assert_clean(vm, cli, [])
+    ref = await vm.reference("vdb", tmp_path / "ref.raw")
+    full = tmp_path / "full.qcow2"
+    await cli.ok("backup-begin", str(push_to(tmp_path / "full.xml", full)), "check3")
+    await settle(vm)
+    await cli.ok("backup-end", "1")
+    assert images_equal(full, ref)
+    await assert_clean(vm, cli, ["check3"], vda=[])
 
 
 # -- 6. two backup-begin at once -------------------------------------------------

@@ -44,7 +44,8 @@ def usable_checkpoint_layers(graph: BlockGraph, disk: str, bitmap: str) -> list[
         if layer.bitmap.inconsistent:
             raise PlanError(
                 f"disk {disk!r}: bitmap {bitmap!r} on node {layer.node} is inconsistent "
-                "(QEMU stopped without saving it); take a full backup"
+                "(QEMU stopped without saving it); run 'qmpbackup recover' to remove it, "
+                "then take a full backup"
             )
         if layer.bitmap.busy:
             raise PlanError(f"disk {disk!r}: bitmap {bitmap!r} is in use by another job")

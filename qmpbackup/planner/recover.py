@@ -15,6 +15,16 @@ bitmaps and metadata, so that none promises data no backup holds; a
 checkpoint whose creation was cut before its metadata was saved loses its
 bitmaps.  Every step may fail (the thing may be gone already), which makes
 ``recover`` idempotent.
+
+A QEMU that was killed loses the checkpoint bitmaps it had not saved yet
+(those made since it started), and the ones it had loaded come back marked
+inconsistent: either way they no longer say what changed, so no incremental
+can start from them.  ``recover`` removes every layer of such a checkpoint
+bitmap on that disk; the checkpoint stops covering the disk, and goes when it
+covers no disk any more, so the next backup of the disk is a full.  A disk
+that is not attached at all is left out of this: its bitmaps may be fine in
+its image.  These repairs alone do not make ``backup-begin`` refuse: a full
+backup needs no bitmap.
 """
 
 from __future__ import annotations
@@ -56,6 +66,9 @@ class Inventory(_Frozen):
     edges: tuple[tuple[str, str], ...]  # (parent node, child node)
     bitmaps: tuple[tuple[str, str], ...]  # (node, bitmap)
     objects: tuple[str, ...]
+    # (disk, node, bitmap) of each bitmap QEMU reports inconsistent in a disk's chain.
+    inconsistent: tuple[tuple[str, str, str], ...] = ()
+    disk_of: Mapping[str, str] = {}  # format node -> the disk whose chain holds it
 
 
 class RecoverPlan(_Frozen):
@@ -66,14 +79,26 @@ class RecoverPlan(_Frozen):
     live_records: tuple[int, ...]
     drop_checkpoints: tuple[str, ...]
     remove_files: tuple[str, ...]
+    # Push targets of stale backups whose copy may have finished: left to the user.
+    kept_files: tuple[str, ...] = ()
     journals: tuple[str, ...]
     unfinished: tuple[str, ...]  # operations whose journals were left open
+    # Checkpoint -> disk -> "inconsistent" or "missing": it stops covering those disks.
+    damaged: Mapping[str, Mapping[str, str]] = {}
+    # Damaged checkpoints left covering no disk: their metadata goes too.
+    broken_checkpoints: tuple[str, ...] = ()
+    repair_steps: int = 0  # the plan's last steps, which remove inconsistent bitmaps
 
     @property
     def needed(self) -> bool:
         """True when QEMU or the state directory holds anything to clean."""
+        return self.leftovers or bool(self.damaged)
+
+    @property
+    def leftovers(self) -> bool:
+        """True when an earlier run left something behind (a reason to refuse to begin)."""
         return bool(
-            self.plan.steps
+            len(self.plan.steps) > self.repair_steps
             or self.stale_records
             or self.drop_checkpoints
             or self.remove_files
@@ -86,7 +111,26 @@ class RecoverPlan(_Frozen):
         lines += [f"backup id {r}: left over, its run is gone" for r in self.stale_records]
         lines += [step.reason for step in self.plan.steps]
         lines += [f"checkpoint {c}: its backup did not complete" for c in self.drop_checkpoints]
+        for name, disks in self.damaged.items():
+            fate = (
+                "deleted"
+                if name in self.broken_checkpoints
+                else f"no longer covers {', '.join(disks)}"
+            )
+            causes = "; ".join(
+                f"bitmap {cause} on {', '.join(d for d in disks if disks[d] == cause)}"
+                for cause in sorted(set(disks.values()))
+            )
+            lines.append(
+                f"checkpoint {name}: {causes} (QEMU stopped without saving it), so the "
+                f"checkpoint is {fate}; the next backup of "
+                f"{'that disk' if len(disks) == 1 else 'those disks'} must be full"
+            )
         lines += [f"remove {path}" for path in self.remove_files]
+        lines += [
+            f"keep {path}: its copy may have finished, but no checkpoint follows from it"
+            for path in self.kept_files
+        ]
         return lines
 
 
@@ -246,18 +290,35 @@ def plan_recover(
     steps += [
         Step(
             command=BlockDirtyBitmapRemove(node=node, name=name),
-            reason=f"remove bitmap {name} from {node}: its checkpoint was never completed",
+            reason=f"remove bitmap {name} from {node}: "
+            + (
+                "its backup did not complete"
+                if name in drop
+                else "its checkpoint was never completed"
+            ),
             may_fail=True,
         )
         for node, name in sorted(orphan_bitmaps)
         if (node, name) in present and node not in removed_nodes
     ]
+    damaged, broken, repairs = _repair_checkpoints(
+        inventory, [c for c in checkpoints if c.name not in drop], removed_nodes
+    )
+    steps += repairs
 
     files: list[str] = []
+    kept: list[str] = []
     for record in stale:
-        if record.mode == "pull":
-            for disk in record.disks:
-                files += disk.created_files
+        for disk in record.disks:
+            state = inventory.jobs.get(disk.job_id)
+            if record.mode == "pull" or (
+                state is not None and (state.error or state.status != "concluded")
+            ):
+                files += disk.created_files  # a scratch, or a copy that will never finish
+            else:
+                # The copy may have finished before QEMU restarted or its owner died:
+                # maybe a whole backup, so it stays (outside any checkpoint chain).
+                kept += disk.created_files
     for journal in open_journals:
         for step in journal.sent_steps():
             files += step.get("created_files", ())
@@ -269,6 +330,48 @@ def plan_recover(
         live_records=tuple(r.id for r in live),
         drop_checkpoints=tuple(sorted(drop & known)),
         remove_files=tuple(dict.fromkeys(f for f in files if f not in live_files)),
+        kept_files=tuple(dict.fromkeys(kept)),
         journals=tuple(str(j.path) for j in journals),
         unfinished=tuple(j.operation for j in open_journals),
+        damaged=damaged,
+        broken_checkpoints=broken,
+        repair_steps=len(repairs),
     )
+
+
+def _repair_checkpoints(
+    inventory: Inventory, checkpoints: Sequence[Checkpoint], removed_nodes: set[str]
+) -> tuple[dict[str, dict[str, str]], tuple[str, ...], list[Step]]:
+    """Damaged checkpoints (name -> disk -> cause), those left covering nothing, and
+    the steps that remove every layer of their bitmaps on the damaged disks."""
+    attached = set(inventory.disk_of.values())
+    on_disk = {(inventory.disk_of.get(node), name) for node, name in inventory.bitmaps}
+    bad = {(disk, name) for disk, _node, name in inventory.inconsistent}
+    damaged: dict[str, dict[str, str]] = {}
+    remove: set[tuple[str | None, str | None]] = set()  # (disk, bitmap)
+    for checkpoint in checkpoints:
+        for entry in checkpoint.bitmap_disks():
+            if entry.name not in attached:
+                continue
+            key = (entry.name, entry.bitmap)
+            if key in bad:
+                damaged.setdefault(checkpoint.name, {})[entry.name] = "inconsistent"
+                remove.add(key)
+            elif key not in on_disk:
+                damaged.setdefault(checkpoint.name, {})[entry.name] = "missing"
+    by_name = {c.name: c for c in checkpoints}
+    broken = tuple(
+        name
+        for name, disks in damaged.items()
+        if {d.name for d in by_name[name].bitmap_disks()} <= set(disks)
+    )
+    steps = [
+        Step(
+            command=BlockDirtyBitmapRemove(node=node, name=name),
+            reason=f"remove bitmap {name} from {node}: inconsistent, it cannot serve a backup",
+            may_fail=True,
+        )
+        for node, name in sorted(inventory.bitmaps)
+        if (inventory.disk_of.get(node), name) in remove and node not in removed_nodes
+    ]
+    return damaged, broken, steps
