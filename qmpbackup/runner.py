@@ -14,7 +14,13 @@ from typing import Any
 
 import structlog
 
-from .errors import JobFailedError, QmpBackupError, QMPCommandError, SchemaMismatchError
+from .errors import (
+    DisconnectedError,
+    JobFailedError,
+    QmpBackupError,
+    QMPCommandError,
+    SchemaMismatchError,
+)
 from .graph import CommandRunner
 from .journal import Journal
 from .plan import Plan, Step
@@ -142,6 +148,13 @@ async def run_plan(
                 journal.write("failed", index=number, error=str(exc))
             # The caller reports the error in one line; this is for -v.
             log.info("plan.failed", step=step.describe(), error=str(exc))
+            if isinstance(exc, DisconnectedError) or not session.connected:
+                # Nothing can be undone without QEMU, and whether this step ran is
+                # unknown: the open journal is what lets ``recover`` finish the job.
+                raise DisconnectedError(
+                    f"lost the connection to QEMU during {step.command.execute}: what was "
+                    "done is left in QEMU; run 'qmpbackup recover'"
+                ) from exc
             await rollback(session, [*done, step] if step.await_job else done)
             if journal is not None:
                 journal.close("rolled-back")

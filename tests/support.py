@@ -40,12 +40,13 @@ class CliResult:
 class Cli:
     """Runs the ``qmpbackup`` CLI against one VM and state directory."""
 
-    def __init__(self, vm: ThrowawayVM, state_dir: Path) -> None:
+    def __init__(self, vm: ThrowawayVM, state_dir: Path, qmp: Path | None = None) -> None:
         self.vm = vm
         self.state_dir = state_dir
+        self.qmp = qmp  # another socket in front of the VM's (default: the VM's own)
 
     async def __call__(self, *args: str, verbose: bool = False) -> CliResult:
-        argv = [sys.executable, "-m", "qmpbackup", "--qmp", str(self.vm.qmp_path)]
+        argv = [sys.executable, "-m", "qmpbackup", "--qmp", str(self.qmp or self.vm.qmp_path)]
         argv += ["--state-dir", str(self.state_dir)]
         if verbose:
             argv += ["-v", "--log-format", "json"]

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from qmpbackup.api import VM
-from qmpbackup.errors import LeftoversError
+from qmpbackup.errors import DisconnectedError, LeftoversError
 from qmpbackup.pull_copy import pull_copy
 from qmpbackup.spec import load_backup_spec
 from qmpbackup.spec.models import CheckpointSpec
 from qmpbackup.throwaway import ThrowawayVM, images_equal
 
+from .qmp_cutter import QmpCutter
 from .support import Cli, rebase
 from .test_pull_backup import pull_xml, uris
 from .test_push_backup import push_xml
@@ -142,6 +143,69 @@ async def test_pull_incremental_cut_at_every_step(
 
     ref_a = await vm.reference("vda", tmp_path / "a.raw")
     begun = await cli.ok("backup-begin", str(inc), "c2")  # the server was stopped
+    inc_a = tmp_path / "inc-a.qcow2"
+    pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="vda")
+    await cli.ok("backup-end", "1")
+    assert images_equal(inc_a, ref_a)
+
+
+async def drop_everywhere(
+    vm: ThrowawayVM, cli: Cli, spec: Path, plan: list[dict[str, Any]], when: str
+) -> None:
+    """Drop the QMP connection at each command of ``plan`` (``before`` QEMU gets it or
+    ``after`` it ran, its reply lost): one line that names ``recover``, and ``recover``
+    brings back the state from before."""
+    before = await qemu_state(vm)
+    files = state_files(cli.state_dir)
+    proxy = cli.state_dir.parent / "cut.sock"
+    proxied = Cli(vm, cli.state_dir, qmp=proxy)
+    for step, command in enumerate(plan):
+
+        def match(message: dict[str, Any], command: dict[str, Any] = command) -> bool:
+            return message.get("execute") == command["execute"] and message.get(
+                "arguments", {}
+            ) == command.get("arguments", {})
+
+        message = (
+            f"lost the connection to QEMU during {command['execute']}: what was done "
+            "is left in QEMU; run 'qmpbackup recover'"
+        )
+        async with QmpCutter(proxy, vm.qmp_path, match, when) as cutter:  # type: ignore[arg-type]
+            if step == 0:  # the CLI's one line, once; in-process after that (faster)
+                failed = await proxied("backup-begin", str(spec), "c2")
+                assert failed.rc == 1 and failed.err == f"error: {message}\n", failed.err
+            else:
+                api = await VM.connect(str(proxy), cli.state_dir)
+                with pytest.raises(DisconnectedError) as info:
+                    await api.backup_begin(load_backup_spec(spec), CheckpointSpec(name="c2"))
+                assert str(info.value) == message, step
+                await api.close()
+        assert cutter.cut_seen.is_set(), step
+        async with await VM.connect(str(vm.qmp_path), cli.state_dir) as api:
+            assert (await api.recover()).needed, step
+        assert await qemu_state(vm) == before, f"cut {when} step {step}"
+        assert state_files(cli.state_dir) == files, step
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_connection_dropped_at_every_step(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, when: str
+) -> None:
+    await vm.write("vda", 0x31, MiB, MiB)
+    full = pull_xml(tmp_path / "full.xml")
+    begun = await cli.ok("backup-begin", str(full), "c1")
+    base_a = tmp_path / "full-a.qcow2"
+    pull_copy(uris(begun.out)["vda"], base_a)
+    await cli.ok("backup-end", "1")
+    await vm.write("vda", 0x32, 7 * MiB, 192 * 1024)
+    inc = pull_xml(tmp_path / "inc.xml", incremental="c1")
+    plan = json.loads((await cli.ok("plan", str(inc), "c2")).out)
+
+    await drop_everywhere(vm, cli, inc, plan, when)
+
+    ref_a = await vm.reference("vda", tmp_path / "a.raw")
+    begun = await cli.ok("backup-begin", str(inc), "c2")
+    await vm.write("vda", 0x33, 7 * MiB, MiB)
     inc_a = tmp_path / "inc-a.qcow2"
     pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="vda")
     await cli.ok("backup-end", "1")
