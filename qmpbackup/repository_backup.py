@@ -191,6 +191,10 @@ async def _pull_copy(
             with contextlib.suppress(BaseException):
                 await future
             raise
+        except CopyInterrupted:
+            raise
+        except QmpBackupError as exc:
+            raise QmpBackupError(f"could not copy {disk} into {target.image}: {exc}") from exc
         written[disk] = result.data_bytes + result.zero_bytes
     report()
     return written
@@ -249,7 +253,8 @@ async def _abandon(
     elif entry.record.checkpoint is not None:
         await release_checkpoints(vm, [entry.record.checkpoint])
     repo.discard(entry)
-    log.warning("backup.abandoned", id=entry.id, reason=why)
+    # The caller reports why in its one line; this is for -v.
+    log.info("backup.abandoned", id=entry.id, reason=why)
 
 
 async def release_checkpoints(

@@ -22,6 +22,8 @@ from qmpbackup.errors import QmpBackupError
 from qmpbackup.nbd import NBDError
 from qmpbackup.pull_copy import pull_copy
 from qmpbackup.records import BackupRecordStore
+from qmpbackup.repository import Repository
+from qmpbackup.restore import restore
 from qmpbackup.throwaway import (
     DiskImage,
     ThrowawayVM,
@@ -436,6 +438,47 @@ async def test_push_target_out_of_space(
     assert os.listdir(full) == []
     await assert_clean(vm, cli, ["check1"])
     await next_incremental(vm, cli, tmp_path, "check1", base)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its content (locks aside)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+async def test_pull_target_out_of_space(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, tmpfs: Callable[[str, str], Path]
+) -> None:
+    """A pull into a repository whose filesystem fills up: one line, the repository and
+    the checkpoints as they were, QEMU clean; once there is room, the next run is an
+    incremental that also covers the failed run's changes and restores exactly."""
+    repo = tmpfs("repo", "24M")
+    await cli.ok("backup", "--repo", str(repo), "--mode", "pull", "--no-progress")
+    kept = tree(repo)
+    checkpoints = (await cli.ok("checkpoint-list", "--name")).out
+    await vm.write("vdb", 0x5B, 0, 32 * MiB)
+    failed = await cli("backup", "--repo", str(repo), "--mode", "pull", "--no-progress")
+    message = one_line_error(failed)
+    assert message.startswith("error: could not copy vdb into "), message
+    assert "failed: ENOSPC" in message, message
+    assert only_line(failed), failed.err
+    assert tree(repo) == kept
+    assert (await cli.ok("checkpoint-list", "--name")).out == checkpoints
+    assert await vm.session.execute("query-jobs") == []
+    assert await vm.session.execute("query-block-exports") == []
+    assert (await cli.ok("recover")).out == "Nothing to recover\n"
+
+    subprocess.run(["mount", "-o", "remount,size=64M", str(repo)], check=True)
+    ref = await vm.reference("vdb", tmp_path / "ref.raw")
+    done = await cli.ok("backup", "--repo", str(repo), "--mode", "pull", "--no-progress")
+    first = Repository.open(repo).backups()[0].id
+    assert f"vdb: incremental (changes since backup-{first})" in done.out, done.out
+    restored = tmp_path / "vdb.qcow2"
+    restore(Repository.open(repo), "vdb", restored)
+    assert images_equal(restored, ref)
 
 
 async def test_pull_scratch_out_of_space(
