@@ -80,7 +80,12 @@ class QMPSession:
             raise ConnectionFailedError(self._connect_reason(where, exc)) from exc
         except TimeoutError as exc:
             await self._client.disconnect()
-            raise ConnectionFailedError(f"{where} did not answer as a QMP server") from exc
+            # QEMU's monitor serves one client at a time: the next one is accepted
+            # but gets no greeting until the first has gone.
+            raise ConnectionFailedError(
+                f"{where} did not answer as a QMP server within {timeout:g} s "
+                "(is another client connected? QEMU's monitor serves one at a time)"
+            ) from exc
         self._client.register_listener(self._events)
         self._listening = True
         self._event_task = asyncio.create_task(self._pump_events())

@@ -158,6 +158,20 @@ async def test_silent_peer_times_out(tmp_path: Path) -> None:
     assert "did not answer as a QMP server" in message
 
 
+async def test_busy_monitor_says_so(vm: ThrowawayVM) -> None:
+    """QEMU's monitor with a client already: the second gets no greeting, and is told why."""
+    first = QMPSession(str(vm.qmp_path))
+    await first.connect()
+    try:
+        message = await connect_error(str(vm.qmp_path), timeout=0.5)
+    finally:
+        await first.disconnect()
+    assert message == (
+        f"{vm.qmp_path} did not answer as a QMP server within 0.5 s "
+        "(is another client connected? QEMU's monitor serves one at a time)"
+    )
+
+
 async def test_not_qmp_message_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "other.sock"
     async with fake_server(path, b"HELLO\n", close=True):
