@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from . import naming
 from .checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
 from .errors import JobFailedError, LeftoversError
-from .graph import BlockGraph, discover
+from .graph import BlockGraph, discover, graph_from_replies, query_graph_replies
 from .journal import Journal, read_journals
 from .plan import Plan, Step
 from .planner import (
@@ -277,9 +277,13 @@ class VM:
         return planned
 
     async def _plan_backup(
-        self, spec: BackupSpec, checkpoint: CheckpointSpec | None, options: PullOptions | None
+        self,
+        spec: BackupSpec,
+        checkpoint: CheckpointSpec | None,
+        options: PullOptions | None,
+        graph: BlockGraph | None = None,
     ) -> BackupPlan:
-        graph = await self.graph()
+        graph = graph or await self.graph()
         facts = await self._backup_facts(spec, graph, checkpoint)
         return plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint, options)
 
@@ -299,12 +303,13 @@ class VM:
         Leftovers of an earlier run refuse the backup (LeftoversError) unless ``recover``.
         """
         with locked(self.state_dir):
+            graph = None
             if recover:
                 await self._recover_locked(on_step)
             else:
-                await self._refuse_leftovers()
+                graph = await self._refuse_leftovers()
             # _run checks the plan against the schema before sending it.
-            planned = await self._plan_backup(spec, checkpoint, options)
+            planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":
                 (self.state_dir / "scratch").mkdir(mode=0o700, exist_ok=True)
             journal = await self._run(planned.plan, "backup-begin", on_step)
@@ -420,11 +425,15 @@ class VM:
 
     # -- recovery -------------------------------------------------------------
 
-    async def _inventory(self) -> Inventory:
-        nodes = await self.session.execute("query-named-block-nodes", {"flat": True})
+    async def _inventory(self) -> tuple[Inventory, BlockGraph]:
+        """What recovery looks at, and the block graph read in the same queries."""
+        debug = self.schema.has_command("x-debug-query-block-graph")
+        replies = await query_graph_replies(self.session, debug)
+        block = graph_from_replies(replies)
+        nodes = replies["query-named-block-nodes"]
         edges: list[tuple[str, str]] = []
-        if self.schema.has_command("x-debug-query-block-graph"):
-            graph = await self.session.execute("x-debug-query-block-graph")
+        if debug:
+            graph = replies["x-debug-query-block-graph"]
             names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
             edges = [
                 (names[e["parent"]], names[e["child"]])
@@ -432,7 +441,6 @@ class VM:
                 if e["parent"] in names and e["child"] in names
             ]
         objects = await self.session.execute("qom-list", {"path": "/objects"})
-        block = await self.graph()
         disk_of = {n: disk.name for disk in block.disks.values() for n in disk.chain}
         return Inventory(
             jobs=await query_jobs(self.session),
@@ -454,14 +462,18 @@ class VM:
                 if b.inconsistent
             ),
             disk_of=disk_of,
-        )
+        ), block
 
     async def plan_recover(self) -> RecoverPlan:
         """What ``recover`` would clean, checked against the schema, nothing sent."""
+        return (await self._plan_recover())[0]
+
+    async def _plan_recover(self) -> tuple[RecoverPlan, BlockGraph]:
         records = self.records.load_all()
         scratch = self.state_dir / "scratch"
+        inventory, graph = await self._inventory()
         planned = plan_recover(
-            await self._inventory(),
+            inventory,
             records,
             self.checkpoints(),
             read_journals(self.state_dir),
@@ -471,7 +483,7 @@ class VM:
             scratch_files=sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else (),
         )
         check_plan(planned.plan, self.schema)
-        return planned
+        return planned, graph
 
     async def recover(self, on_step: StepCallback | None = None) -> RecoverPlan:
         """Clean everything a crashed or killed run left in QEMU and in the state
@@ -499,14 +511,16 @@ class VM:
         log.info("recover.done", found=planned.summary())
         return planned
 
-    async def _refuse_leftovers(self) -> None:
-        planned = await self.plan_recover()
+    async def _refuse_leftovers(self) -> BlockGraph:
+        """LeftoversError if an earlier run left anything; else the block graph."""
+        planned, graph = await self._plan_recover()
         if planned.leftovers:
             found = planned.summary()
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
             raise LeftoversError(
                 f"an earlier run left leftovers: {found[0]}{more}; run 'qmpbackup recover' first"
             )
+        return graph
 
     # -- repository backups -------------------------------------------------
 

@@ -9,6 +9,7 @@ one without ``end`` is what ``recover`` reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -28,12 +29,32 @@ class Journal:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         self.path = directory / f"{stamp}-{os.getpid()}-{operation}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._group: asyncio.Future[None] | None = None
 
-    def write(self, event: str, **fields: Any) -> None:
-        """Append one entry and make it durable."""
+    def write(self, event: str, *, durable: bool = True, **fields: Any) -> None:
+        """Append one entry and, unless ``durable`` is false, make it durable (a later
+        :meth:`sync` then does)."""
         line = json.dumps({"time": time.time(), "event": event, **fields}) + "\n"
         os.write(self._fd, line.encode())
-        os.fsync(self._fd)
+        if durable:
+            os.fsync(self._fd)
+
+    async def sync(self) -> None:
+        """Make every entry written so far durable, with one fsync for all the callers
+        that ask during the same turn of the event loop (steps sent side by side)."""
+        if self._group is not None:
+            await asyncio.shield(self._group)
+            return
+        self._group = asyncio.get_running_loop().create_future()
+        group = self._group
+        await asyncio.sleep(0)  # let the other lanes append their entries first
+        self._group = None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            group.set_exception(exc)
+            raise
+        group.set_result(None)
 
     def plan(self, plan: Plan) -> None:
         """Record the whole plan, with undos, before its first step."""

@@ -19,6 +19,9 @@ class Step(BaseModel):
     removed when the step is undone.  ``await_export_deleted`` waits until QEMU
     has really dropped that export (deletion finishes when clients are gone).
     A step with ``may_fail`` is cleanup whose failure is logged, not raised.
+    ``lane`` (a disk) marks steps that only touch that disk's own nodes: in a
+    run of consecutive laned steps, each lane keeps its order while different
+    lanes may be sent concurrently.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -31,6 +34,7 @@ class Step(BaseModel):
     await_export_deleted: str | None = None
     may_fail: bool = False
     created_files: tuple[str, ...] = ()
+    lane: str | None = None
 
     def describe(self) -> str:
         """One line: the command and its reason."""
@@ -69,6 +73,18 @@ class Plan(BaseModel):
             for path in step.created_files:
                 lines.append(f"     undo: remove {path}")
         return "\n".join(lines)
+
+    def segments(self) -> list[list[int]]:
+        """Step indexes grouped into segments: a step without a lane alone, or a run of
+        consecutive laned steps (whose lanes are independent of each other)."""
+        out: list[list[int]] = []
+        for index, step in enumerate(self.steps):
+            previous = self.steps[index - 1].lane if index else None
+            if step.lane is not None and previous is not None and out:
+                out[-1].append(index)
+            else:
+                out.append([index])
+        return out
 
     def __add__(self, other: Plan) -> Plan:
         return Plan(steps=self.steps + other.steps)

@@ -7,9 +7,11 @@ created are removed, and the error is raised.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -71,7 +73,7 @@ async def wait_job(session: QMPSession, job_id: str) -> JobState:
                 raise JobFailedError(f"job {job_id} vanished before it concluded")
             if state.status == "concluded":
                 return state
-            while (await events.get())["data"].get("id") != job_id:
+            while (await session.next_event(events, f"job {job_id}"))["data"].get("id") != job_id:
                 pass
 
 
@@ -82,7 +84,8 @@ async def wait_export_deleted(session: QMPSession, export_id: str) -> None:
             exports = await session.execute("query-block-exports")
             if not any(e["id"] == export_id for e in exports):
                 return
-            while (await events.get())["data"].get("id") != export_id:
+            what = f"export {export_id} to go"
+            while (await session.next_event(events, what))["data"].get("id") != export_id:
                 pass
 
 
@@ -115,57 +118,119 @@ async def run_plan(
     journal: Journal | None = None,
     on_step: StepCallback | None = None,
 ) -> list[Any]:
-    """Send ``plan`` step by step; on failure undo what was done, then raise."""
+    """Send ``plan`` step by step; on failure undo what was done, then raise.
+
+    Within a run of laned steps (see :meth:`Plan.segments`) each lane is sent in
+    order and the lanes side by side: their round trips and job waits overlap,
+    and their journal entries share fsyncs.  Once a step fails no lane starts
+    another step; the ones in flight finish, then everything done is undone.
+    """
     if journal is not None:
         journal.plan(plan)
-    done: list[Step] = []
-    replies: list[Any] = []
-    for number, step in enumerate(plan.steps):
-        if on_step is not None:
-            on_step(number, step)
-        if journal is not None:
-            journal.write("step", index=number, execute=step.command.execute)
-        try:
-            try:
-                replies.append(await run_command(session, step.command))
-            except QMPCommandError as exc:
-                if not step.may_fail:
-                    raise
-                log.info("plan.step_skipped", step=step.describe(), error=str(exc))
-                replies.append(None)
-            if step.await_export_deleted:
-                await wait_export_deleted(session, step.await_export_deleted)
-            if step.await_job:
-                final = await wait_job(session, step.await_job)
-                if final.error and not step.job_may_fail:
-                    with contextlib.suppress(QmpBackupError):
-                        await run_command(session, JobDismiss(id=step.await_job))
-                    raise JobFailedError(
-                        f"could not {step.reason} (job {step.await_job}): {final.error}"
-                    )
-        except QmpBackupError as exc:
-            if journal is not None:
-                journal.write("failed", index=number, error=str(exc))
-            # The caller reports the error in one line; this is for -v.
-            log.info("plan.failed", step=step.describe(), error=str(exc))
-            if isinstance(exc, DisconnectedError) or not session.connected:
-                # Nothing can be undone without QEMU, and whether this step ran is
-                # unknown: the open journal is what lets ``recover`` finish the job.
-                raise DisconnectedError(
-                    f"lost the connection to QEMU during {step.command.execute}: what was "
-                    "done is left in QEMU; run 'qmpbackup recover'"
-                ) from exc
-            await rollback(session, [*done, step] if step.await_job else done)
-            if journal is not None:
-                journal.close("rolled-back")
-            raise
-        done.append(step)
-        if journal is not None:
-            journal.write("done", index=number)
+    run = _Run(session, plan, journal, on_step, [None] * len(plan.steps))
+    for segment in plan.segments():
+        lanes: dict[str | None, list[int]] = {}
+        for index in segment:
+            lanes.setdefault(plan.steps[index].lane, []).append(index)
+        failures: list[tuple[int, QmpBackupError]] = []
+        if len(lanes) > 1:
+            await asyncio.gather(*(run.lane(ix, failures, True) for ix in lanes.values()))
+        else:
+            await run.lane(segment, failures, False)
+        if failures:
+            await _fail(session, plan, journal, run.done, sorted(failures, key=lambda f: f[0]))
     if journal is not None:
         # The caller closes the journal once it has saved its own state.
         journal.write("sent")
-    return replies
+    return run.replies
+
+
+@dataclass
+class _Run:
+    """One run of a plan: what it sends through, and what it has done so far."""
+
+    session: QMPSession
+    plan: Plan
+    journal: Journal | None
+    on_step: StepCallback | None
+    replies: list[Any]
+    done: list[Step] = field(default_factory=list)
+
+    async def lane(
+        self, indexes: list[int], failures: list[tuple[int, QmpBackupError]], grouped: bool
+    ) -> None:
+        """Send the steps ``indexes`` in order until one fails (or another lane's did).
+        ``grouped``: other lanes run alongside, so journal entries share fsyncs."""
+        for number in indexes:
+            if failures:
+                return
+            step = self.plan.steps[number]
+            if self.on_step is not None:
+                self.on_step(number, step)
+            if self.journal is not None:
+                execute = step.command.execute
+                self.journal.write("step", index=number, execute=execute, durable=not grouped)
+                if grouped:
+                    await self.journal.sync()
+            try:
+                self.replies[number] = await _send_step(self.session, step)
+            except QmpBackupError as exc:
+                failures.append((number, exc))
+                return
+            self.done.append(step)
+            if self.journal is not None:
+                # Made durable by the next entry's fsync; recover checks QEMU anyway.
+                self.journal.write("done", index=number, durable=False)
+
+
+async def _send_step(session: QMPSession, step: Step) -> Any:
+    """Send one step and wait for what it waits for; its reply."""
+    try:
+        reply = await run_command(session, step.command)
+    except QMPCommandError as exc:
+        if not step.may_fail:
+            raise
+        log.info("plan.step_skipped", step=step.describe(), error=str(exc))
+        return None
+    if step.await_export_deleted:
+        await wait_export_deleted(session, step.await_export_deleted)
+    if step.await_job:
+        final = await wait_job(session, step.await_job)
+        if final.error and not step.job_may_fail:
+            with contextlib.suppress(QmpBackupError):
+                await run_command(session, JobDismiss(id=step.await_job))
+            raise JobFailedError(f"could not {step.reason} (job {step.await_job}): {final.error}")
+    return reply
+
+
+async def _fail(
+    session: QMPSession,
+    plan: Plan,
+    journal: Journal | None,
+    done: list[Step],
+    failures: list[tuple[int, QmpBackupError]],
+) -> None:
+    """Journal and undo a failed segment; raise the first failure (in plan order)."""
+    number, exc = failures[0]
+    step = plan.steps[number]
+    if journal is not None:
+        for index, error in failures:
+            journal.write("failed", index=index, error=str(error))
+    # The caller reports the error in one line; this is for -v.
+    log.info("plan.failed", step=step.describe(), error=str(exc))
+    if any(isinstance(e, DisconnectedError) for _, e in failures) or not session.connected:
+        # Nothing can be undone without QEMU, and whether this step ran is
+        # unknown: the open journal is what lets ``recover`` finish the job.
+        raise DisconnectedError(
+            f"lost the connection to QEMU during {step.command.execute}: what was "
+            "done is left in QEMU; run 'qmpbackup recover'"
+        ) from exc
+    # A failed step whose job was started has something to undo too.
+    started = [plan.steps[i] for i, _ in failures if plan.steps[i].await_job]
+    await rollback(session, [*done, *started])
+    if journal is not None:
+        journal.close("rolled-back")
+    raise exc
 
 
 async def rollback(session: QMPSession, steps: list[Step]) -> None:

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
 
 from .errors import ConnectionFailedError, DisconnectedError, QMPCommandError
 from .logconfig import redact
@@ -29,17 +29,19 @@ log = structlog.get_logger("qmpbackup.qmp")
 Address = str | tuple[str, int]
 
 
-class _DropRawMessages(logging.Filter):
-    """Drop qemu.qmp's own ``-->``/``<--`` lines: they carry secrets unredacted.
+class _QuietClient(QMPClient):
+    """qemu.qmp's client without its own per-message log lines.
 
-    qmpbackup logs every command, reply and event itself, redacted.
+    Its message hooks format every message for a debug line even when debug is
+    off (costly for big replies), and those lines carry secrets unredacted;
+    the session logs every command, reply and event itself, redacted.
     """
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg not in ("--> %s", "<-- %s")
+    def _cb_outbound(self, msg: Message) -> Message:
+        return msg
 
-
-_DROP_RAW_MESSAGES = _DropRawMessages()
+    def _cb_inbound(self, msg: Message) -> Message:
+        return msg
 
 
 def parse_address(text: str) -> Address:
@@ -60,8 +62,7 @@ class QMPSession:
 
     def __init__(self, address: Address, *, name: str = "qmpbackup") -> None:
         self.address = address
-        self._client = QMPClient(name)
-        self._client.logger.addFilter(_DROP_RAW_MESSAGES)
+        self._client = _QuietClient(name)
         self._events = EventListener()
         self._listening = False
         self._event_task: asyncio.Task[None] | None = None
@@ -133,7 +134,9 @@ class QMPSession:
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run one command and return its ``return`` value."""
         args = dict(arguments) if arguments else None
-        log.debug("qmp.command", execute=command, arguments=redact(args) if args else None)
+        debug = log.is_enabled_for(logging.DEBUG)  # redacting a big reply is not free
+        if debug:
+            log.debug("qmp.command", execute=command, arguments=redact(args) if args else None)
         try:
             reply = await self._client.execute(command, args)
         except ExecuteError as exc:
@@ -145,13 +148,15 @@ class QMPSession:
             raise DisconnectedError(
                 f"QEMU went away during {command} ({type(exc).__name__})"
             ) from exc
-        log.debug("qmp.reply", execute=command, reply=redact(reply))
+        if debug:
+            log.debug("qmp.reply", execute=command, reply=redact(reply))
         return reply
 
     async def _pump_events(self) -> None:
         async for event in self._events:
             try:
-                log.debug("qmp.event", name=event["event"], data=redact(event.get("data", {})))
+                if log.is_enabled_for(logging.DEBUG):
+                    log.debug("qmp.event", name=event["event"], data=redact(event.get("data", {})))
                 for watcher in list(self._watchers):
                     watcher(event)
             except Exception:
@@ -172,6 +177,18 @@ class QMPSession:
             yield queue
         finally:
             self._watchers.remove(deliver)
+
+    async def next_event(
+        self, queue: asyncio.Queue[Mapping[str, Any]], what: str
+    ) -> Mapping[str, Any]:
+        """The next event of ``queue`` (from :meth:`watch`); DisconnectedError if the
+        connection goes first (no event would ever come)."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), 0.5)
+            except TimeoutError:
+                if not self.connected:
+                    raise DisconnectedError(f"QEMU went away while waiting for {what}") from None
 
     @property
     def connected(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -283,9 +283,14 @@ def _target_steps(
             else f"create the target file of {disk}",
             (choice.target,),
         )
+    # A target qmpbackup made is written sparse: data that reads as zeroes is stored
+    # as a hole (raw) or a zero cluster (qcow2 v3, which never exposes a backing file).
+    zeroes: dict[str, Any] = {} if choice.reuse else {"discard": "unmap", "detect_zeroes": "unmap"}
     steps.append(
         Step(
-            command=BlockdevAddFile(node_name=file_node, filename=choice.target),
+            command=BlockdevAddFile(
+                node_name=file_node, filename=choice.target, **(zeroes if raw else {})
+            ),
             reason=f"open {choice.target}" + (f" as the raw target of {disk}" if raw else ""),
             undo=(BlockdevDel(node_name=file_node),),
         )
@@ -311,7 +316,7 @@ def _target_steps(
         )
     steps.append(
         Step(
-            command=BlockdevAddQcow2(node_name=fmt_node, file=file_node, backing=None),
+            command=BlockdevAddQcow2(node_name=fmt_node, file=file_node, backing=None, **zeroes),
             reason=f"open the qcow2 target of {disk} without its backing chain",
             undo=(BlockdevDel(node_name=fmt_node),),
         )
@@ -661,11 +666,21 @@ def plan_backup_begin(
     reason = f"start the backup of {disks} at one instant"
     if checkpoint is not None:
         reason += f" and create checkpoint {checkpoint.name} at that instant"
-    steps = [step for piece in pieces for step in piece.before]
+
+    # Each disk's steps before and after the transaction touch only its own nodes:
+    # laned, the runner sends the disks' steps side by side.
+    def laned(attr: str) -> list[Step]:
+        return [
+            step.model_copy(update={"lane": piece.job.disk})
+            for piece in pieces
+            for step in getattr(piece, attr)
+        ]
+
+    steps = laned("before")
     steps.append(Step(command=Transaction(actions=tuple(actions)), reason=reason, undo=tuple(undo)))
-    steps += [step for piece in pieces for step in piece.after]
+    steps += laned("after")
     steps += server_steps
-    steps += [step for piece in pieces for step in piece.exports]
+    steps += laned("exports")
     record = BackupRecord(
         id=backup_id,
         mode=spec.mode,

@@ -76,6 +76,7 @@ class BlockdevAddFile(QMPCommand):
     read_only: bool | None = None
     auto_read_only: bool | None = None
     discard: Literal["ignore", "unmap"] | None = None
+    detect_zeroes: Literal["off", "on", "unmap"] | None = None
 
 
 class BlockdevAddQcow2(QMPCommand):
@@ -90,6 +91,7 @@ class BlockdevAddQcow2(QMPCommand):
     backing: str | None = None
     read_only: bool | None = None
     discard: Literal["ignore", "unmap"] | None = None
+    detect_zeroes: Literal["off", "on", "unmap"] | None = None
 
 
 class BlockdevAddRaw(QMPCommand):
