@@ -160,7 +160,12 @@ class ThrowawayVM:
             try:
                 await session.connect()
             except QmpBackupError:
-                if loop.time() > deadline or self.process.poll() is not None:
+                if self.process.poll() is not None:
+                    self.process = None
+                    raise QmpBackupError(
+                        f"QEMU exited: {self.log_path.read_text().strip()}"
+                    ) from None
+                if loop.time() > deadline:
                     self.process.kill()
                     self.process.wait()
                     self.process = None
