@@ -46,11 +46,26 @@ class CopyResult:
     zero_bytes: int
 
 
-def _intersect(extents: Iterator[Extent], start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    for extent in extents:
-        lo, hi = max(start, extent.offset), min(end, extent.offset + extent.length)
-        if lo < hi:
-            yield lo, hi - lo, extent.flags
+def _intersect(
+    allocation: Iterator[Extent], dirty: list[tuple[int, int]]
+) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, allocation flags) of the dirty parts, both inputs in order."""
+    ranges = iter(dirty)
+    current = next(ranges, None)
+    for extent in allocation:
+        end = extent.offset + extent.length
+        while current is not None and current[0] < end:
+            lo, hi = max(extent.offset, current[0]), min(end, current[1])
+            if lo < hi:
+                yield lo, hi - lo, extent.flags
+            if current[1] > end:
+                break  # the dirty range goes on into the next extent
+            current = next(ranges, None)
+
+
+# Up to this many dirty ranges, their allocation is asked range by range; beyond, in
+# one sweep from the first to the last (one request per extent instead of per range).
+_PER_RANGE = 16
 
 
 def _plan_ranges(
@@ -64,13 +79,21 @@ def _plan_ranges(
             if not extent.flags & _ZERO:
                 data.append((extent.offset, extent.length))
         return data, zeros
-    for dirty in source.extents(dirty_context):
-        if not dirty.flags & _DIRTY:
-            continue
-        end = dirty.offset + dirty.length
-        allocation = source.extents(ALLOCATION, dirty.offset, dirty.length)
-        for offset, length, flags in _intersect(allocation, dirty.offset, end):
-            (zeros if flags & _ZERO else data).append((offset, length))
+    dirty = [(e.offset, e.offset + e.length) for e in source.extents(dirty_context)
+             if e.flags & _DIRTY]  # fmt: skip
+    if not dirty:
+        return data, zeros
+    if len(dirty) <= _PER_RANGE:
+        pieces = [
+            piece
+            for lo, hi in dirty
+            for piece in _intersect(source.extents(ALLOCATION, lo, hi - lo), [(lo, hi)])
+        ]
+    else:
+        lo, hi = dirty[0][0], dirty[-1][1]
+        pieces = list(_intersect(source.extents(ALLOCATION, lo, hi - lo), dirty))
+    for offset, length, flags in pieces:
+        (zeros if flags & _ZERO else data).append((offset, length))
     return data, zeros
 
 
