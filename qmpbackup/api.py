@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,6 +144,22 @@ CAPABILITIES: dict[str, tuple[str, str]] = {
 }
 
 
+def _direct_io(folder: str) -> bool:
+    """True when a file in ``folder`` can be opened with O_DIRECT (not on tmpfs, say)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".qmpbackup-direct-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(path)
+
+
 def _alive(pid: int) -> bool:
     """True while process ``pid`` exists."""
     try:
@@ -199,6 +216,11 @@ class VM:
         if state_dir is None:
             state_dir = default_state_root() / key
         return cls(session, schema, Path(state_dir), name, key)
+
+    @property
+    def _local(self) -> bool:
+        """True when QEMU is on this host (a unix socket): its files are ours to probe."""
+        return isinstance(self.session.address, str)
 
     async def close(self) -> None:
         """Close the QMP connection."""
@@ -263,6 +285,11 @@ class VM:
             free_port=free_port,
             running_server=running,
             export_names=frozenset(d.export for r in active for d in r.disks if d.export),
+            direct_io_dirs=frozenset(
+                folder
+                for folder in {os.path.dirname(c.target) for c in choices}
+                if spec.mode == "push" and self._local and _direct_io(folder)
+            ),
         )
 
     async def plan_backup(

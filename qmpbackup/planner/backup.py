@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from ..qapi.commands import (
     BlockdevAddQcow2,
     BlockdevAddSnapshotAccess,
     BlockdevBackup,
+    BlockdevCacheOptions,
     BlockdevCreate,
     BlockdevDel,
     BlockDirtyBitmapAdd,
@@ -100,6 +102,8 @@ class BackupFacts(_Frozen):
     free_port: int | None = None
     running_server: NbdServer | None = None
     export_names: frozenset[str] = frozenset()
+    # Folders of push targets where QEMU can write with O_DIRECT (probed by the caller).
+    direct_io_dirs: frozenset[str] = frozenset()
 
 
 class PullOptions(_Frozen):
@@ -262,7 +266,7 @@ def _create_steps(
 
 
 def _target_steps(
-    graph: BlockGraph, choice: DiskChoice, backup_id: int
+    graph: BlockGraph, choice: DiskChoice, backup_id: int, direct: bool = False
 ) -> tuple[list[Step], tuple[str, ...]]:
     """Steps that create (unless reused) and open the target; its node names, top first.
 
@@ -286,10 +290,15 @@ def _target_steps(
     # A target qmpbackup made is written sparse: data that reads as zeroes is stored
     # as a hole (raw) or a zero cluster (qcow2 v3, which never exposes a backing file).
     zeroes: dict[str, Any] = {} if choice.reuse else {"discard": "unmap", "detect_zeroes": "unmap"}
+    # With O_DIRECT the data reaches the disk while the job copies, instead of in one
+    # flush of the whole image at its end, and the guest's page cache is left alone.
+    cache: dict[str, Any] = (
+        {"cache": BlockdevCacheOptions(direct=True), "aio": "native"} if direct else {}
+    )
     steps.append(
         Step(
             command=BlockdevAddFile(
-                node_name=file_node, filename=choice.target, **(zeroes if raw else {})
+                node_name=file_node, filename=choice.target, **(zeroes if raw else {}), **cache
             ),
             reason=f"open {choice.target}" + (f" as the raw target of {disk}" if raw else ""),
             undo=(BlockdevDel(node_name=file_node),),
@@ -351,13 +360,18 @@ def _incremental_bitmap(
 
 
 def _push_disk(
-    graph: BlockGraph, checkpoints: Sequence[Checkpoint], choice: DiskChoice, backup_id: int
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    choice: DiskChoice,
+    backup_id: int,
+    direct: bool = False,
 ) -> _DiskPieces:
-    """Push: open the target; in the transaction, a backup job copying into it."""
+    """Push: open the target (with O_DIRECT if ``direct``); in the transaction, a backup
+    job copying into it."""
     disk = choice.disk
     source = graph.disk(disk).top
     job = naming.job_id(backup_id, disk)
-    target_steps, target_nodes = _target_steps(graph, choice, backup_id)
+    target_steps, target_nodes = _target_steps(graph, choice, backup_id, direct)
     bitmap = None
     temporaries: tuple[tuple[str, str], ...] = ()
     pieces = _DiskPieces(
@@ -638,7 +652,9 @@ def plan_backup_begin(
     pieces = [
         _pull_disk(graph, checkpoints, c, backup_id, c.target in facts.existing_files, server)
         if server is not None
-        else _push_disk(graph, checkpoints, c, backup_id)
+        else _push_disk(
+            graph, checkpoints, c, backup_id, posixpath.dirname(c.target) in facts.direct_io_dirs
+        )
         for c in choices
     ]
 

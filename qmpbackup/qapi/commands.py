@@ -66,6 +66,13 @@ class QMPCommand(QAPIModel):
 # -- block nodes ------------------------------------------------------------
 
 
+class BlockdevCacheOptions(QAPIModel):
+    """``BlockdevCacheOptions``."""
+
+    direct: bool | None = None
+    no_flush: bool | None = None
+
+
 class BlockdevAddFile(QMPCommand):
     """``blockdev-add`` of a ``file`` protocol node."""
 
@@ -77,6 +84,8 @@ class BlockdevAddFile(QMPCommand):
     auto_read_only: bool | None = None
     discard: Literal["ignore", "unmap"] | None = None
     detect_zeroes: Literal["off", "on", "unmap"] | None = None
+    cache: BlockdevCacheOptions | None = None
+    aio: Literal["threads", "native", "io_uring"] | None = None
 
 
 class BlockdevAddQcow2(QMPCommand):
