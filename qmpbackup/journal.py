@@ -1,7 +1,9 @@
 """An append-only journal of the QMP steps a run sends, written before and after each.
 
 A run killed at any step leaves a journal saying which steps were sent and
-how to undo them.  Each line is one JSON object; every line is fsynced.  A
+how to undo them.  Each line is one JSON object, written at once; the plan
+and every step that creates a file are fsynced before that step is sent (a
+file outlives the host; what QEMU holds does not).  A
 journal is closed by its ``end`` line once the run's own state (checkpoint
 metadata, backup record) is saved too; a journal closed ``done`` is deleted,
 one without ``end`` is what ``recover`` reads.

@@ -168,9 +168,16 @@ class _Run:
             if self.on_step is not None:
                 self.on_step(number, step)
             if self.journal is not None:
+                # Only a file outlives the host: what a step makes in QEMU dies with
+                # it, and if only this process dies the entry is in the page cache
+                # for recover to read.  So only a step that creates files waits for
+                # its entry to be on disk.
+                durable = bool(step.created_files)
                 execute = step.command.execute
-                self.journal.write("step", index=number, execute=execute, durable=not grouped)
-                if grouped:
+                self.journal.write(
+                    "step", index=number, execute=execute, durable=durable and not grouped
+                )
+                if durable and grouped:
                     await self.journal.sync()
             try:
                 self.replies[number] = await _send_step(self.session, step)
