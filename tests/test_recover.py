@@ -126,9 +126,11 @@ async def test_push_incremental_cut_at_every_step(
     assert "c2" in (await cli.ok("checkpoint-list", "--name")).out.split()
 
 
-async def test_pull_incremental_cut_at_every_step(
+async def pull_full_then_plan_incremental(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
-) -> None:
+) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """A pull full of vda (checkpoint c1), a guest write, then the pull incremental from
+    c1: the full's image, the incremental's spec and its plan."""
     await vm.write("vda", 0x31, MiB, MiB)
     full = pull_xml(tmp_path / "full.xml")
     begun = await cli.ok("backup-begin", str(full), "c1")
@@ -137,7 +139,13 @@ async def test_pull_incremental_cut_at_every_step(
     await cli.ok("backup-end", "1")
     await vm.write("vda", 0x32, 7 * MiB, 192 * 1024)
     inc = pull_xml(tmp_path / "inc.xml", incremental="c1")
-    plan = json.loads((await cli.ok("plan", str(inc), "c2")).out)
+    return base_a, inc, json.loads((await cli.ok("plan", str(inc), "c2")).out)
+
+
+async def test_pull_incremental_cut_at_every_step(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    base_a, inc, plan = await pull_full_then_plan_incremental(vm, cli, tmp_path)
     assert any(c["execute"] == "nbd-server-start" for c in plan)
 
     await cut_everywhere(vm, cli, inc, len(plan), [])
@@ -195,15 +203,7 @@ async def drop_everywhere(
 async def test_connection_dropped_at_every_step(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path, when: str
 ) -> None:
-    await vm.write("vda", 0x31, MiB, MiB)
-    full = pull_xml(tmp_path / "full.xml")
-    begun = await cli.ok("backup-begin", str(full), "c1")
-    base_a = tmp_path / "full-a.qcow2"
-    pull_copy(uris(begun.out)["vda"], base_a)
-    await cli.ok("backup-end", "1")
-    await vm.write("vda", 0x32, 7 * MiB, 192 * 1024)
-    inc = pull_xml(tmp_path / "inc.xml", incremental="c1")
-    plan = json.loads((await cli.ok("plan", str(inc), "c2")).out)
+    base_a, inc, plan = await pull_full_then_plan_incremental(vm, cli, tmp_path)
 
     await drop_everywhere(vm, cli, inc, plan, when)
 
