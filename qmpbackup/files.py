@@ -1,4 +1,4 @@
-"""Durable writes of the small files in the state directory."""
+"""Writes of files: durable small files of the state directory, whole positioned writes."""
 
 from __future__ import annotations
 
@@ -40,3 +40,11 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Flush folder ``path``, so that names created or removed in it persist."""
     fsync_file(path)
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done

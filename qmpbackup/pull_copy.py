@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QmpBackupError
+from .files import pwrite_all
 from .nbd import Extent, NBDClient, NBDError, TLSConfig
 from .nbd.copy import Done, copy_ranges
 from .qcow2_writer import CLUSTER, Qcow2Writer
@@ -155,9 +156,7 @@ class _FileSink:
             if self._qcow2 is not None:
                 self._qcow2.write(offset, data)
             else:
-                while data:
-                    written = os.pwrite(self._fd, data, offset)
-                    data, offset = data[written:], offset + written
+                pwrite_all(self._fd, data, offset)
         except OSError as exc:
             done(NBDError(f"write of {len(data)} bytes at offset {offset} failed: {exc.strerror}"))
             return

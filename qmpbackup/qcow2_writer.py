@@ -22,6 +22,8 @@ import struct
 from array import array
 from pathlib import Path
 
+from .files import pwrite_all
+
 MAGIC = 0x514649FB
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -33,7 +35,7 @@ OFLAG_COPIED = 1 << 63  # refcount is exactly one
 OFLAG_ZERO = 1  # the cluster reads as zeroes
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 TABLES_IN_MEMORY = 64
-WRITEBACK_WINDOW = 64 << 20  # bytes written between two starts of writeback
+WRITEBACK_WINDOW = 64 << 20  # bytes appended between two starts of writeback
 
 
 class Qcow2Writer:
@@ -59,7 +61,7 @@ class Qcow2Writer:
         self._tables: dict[int, array[int]] = {}
         self._table_hosts: dict[int, int] = {}  # L2 index -> its host cluster, once written
         self._next = 1  # host cluster 0 is the header
-        self._written = self._flushed = self._advised = 0
+        self._advised = 0  # host bytes up to here have had their writeback started
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             self._header()  # checked now, written (with its magic) by finish()
@@ -109,19 +111,15 @@ class Qcow2Writer:
         return start
 
     def _pwrite(self, data: memoryview | bytes, host: int) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.pwrite(self._fd, view, host)
-            view, host = view[done:], host + done
-        self._written += len(data)
-        if self._written - self._flushed >= WRITEBACK_WINDOW:
+        pwrite_all(self._fd, data, host)
+        end = self._next << CLUSTER_BITS
+        if end - self._advised >= WRITEBACK_WINDOW:
             # Start writing back what came in so far (DONTNEED does, for dirty pages):
             # the disk works during the copy, and the final fsync has little left; the
-            # backup's pages also stop crowding the host's page cache.  Data is
+            # backup's pages also stop crowding the host's page cache.  Clusters are
             # appended, so the range since the last call is what is new.
-            end = self._next << CLUSTER_BITS
             os.posix_fadvise(self._fd, self._advised, end - self._advised, os.POSIX_FADV_DONTNEED)
-            self._advised, self._flushed = end, self._written
+            self._advised = end
 
     # -- L2 tables ------------------------------------------------------------
 
