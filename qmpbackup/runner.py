@@ -192,22 +192,54 @@ class _Run:
 
 async def _send_step(session: QMPSession, step: Step) -> Any:
     """Send one step and wait for what it waits for; its reply."""
-    try:
-        reply = await run_command(session, step.command)
-    except QMPCommandError as exc:
-        if not step.may_fail:
-            raise
-        log.info("plan.step_skipped", step=step.describe(), error=str(exc))
-        return None
-    if step.await_export_deleted:
-        await wait_export_deleted(session, step.await_export_deleted)
-    if step.await_job:
-        final = await wait_job(session, step.await_job)
-        if final.error and not step.job_may_fail:
-            with contextlib.suppress(QmpBackupError):
-                await run_command(session, JobDismiss(id=step.await_job))
-            raise JobFailedError(f"could not {step.reason} (job {step.await_job}): {final.error}")
+    job = step.await_job
+    # A job the step starts is followed by its events alone, watched from before the
+    # command is sent so that none is missed: no query-jobs round trip while it runs.
+    starts_job = job is not None and getattr(step.command, "job_id", None) == job
+    async with session.watch({"JOB_STATUS_CHANGE"} if starts_job else set()) as events:
+        try:
+            reply = await run_command(session, step.command)
+        except QMPCommandError as exc:
+            if not step.may_fail:
+                raise
+            log.info("plan.step_skipped", step=step.describe(), error=str(exc))
+            return None
+        if step.await_export_deleted:
+            await wait_export_deleted(session, step.await_export_deleted)
+        if job is None:
+            return reply
+        if starts_job:
+            error = await _wait_started_job(session, events, job)
+        else:
+            error = (await wait_job(session, job)).error
+    if error and not step.job_may_fail:
+        with contextlib.suppress(QmpBackupError):
+            await run_command(session, JobDismiss(id=job))
+        raise JobFailedError(f"could not {step.reason} (job {job}): {error}")
     return reply
+
+
+async def _wait_started_job(
+    session: QMPSession, events: asyncio.Queue[Mapping[str, Any]], job_id: str
+) -> str | None:
+    """Wait until a job whose every status change is in ``events`` concludes; its error.
+
+    A job that fails passes through ``aborting``; only then is QEMU asked for the error.
+    """
+    aborted = False
+    while True:
+        data = (await session.next_event(events, f"job {job_id}"))["data"]
+        if data.get("id") != job_id:
+            continue
+        aborted = aborted or data.get("status") == "aborting"
+        if data.get("status") == "concluded":
+            break
+    if not aborted:
+        return None
+    state = (await query_jobs(session)).get(job_id)
+    if state is None:
+        raise JobFailedError(f"job {job_id} vanished before it concluded")
+    return state.error or f"job {job_id} was aborted"
 
 
 async def _fail(
