@@ -26,18 +26,14 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from . import naming
-from .checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
 from .errors import JobFailedError, LeftoversError
-from .graph import BlockGraph, discover, graph_from_replies, query_graph_replies
-from .journal import Journal, read_journals
-from .plan import Plan, Step
 from .planner import (
     BackupFacts,
     BackupPlan,
     JobState,
     PullOptions,
     choose_disks,
+    naming,
     plan_backup_begin,
     plan_backup_end,
     plan_checkpoint_create,
@@ -45,17 +41,21 @@ from .planner import (
     plan_checkpoint_size,
 )
 from .planner.level import Requested
+from .planner.plan import Plan, Step
 from .planner.recover import Inventory, RecoverPlan, plan_recover
-from .progress import EventSink
-from .prune import PruneResult, prune, unneeded_checkpoints
 from .qapi.schema import QAPISchema
-from .records import BackupRecord, BackupRecordStore
-from .repository import Repository
-from .repository_backup import RepositoryBackup, backup_to_repository, release_checkpoints
+from .qmp.graph import BlockGraph, discover, graph_from_replies, query_graph_replies
+from .qmp.session import Address, QMPSession, describe_address, parse_address
+from .repo.backup import RepositoryBackup, backup_to_repository, release_checkpoints
+from .repo.progress import EventSink
+from .repo.prune import PruneResult, prune, unneeded_checkpoints
+from .repo.repository import Repository
+from .request.models import BackupSpec, CheckpointSpec
 from .runner import check_plan, query_jobs, run_plan, wait_job
-from .session import Address, QMPSession, describe_address, parse_address
-from .spec.models import BackupSpec, CheckpointSpec
-from .state import default_state_root, locked, state_key
+from .state.active import BackupRecord, BackupRecordStore
+from .state.checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
+from .state.journal import Journal, read_journals
+from .state.lock import default_state_root, locked, state_key
 
 log = structlog.get_logger("qmpbackup.api")
 
@@ -580,11 +580,11 @@ class VM:
 
     async def release_checkpoints(self, names: Sequence[str]) -> list[str]:
         """Delete those of ``names`` that are checkpoints of this VM (e.g. what
-        :func:`qmpbackup.prune.prune` released); return the names deleted."""
+        :func:`qmpbackup.repo.prune.prune` released); return the names deleted."""
         return await release_checkpoints(self, names)
 
     async def prune(self, repository: Path | str, keep: int, dry_run: bool = False) -> PruneResult:
-        """:func:`qmpbackup.prune.prune` the repository, then delete the checkpoints
+        """:func:`qmpbackup.repo.prune.prune` the repository, then delete the checkpoints
         no remaining backup needs."""
         result = prune(Repository.open(Path(repository), self.key), keep, dry_run=dry_run)
         if not dry_run:

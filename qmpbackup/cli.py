@@ -15,19 +15,19 @@ from pathlib import Path
 
 from . import __version__
 from .api import VM, JobInfo, VMInfo
-from .checkpoints import Checkpoint
 from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
-from .plan import Step
 from .planner import PullOptions
 from .planner.chain import image_path
-from .progress import EventSink, JsonLines, PlainLines, ProgressBar, human_size
-from .prune import prune
-from .repository import Repository
-from .restore import restore
-from .spec import load_backup_spec, load_checkpoint_spec
-from .spec.models import CheckpointSpec, check_name
-from .verify import verify
+from .planner.plan import Step
+from .repo.progress import EventSink, JsonLines, PlainLines, ProgressBar, human_size
+from .repo.prune import prune
+from .repo.repository import Repository
+from .repo.restore import restore
+from .repo.verify import verify
+from .request import load_backup_spec, load_checkpoint_spec
+from .request.models import CheckpointSpec, check_name
+from .state.checkpoints import Checkpoint
 
 Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
 OfflineHandler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo.walk import run_demo
 
         return await run_demo(args.workdir, keep=args.keep, verbose=args.verbose)
     if args.offline is not None:

@@ -23,13 +23,13 @@ from .errors import (
     QMPCommandError,
     SchemaMismatchError,
 )
-from .graph import CommandRunner
-from .journal import Journal
-from .plan import Plan, Step
 from .planner.backup import JobState
+from .planner.plan import Plan, Step
 from .qapi.commands import JobCancel, JobDismiss, QMPCommand
 from .qapi.schema import QAPISchema
-from .session import QMPSession
+from .qmp.graph import CommandRunner
+from .qmp.session import QMPSession
+from .state.journal import Journal
 
 log = structlog.get_logger("qmpbackup.runner")
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
 from qmpbackup.logconfig import configure_logging
-from qmpbackup.throwaway import ThrowawayVM, make_slides_images
 
 from .support import Cli
 

@@ -13,10 +13,10 @@ import signal
 import sys
 
 from qmpbackup.api import VM
-from qmpbackup.checkpoints import CheckpointStore
-from qmpbackup.plan import Step
-from qmpbackup.spec import load_backup_spec
-from qmpbackup.spec.models import CheckpointSpec
+from qmpbackup.planner.plan import Step
+from qmpbackup.request import load_backup_spec
+from qmpbackup.request.models import CheckpointSpec
+from qmpbackup.state.checkpoints import CheckpointStore
 
 
 def die(*args: object) -> None:

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from qmpbackup.digests import Digests, digest_all
-from qmpbackup.repository import BackupRecord, DiskRequest, Level, Repository
+from qmpbackup.repo.digests import Digests, digest_all
+from qmpbackup.repo.repository import BackupRecord, DiskRequest, Level, Repository
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qmpbackup.throwaway import ThrowawayVM
+from qmpbackup.demo.throwaway import ThrowawayVM
 
 CLUSTER = 65536
 

@@ -52,14 +52,14 @@ from hypothesis.stateful import (
 
 import qmpbackup.api
 from qmpbackup.api import VM
+from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
 from qmpbackup.errors import (
     ConnectionFailedError,
     InvalidInputError,
     QmpBackupError,
     UnknownCheckpointError,
 )
-from qmpbackup.spec import BackupSpec, CheckpointDiskSpec, CheckpointSpec, DiskBackupSpec
-from qmpbackup.throwaway import ThrowawayVM, make_slides_images
+from qmpbackup.request import BackupSpec, CheckpointDiskSpec, CheckpointSpec, DiskBackupSpec
 
 from .support import CLUSTER, allocated_clusters, clusters_of
 

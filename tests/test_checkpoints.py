@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qmpbackup.throwaway import ThrowawayVM, images_equal
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
 
 from .conftest import block_state
 from .support import Cli, allocated_clusters, clusters_of, rebase

@@ -8,12 +8,12 @@ from typing import ClassVar
 
 import pytest
 
+from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, make_slides_images
 from qmpbackup.errors import SchemaMismatchError
-from qmpbackup.plan import Plan, Step
+from qmpbackup.planner.plan import Plan, Step
 from qmpbackup.qapi.commands import QMPCommand
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.runner import check_plan
-from qmpbackup.throwaway import DiskImage, ThrowawayVM, make_slides_images
 
 from .conftest import block_state
 from .support import Cli

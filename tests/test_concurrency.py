@@ -18,13 +18,13 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from qmpbackup.api import VM
-from qmpbackup.progress import BackupEvent
-from qmpbackup.pull_copy import pull_copy
-from qmpbackup.repository import BackupRecord, Repository
-from qmpbackup.repository_backup import RepositoryBackup
-from qmpbackup.restore import restore
-from qmpbackup.spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
-from qmpbackup.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
+from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
+from qmpbackup.images.pull_copy import pull_copy
+from qmpbackup.repo.backup import RepositoryBackup
+from qmpbackup.repo.progress import BackupEvent
+from qmpbackup.repo.repository import BackupRecord, Repository
+from qmpbackup.repo.restore import restore
+from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 
 from .support import CLUSTER, allocated_clusters, clusters_of, qemu_img_info, rebase
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.digests import (
+from qmpbackup.nbd import NBDClient
+from qmpbackup.repo.digests import (
     DEFAULT_BLOCK_SIZE,
     DigestError,
     Digests,
@@ -22,7 +23,6 @@ from qmpbackup.digests import (
     serve_image,
     zero_digest,
 )
-from qmpbackup.nbd import NBDClient
 
 MiB = 1 << 20
 SIZE = 6 * MiB + 300 * 1024  # the last block is short

@@ -17,14 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.checkpoints import CheckpointStore
-from qmpbackup.errors import QmpBackupError
-from qmpbackup.nbd import NBDError
-from qmpbackup.pull_copy import pull_copy
-from qmpbackup.records import BackupRecordStore
-from qmpbackup.repository import Repository
-from qmpbackup.restore import restore
-from qmpbackup.throwaway import (
+from qmpbackup.demo.throwaway import (
     DiskImage,
     ThrowawayVM,
     images_equal,
@@ -32,6 +25,13 @@ from qmpbackup.throwaway import (
     qemu_img,
     qemu_io,
 )
+from qmpbackup.errors import QmpBackupError
+from qmpbackup.images.pull_copy import pull_copy
+from qmpbackup.nbd import NBDError
+from qmpbackup.repo.repository import Repository
+from qmpbackup.repo.restore import restore
+from qmpbackup.state.active import BackupRecordStore
+from qmpbackup.state.checkpoints import CheckpointStore
 
 from .support import CLUSTER, Cli, CliResult, rebase
 from .test_pull_backup import uris

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.throwaway import ThrowawayVM
+from qmpbackup.demo.throwaway import ThrowawayVM
 
 from .conftest import block_state
 from .support import Cli

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.checkpoints import Checkpoint, CheckpointDisk
 from qmpbackup.errors import PlanError
-from qmpbackup.graph import BlockGraph, graph_from_replies
 from qmpbackup.planner.level import DiskHistory, decide_levels
+from qmpbackup.qmp.graph import BlockGraph, graph_from_replies
+from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
 
 GRAPHS = Path(__file__).resolve().parent.parent / "fixtures" / "qemu-7.2" / "graphs"
 CHECK1 = Checkpoint(

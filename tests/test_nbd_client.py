@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from qmpbackup.child_process import stop_process
+from qmpbackup.images.qemu_nbd import stop_process
 from qmpbackup.nbd import Extent, NBDClient, NBDError, TLSConfig, parse_uri
 
 MiB = 1 << 20

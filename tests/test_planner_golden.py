@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from qmpbackup.checkpoints import Checkpoint, CheckpointDisk
 from qmpbackup.errors import (
     BackupActiveError,
     InvalidInputError,
@@ -32,8 +31,6 @@ from qmpbackup.errors import (
     UnknownCheckpointError,
     UnknownDiskError,
 )
-from qmpbackup.graph import Bitmap, BlockGraph, BlockNode, graph_from_replies
-from qmpbackup.plan import Plan
 from qmpbackup.planner import (
     BackupFacts,
     BackupPlan,
@@ -46,10 +43,13 @@ from qmpbackup.planner import (
     plan_checkpoint_delete,
     plan_checkpoint_size,
 )
+from qmpbackup.planner.plan import Plan
 from qmpbackup.qapi.schema import QAPISchema
-from qmpbackup.records import BackupRecord, NbdServer
+from qmpbackup.qmp.graph import Bitmap, BlockGraph, BlockNode, graph_from_replies
+from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 from qmpbackup.runner import check_plan
-from qmpbackup.spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
+from qmpbackup.state.active import BackupRecord, NbdServer
+from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "fixtures" / "qemu-7.2" / "graphs"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from qmpbackup.progress import BackupEvent, JsonLines, PlainLines, ProgressBar, human_size
+from qmpbackup.repo.progress import BackupEvent, JsonLines, PlainLines, ProgressBar, human_size
 
 MiB = 1 << 20
 

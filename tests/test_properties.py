@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of qmpbackup.spec.loader: round trips and hostile input.
+"""Property tests (hypothesis) of qmpbackup.request.loader: round trips and hostile input.
 
 Round trips: valid BackupSpec/CheckpointSpec values rendered as libvirt XML, YAML
 and JSON load back equal.  Hostile input (random bytes and text, edited
@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from qmpbackup.errors import InvalidInputError, SpecError
-from qmpbackup.spec import (
+from qmpbackup.request import (
     MAX_SPEC_BYTES,
     BackupSpec,
     CheckpointDiskSpec,
@@ -45,7 +45,7 @@ from qmpbackup.spec import (
     parse_backup_spec,
     parse_checkpoint_spec,
 )
-from qmpbackup.spec.models import NAME_RE
+from qmpbackup.request.models import NAME_RE
 
 T = TypeVar("T")
 Spec = BackupSpec | CheckpointSpec

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
+from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.nbd import NBDError, TLSConfig
-from qmpbackup.pull_copy import pull_copy
-from qmpbackup.throwaway import ThrowawayVM, images_equal
 
 from .conftest import block_state
 from .support import CLUSTER, Cli, clusters_of

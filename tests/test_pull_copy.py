@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from qmpbackup.pull_copy import pull_copy
-from qmpbackup.throwaway import ThrowawayVM, images_equal
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
+from qmpbackup.images.pull_copy import pull_copy
 
 from .support import Cli, allocated_clusters, clusters_of, data_clusters, qemu_img_info
 from .test_pull_backup import assert_clean, dirty_clusters, pull_xml, uris

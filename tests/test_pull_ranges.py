@@ -7,9 +7,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmpbackup.images.pull_copy import _cluster_aligned, _intersect
+from qmpbackup.images.qcow2_writer import CLUSTER
 from qmpbackup.nbd import Extent
-from qmpbackup.pull_copy import _cluster_aligned, _intersect
-from qmpbackup.qcow2_writer import CLUSTER
 
 
 @st.composite

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qmpbackup.throwaway import ThrowawayVM, images_equal
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
 
 from .conftest import block_state
 from .support import Cli, allocated_clusters, clusters_of, qemu_img_info, rebase

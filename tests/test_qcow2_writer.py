@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup import qcow2_writer
-from qmpbackup.qcow2_writer import CLUSTER, Qcow2Writer
-from qmpbackup.throwaway import images_equal, qemu_img
+from qmpbackup.demo.throwaway import images_equal, qemu_img
+from qmpbackup.images import qcow2_writer
+from qmpbackup.images.qcow2_writer import CLUSTER, Qcow2Writer
 
 MiB = 1 << 20
 

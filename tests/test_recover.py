@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from qmpbackup.api import VM
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
 from qmpbackup.errors import DisconnectedError, LeftoversError
-from qmpbackup.pull_copy import pull_copy
-from qmpbackup.spec import load_backup_spec
-from qmpbackup.spec.models import CheckpointSpec
-from qmpbackup.throwaway import ThrowawayVM, images_equal
+from qmpbackup.images.pull_copy import pull_copy
+from qmpbackup.request import load_backup_spec
+from qmpbackup.request.models import CheckpointSpec
 
 from .qmp_cutter import QmpCutter
 from .support import Cli, rebase

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.digests import Digests, file_digest
 from qmpbackup.errors import InvalidInputError
-from qmpbackup.repository import (
+from qmpbackup.repo.digests import Digests, file_digest
+from qmpbackup.repo.repository import (
     BackupEntry,
     BackupRecord,
     DiskRequest,

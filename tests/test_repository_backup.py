@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from qmpbackup.api import VM
-from qmpbackup.progress import BackupEvent
-from qmpbackup.repository import Repository
-from qmpbackup.restore import restore
-from qmpbackup.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
+from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
+from qmpbackup.repo.progress import BackupEvent
+from qmpbackup.repo.repository import Repository
+from qmpbackup.repo.restore import restore
 
 from .support import Cli, allocated_clusters, clusters_of, qemu_img_info
 

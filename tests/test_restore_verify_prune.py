@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.digests import file_digest
 from qmpbackup.errors import InvalidInputError, TargetExistsError
-from qmpbackup.prune import needed_checkpoints, prune, unneeded_checkpoints
-from qmpbackup.repository import DiskRequest, Level, Repository, RepositoryError
-from qmpbackup.restore import Format, restore
-from qmpbackup.verify import Problem, verify
+from qmpbackup.repo.digests import file_digest
+from qmpbackup.repo.prune import needed_checkpoints, prune, unneeded_checkpoints
+from qmpbackup.repo.repository import DiskRequest, Level, Repository, RepositoryError
+from qmpbackup.repo.restore import Format, restore
+from qmpbackup.repo.verify import Problem, verify
 
 from .repo_builder import (
     KiB,

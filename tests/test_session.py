@@ -15,10 +15,10 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from qmpbackup.demo.throwaway import ThrowawayVM
 from qmpbackup.errors import ConnectionFailedError, DisconnectedError, QMPCommandError
 from qmpbackup.logconfig import configure_logging
-from qmpbackup.session import QMPSession, parse_address
-from qmpbackup.throwaway import ThrowawayVM
+from qmpbackup.qmp.session import QMPSession, parse_address
 
 SECRET = "s3cr3t-Pa55w0rd-never-logged"
 

@@ -1,4 +1,4 @@
-"""Tests of qmpbackup.spec.loader: libvirt XML, YAML and JSON requests."""
+"""Tests of qmpbackup.request.loader: libvirt XML, YAML and JSON requests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmpbackup.errors import SpecError
-from qmpbackup.spec import (
+from qmpbackup.request import (
     MAX_SPEC_BYTES,
     BackupSpec,
     CheckpointDiskSpec,

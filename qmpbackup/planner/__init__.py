@@ -1,4 +1,4 @@
-"""The pure planner: observed state in, :class:`~qmpbackup.plan.Plan` out, no I/O."""
+"""The pure planner: observed state in, :class:`~qmpbackup.planner.plan.Plan` out, no I/O."""
 
 from .backup import (
     BackupFacts,

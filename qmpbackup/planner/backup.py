@@ -9,22 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .. import naming
-from ..checkpoints import (
-    Checkpoint,
-    CheckpointDisk,
-    find_checkpoint,
-    next_parent,
-    next_seq,
-)
 from ..errors import (
     BackupActiveError,
     InvalidInputError,
     PlanError,
     TargetExistsError,
 )
-from ..graph import BlockGraph
-from ..plan import Plan, Step
 from ..qapi.commands import (
     AuthzListAdd,
     AuthzRule,
@@ -57,14 +47,24 @@ from ..qapi.commands import (
     UnixAddress,
     UnixSocketPath,
 )
-from ..records import BackupRecord, DiskJob, NbdServer
-from ..spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
+from ..qmp.graph import BlockGraph
+from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec
+from ..state.active import BackupRecord, DiskJob, NbdServer
+from ..state.checkpoints import (
+    Checkpoint,
+    CheckpointDisk,
+    find_checkpoint,
+    next_parent,
+    next_seq,
+)
+from . import naming
 from .chain import (
     image_path,
     merged_bitmap,
     require_persistent_bitmaps,
     usable_checkpoint_layers,
 )
+from .plan import Plan, Step
 
 SyncKind = Literal["full", "top", "incremental"]
 

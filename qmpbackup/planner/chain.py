@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..errors import PlanError
-from ..graph import FILTER_DRIVERS, BitmapLayer, BlockGraph, BlockNode
 from ..qapi.commands import BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, QMPCommand
+from ..qmp.graph import FILTER_DRIVERS, BitmapLayer, BlockGraph, BlockNode
 
 
 def image_path(graph: BlockGraph, node: BlockNode) -> str:

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .. import naming
-from ..checkpoints import (
+from ..errors import InvalidInputError
+from ..qapi.commands import (
+    BlockDirtyBitmapAdd,
+    BlockDirtyBitmapRemove,
+    QMPCommand,
+    Transaction,
+)
+from ..qmp.graph import BlockGraph
+from ..request.models import CheckpointSpec
+from ..state.checkpoints import (
     Checkpoint,
     CheckpointDisk,
     descendants,
@@ -13,17 +21,9 @@ from ..checkpoints import (
     next_parent,
     next_seq,
 )
-from ..errors import InvalidInputError
-from ..graph import BlockGraph
-from ..plan import Plan, Step
-from ..qapi.commands import (
-    BlockDirtyBitmapAdd,
-    BlockDirtyBitmapRemove,
-    QMPCommand,
-    Transaction,
-)
-from ..spec.models import CheckpointSpec
+from . import naming
 from .chain import merged_bitmap, require_persistent_bitmaps
+from .plan import Plan, Step
 
 
 def plan_checkpoint_create(

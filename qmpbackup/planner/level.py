@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..checkpoints import Checkpoint
 from ..errors import PlanError
-from ..graph import BlockGraph
+from ..qmp.graph import BlockGraph
+from ..state.checkpoints import Checkpoint
 from .chain import image_path, usable_checkpoint_layers
 
 Level = Literal["full", "inc", "diff"]

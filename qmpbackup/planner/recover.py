@@ -34,10 +34,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ..checkpoints import Checkpoint
-from ..journal import JournalState
-from ..naming import PREFIX
-from ..plan import Plan, Step
 from ..qapi.commands import (
     BlockdevDel,
     BlockDirtyBitmapRemove,
@@ -47,8 +43,12 @@ from ..qapi.commands import (
     NbdServerStop,
     ObjectDel,
 )
-from ..records import BackupRecord
+from ..state.active import BackupRecord
+from ..state.checkpoints import Checkpoint
+from ..state.journal import JournalState
 from .backup import JobState
+from .naming import PREFIX
+from .plan import Plan, Step
 
 _CHECKPOINT_OPERATIONS = ("backup-begin", "checkpoint-create")
 

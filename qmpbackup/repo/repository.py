@@ -5,7 +5,7 @@ Layout of a repository ``<repo>``::
     <repo>/<vm>/.lock                         flock(2) held while records change
     <repo>/<vm>/backups/<backup-id>.json      one record per backup (BackupRecord)
     <repo>/<vm>/<disk>/<backup-id>.qcow2      the image of that disk in that backup
-    <repo>/<vm>/<disk>/<backup-id>.digests    per-block digests (qmpbackup.digests)
+    <repo>/<vm>/<disk>/<backup-id>.digests    per-block digests (qmpbackup.repo.digests)
 
 An incremental or differential image's backing file is its parent's file name,
 relative (``20260101T000000Z-1.qcow2``), so ``qemu-img`` and QEMU open any point of a
@@ -32,11 +32,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..errors import InvalidInputError, QmpBackupError, one_line
+from ..files import atomic_write_text
+from ..planner.level import DiskHistory
+from ..request.models import check_name
 from .digests import file_digest
-from .errors import InvalidInputError, QmpBackupError, one_line
-from .files import atomic_write_text
-from .planner.level import DiskHistory
-from .spec.models import check_name
 
 Level = Literal["full", "inc", "diff"]
 Mode = Literal["push", "pull"]

@@ -14,8 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import BackupNotFoundError
-from .files import atomic_write_text
+from ..errors import BackupNotFoundError
+from ..files import atomic_write_text
 
 
 class NbdServer(BaseModel):

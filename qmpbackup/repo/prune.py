@@ -36,10 +36,10 @@ from pathlib import Path
 
 import structlog
 
+from ..errors import InvalidInputError
+from ..files import fsync_dir
+from ..images.qemu_img import image_info
 from .digests import file_digest
-from .errors import InvalidInputError
-from .files import fsync_dir
-from .images import image_info
 from .repository import (
     BACKUP_ID_RE,
     DIGESTS_SUFFIX,

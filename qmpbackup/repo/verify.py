@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 import structlog
 
+from ..errors import InvalidInputError, one_line
+from ..images.qemu_img import ImageError, image_info, qemu_img
+from ..nbd import NBDError
 from .digests import (
     DigestError,
     Digests,
@@ -33,9 +36,6 @@ from .digests import (
     file_digest,
     resized_blocks,
 )
-from .errors import InvalidInputError, one_line
-from .images import ImageError, image_info, qemu_img
-from .nbd import NBDError
 from .repository import BackupRecord, DiskRecord, RecordError, Repository, RepositoryError
 from .restore import describe_blocks
 

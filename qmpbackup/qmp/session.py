@@ -21,8 +21,8 @@ from typing import Any
 import structlog
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
 
-from .errors import ConnectionFailedError, DisconnectedError, QMPCommandError
-from .logconfig import redact
+from ..errors import ConnectionFailedError, DisconnectedError, QMPCommandError
+from ..logconfig import redact
 
 log = structlog.get_logger("qmpbackup.qmp")
 

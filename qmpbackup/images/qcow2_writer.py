@@ -22,7 +22,7 @@ import struct
 from array import array
 from pathlib import Path
 
-from .files import pwrite_all
+from ..files import pwrite_all
 
 MAGIC = 0x514649FB
 CLUSTER_BITS = 16

@@ -1,7 +1,7 @@
 """Request models: what a user asks for, independent of the input format.
 
 libvirt ``<domainbackup>`` / ``<domaincheckpoint>`` XML, YAML and JSON all
-load into these models (see :mod:`qmpbackup.spec.loader`).
+load into these models (see :mod:`qmpbackup.request.loader`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .qapi.commands import QMPCommand, Transaction
+from ..qapi.commands import QMPCommand, Transaction
 
 
 class Step(BaseModel):

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .child_process import stop_process, wait_listening
-from .errors import QmpBackupError
-from .files import atomic_write_bytes
-from .nbd import NBDClient
+from ..errors import QmpBackupError
+from ..files import atomic_write_bytes
+from ..images.qemu_nbd import stop_process, wait_listening
+from ..nbd import NBDClient
 
 DIGEST_SIZE = 32
 DEFAULT_BLOCK_SIZE = 1 << 20

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan
+from ..planner.plan import Plan
 
 
 class Journal:

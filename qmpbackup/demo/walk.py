@@ -20,16 +20,16 @@ from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
-from . import naming
-from .api import VM, BackupBegun
-from .errors import InvalidInputError, QmpBackupError
-from .nbd import Extent, NBDClient
-from .plan import Step
-from .pull_copy import CopyResult, pull_copy
-from .records import BackupRecord
-from .runner import query_jobs
-from .spec import parse_backup_spec, parse_checkpoint_spec
-from .spec.models import CheckpointSpec
+from ..api import VM, BackupBegun
+from ..errors import InvalidInputError, QmpBackupError
+from ..images.pull_copy import CopyResult, pull_copy
+from ..nbd import Extent, NBDClient
+from ..planner import naming
+from ..planner.plan import Step
+from ..request import parse_backup_spec, parse_checkpoint_spec
+from ..request.models import CheckpointSpec
+from ..runner import query_jobs
+from ..state.active import BackupRecord
 from .throwaway import ThrowawayVM, images_equal, make_slides_images, qemu_img, remove_tree
 
 MiB = 1024 * 1024

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UnknownCheckpointError
-from .files import atomic_write_text
+from ..errors import UnknownCheckpointError
+from ..files import atomic_write_text
 
 
 class CheckpointDisk(BaseModel):

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import images
-from .errors import QmpBackupError
-from .session import QMPSession
+from ..errors import QmpBackupError
+from ..images.qemu_img import qemu_img as run_qemu_img
+from ..qmp.session import QMPSession
 
 QEMU = os.environ.get("QMPBACKUP_QEMU", "qemu-system-x86_64")
 
@@ -37,7 +37,7 @@ def kvm_usable() -> bool:
 
 def qemu_img(*args: str) -> str:
     """Run ``qemu-img`` and return its output; ImageError with its stderr on failure."""
-    return images.qemu_img(*args).stdout
+    return run_qemu_img(*args).stdout
 
 
 def qemu_io(image: str, command: str, fmt: str = "raw") -> None:

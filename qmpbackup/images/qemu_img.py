@@ -8,7 +8,7 @@ from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
-from .errors import QmpBackupError
+from ..errors import QmpBackupError
 
 
 class ImageError(QmpBackupError):

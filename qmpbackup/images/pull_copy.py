@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QmpBackupError
-from .files import pwrite_all
-from .nbd import Extent, NBDClient, NBDError, TLSConfig
-from .nbd.copy import Done, copy_ranges
+from ..errors import QmpBackupError
+from ..files import pwrite_all
+from ..nbd import Extent, NBDClient, NBDError, TLSConfig
+from ..nbd.copy import Done, copy_ranges
 from .qcow2_writer import CLUSTER, Qcow2Writer
 
 ALLOCATION = "base:allocation"

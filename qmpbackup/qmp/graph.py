@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UnknownDiskError
+from ..errors import UnknownDiskError
 
 # Drivers that sit above the format node without changing what the guest sees.
 FILTER_DRIVERS = frozenset(
@@ -265,7 +265,7 @@ def build_graph(
 
 
 class CommandRunner(Protocol):
-    """Anything that can run a QMP command (a :class:`~qmpbackup.session.QMPSession`)."""
+    """Anything that can run a QMP command (a :class:`~qmpbackup.qmp.session.QMPSession`)."""
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Run ``command`` and return its result."""

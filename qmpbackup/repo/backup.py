@@ -31,6 +31,13 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
+from ..errors import JobFailedError, QmpBackupError
+from ..images.pull_copy import pull_copy
+from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
+from ..planner.chain import image_path
+from ..planner.level import LevelDecision, Requested, decide_levels
+from ..qmp.graph import BlockGraph
+from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec
 from .digests import (
     DEFAULT_BLOCK_SIZE,
     Digests,
@@ -40,19 +47,12 @@ from .digests import (
     digest_image,
     resized_blocks,
 )
-from .errors import JobFailedError, QmpBackupError
-from .graph import BlockGraph
-from .images import check_image, set_backing_name, top_layer_extents
-from .planner.chain import image_path
-from .planner.level import LevelDecision, Requested, decide_levels
 from .progress import BackupEvent, EventSink
-from .pull_copy import pull_copy
 from .repository import BackupEntry, DiskRequest, Repository
 from .repository import BackupRecord as RepositoryRecord
-from .spec.models import BackupSpec, CheckpointSpec, DiskBackupSpec
 
 if TYPE_CHECKING:
-    from .api import VM, BackupBegun
+    from ..api import VM, BackupBegun
 
 log = structlog.get_logger("qmpbackup.backup")
 

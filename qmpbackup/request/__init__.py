@@ -1,13 +1,13 @@
 """Backup and checkpoint requests: pydantic models and their XML/YAML/JSON loader."""
 
-from qmpbackup.spec.loader import (
+from qmpbackup.request.loader import (
     MAX_SPEC_BYTES,
     load_backup_spec,
     load_checkpoint_spec,
     parse_backup_spec,
     parse_checkpoint_spec,
 )
-from qmpbackup.spec.models import (
+from qmpbackup.request.models import (
     BackupSpec,
     CheckpointDiskSpec,
     CheckpointSpec,

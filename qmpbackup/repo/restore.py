@@ -19,10 +19,10 @@ from typing import Literal, get_args
 
 import structlog
 
+from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
+from ..files import fsync_dir, fsync_file
+from ..images.qemu_img import image_info, qemu_img
 from .digests import Digests, compare, digest_all
-from .errors import InvalidInputError, QmpBackupError, TargetExistsError
-from .files import fsync_dir, fsync_file
-from .images import image_info, qemu_img
 from .repository import BackupRecord, DiskRecord, Repository, RepositoryError
 
 log = structlog.get_logger("qmpbackup.restore")

@@ -13,7 +13,7 @@ except the read-only parts of ``virsh checkpoint-dumpxml`` output
 (``<creationTime>``, ``<parent>``, ``<domain>``, ``<disk size=…>``), which are
 ignored so that a dumped checkpoint loads as-is.
 
-YAML and JSON take the fields of the models in :mod:`qmpbackup.spec.models`.
+YAML and JSON take the fields of the models in :mod:`qmpbackup.request.models`.
 For a disk, libvirt's nesting ``driver: {type: qcow2, shallow: on}``,
 ``target: {file: …}`` and ``scratch: {file: …}`` is accepted as well as the
 flat ``format``, ``shallow``, ``target`` and ``scratch``.
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from qmpbackup.errors import SpecError
-from qmpbackup.spec.models import BackupSpec, CheckpointSpec
+from qmpbackup.request.models import BackupSpec, CheckpointSpec
 
 __all__ = [
     "MAX_SPEC_BYTES",
