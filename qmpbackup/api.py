@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -40,7 +39,6 @@ from .planner import (
     plan_checkpoint_delete,
     plan_checkpoint_size,
 )
-from .planner.level import Requested
 from .planner.plan import Plan, Step
 from .planner.recover import Inventory, RecoverPlan, plan_recover
 from .qapi.schema import QAPISchema
@@ -50,7 +48,7 @@ from .repo.backup import RepositoryBackup, backup_to_repository, release_checkpo
 from .repo.progress import EventSink
 from .repo.prune import PruneResult, prune, unneeded_checkpoints
 from .repo.repository import Repository
-from .request.models import BackupSpec, CheckpointSpec
+from .request.models import BackupSpec, CheckpointSpec, Mode, RequestedLevel
 from .runner import check_plan, query_jobs, run_plan, wait_job
 from .state.active import BackupRecord, BackupRecordStore
 from .state.checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
@@ -555,8 +553,8 @@ class VM:
         self,
         repository: Path | str,
         *,
-        level: Requested = "auto",
-        mode: Literal["push", "pull"] = "push",
+        level: RequestedLevel = "auto",
+        mode: Mode = "push",
         disks: Sequence[str] | None = None,
         on_event: EventSink | None = None,
         recover: bool = False,

@@ -16,10 +16,10 @@ from qmpbackup.repo.repository import (
     BackupEntry,
     BackupRecord,
     DiskRequest,
-    Level,
     Repository,
     RepositoryError,
 )
+from qmpbackup.request.models import Level
 
 MiB = 1 << 20
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

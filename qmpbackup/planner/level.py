@@ -11,17 +11,14 @@ the granularity recorded then.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import PlanError
 from ..qmp.graph import BlockGraph
+from ..request.models import Level, RequestedLevel
 from ..state.checkpoints import Checkpoint
 from .chain import image_path, usable_checkpoint_layers
-
-Level = Literal["full", "inc", "diff"]
-Requested = Literal["full", "inc", "diff", "auto"]
 
 
 class DiskHistory(BaseModel):
@@ -89,7 +86,7 @@ def _chain_problem(
 
 
 def decide_levels(
-    requested: Requested,
+    requested: RequestedLevel,
     disks: Sequence[str],
     graph: BlockGraph,
     checkpoints: Sequence[Checkpoint],

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -35,9 +35,9 @@ from ..errors import JobFailedError, QmpBackupError
 from ..images.pull_copy import pull_copy
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from ..planner.chain import image_path
-from ..planner.level import LevelDecision, Requested, decide_levels
+from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
-from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec
+from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
 from .digests import (
     DEFAULT_BLOCK_SIZE,
     Digests,
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("qmpbackup.backup")
 
-Mode = Literal["push", "pull"]
 CHECKPOINT_NAME = "backup-{id}"
 _POLL = 0.5
 
@@ -282,7 +281,7 @@ async def backup_to_repository(
     vm: VM,
     root: Path,
     *,
-    level: Requested = "auto",
+    level: RequestedLevel = "auto",
     mode: Mode = "push",
     disks: Sequence[str] | None = None,
     on_event: EventSink | None = None,

@@ -39,6 +39,7 @@ import structlog
 from ..errors import InvalidInputError
 from ..files import fsync_dir
 from ..images.qemu_img import image_info
+from ..request.models import Level
 from .digests import file_digest
 from .repository import (
     BACKUP_ID_RE,
@@ -47,7 +48,6 @@ from .repository import (
     RECORDS_DIR,
     BackupRecord,
     DiskRecord,
-    Level,
     Repository,
     RepositoryError,
 )

@@ -28,18 +28,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InvalidInputError, QmpBackupError, one_line
 from ..files import atomic_write_text
 from ..planner.level import DiskHistory
-from ..request.models import check_name
+from ..request.models import Level, Mode, check_name
 from .digests import file_digest
-
-Level = Literal["full", "inc", "diff"]
-Mode = Literal["push", "pull"]
 
 RECORDS_DIR = "backups"
 IMAGE_SUFFIX = ".qcow2"

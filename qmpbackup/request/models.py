@@ -11,6 +11,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+Mode = Literal["push", "pull"]
+"""Who copies the data: QEMU into target files (push), or a reader over NBD (pull)."""
+
+Level = Literal["full", "inc", "diff"]
+"""A backup's level: everything, the changes since the last backup, or since the last full."""
+
+RequestedLevel = Literal["full", "inc", "diff", "auto"]
+"""A level as asked for; ``auto`` is decided per disk (see :mod:`qmpbackup.planner.level`)."""
+
 # Names end up in node names, bitmap names, export names and file names.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
@@ -84,7 +93,7 @@ class DiskBackupSpec(_Model):
 class BackupSpec(_Model):
     """A ``<domainbackup>``: what to back up, where, and from which checkpoint."""
 
-    mode: Literal["push", "pull"] = "push"
+    mode: Mode = "push"
     incremental: str | None = None
     server: ServerSpec | None = None
     disks: tuple[DiskBackupSpec, ...] = ()

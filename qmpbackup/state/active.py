@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import BackupNotFoundError
 from ..files import atomic_write_text
+from ..request.models import Mode
 
 
 class NbdServer(BaseModel):
@@ -67,7 +68,7 @@ class BackupRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: int
-    mode: Literal["push", "pull"]
+    mode: Mode
     started: float
     checkpoint: str | None = None
     incremental: str | None = None
