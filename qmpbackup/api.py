@@ -29,7 +29,6 @@ from .errors import JobFailedError, LeftoversError
 from .planner import (
     BackupFacts,
     BackupPlan,
-    JobState,
     PullOptions,
     choose_disks,
     naming,
@@ -43,13 +42,14 @@ from .planner.plan import Plan, Step
 from .planner.recover import Inventory, RecoverPlan, plan_recover
 from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover, graph_from_replies, query_graph_replies
+from .qmp.jobs import JobState, query_jobs, wait_job
 from .qmp.session import Address, QMPSession, describe_address, parse_address
 from .repo.backup import RepositoryBackup, backup_to_repository, release_checkpoints
 from .repo.progress import EventSink
 from .repo.prune import PruneResult, prune, unneeded_checkpoints
 from .repo.repository import Repository
 from .request.models import BackupSpec, CheckpointSpec, Mode, RequestedLevel
-from .runner import check_plan, query_jobs, run_plan, wait_job
+from .runner import check_plan, run_plan
 from .state.active import BackupRecord, BackupRecordStore
 from .state.checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
 from .state.journal import Journal, read_journals

@@ -18,7 +18,6 @@ from .api import VM, JobInfo, VMInfo
 from .errors import InvalidInputError, QmpBackupError, SpecError
 from .logconfig import configure_logging
 from .planner import PullOptions
-from .planner.chain import image_path
 from .planner.plan import Step
 from .repo.progress import EventSink, JsonLines, PlainLines, ProgressBar, human_size
 from .repo.prune import prune
@@ -321,7 +320,7 @@ def _info_text(info: VMInfo) -> str:
         for depth, node_name in enumerate(disk.chain):
             node = graph.node(node_name)
             lines.append(
-                f"    {'  ' * depth}{node.driver} {image_path(graph, node)} [{node_name}]"
+                f"    {'  ' * depth}{node.driver} {graph.image_path(node)} [{node_name}]"
                 f" size={node.virtual_size}"
             )
             for b in node.bitmaps:

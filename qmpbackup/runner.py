@@ -23,11 +23,10 @@ from .errors import (
     QMPCommandError,
     SchemaMismatchError,
 )
-from .planner.backup import JobState
 from .planner.plan import Plan, Step
 from .qapi.commands import JobCancel, JobDismiss, QMPCommand
 from .qapi.schema import QAPISchema
-from .qmp.graph import CommandRunner
+from .qmp.jobs import query_jobs, wait_export_deleted, wait_job
 from .qmp.session import QMPSession
 from .state.journal import Journal
 
@@ -43,50 +42,6 @@ def check_plan(plan: Plan, schema: QAPISchema) -> None:
             if not schema.has_command(command.execute):
                 raise SchemaMismatchError(command.execute, "", "unknown command in this QEMU")
             schema.check_command(command.execute, command.arguments())
-
-
-def parse_jobs(reply: list[Mapping[str, Any]]) -> dict[str, JobState]:
-    """``query-jobs`` as :class:`JobState` by job id."""
-    return {
-        job["id"]: JobState(
-            id=job["id"],
-            status=job["status"],
-            error=job.get("error"),
-            current_progress=job.get("current-progress", 0),
-            total_progress=job.get("total-progress", 0),
-        )
-        for job in reply
-    }
-
-
-async def query_jobs(qmp: CommandRunner) -> dict[str, JobState]:
-    """Every job QEMU has, by id."""
-    return parse_jobs(await qmp.execute("query-jobs"))
-
-
-async def wait_job(session: QMPSession, job_id: str) -> JobState:
-    """Wait until ``job_id`` has concluded; return its final state."""
-    async with session.watch({"JOB_STATUS_CHANGE"}) as events:
-        while True:
-            state = (await query_jobs(session)).get(job_id)
-            if state is None:
-                raise JobFailedError(f"job {job_id} vanished before it concluded")
-            if state.status == "concluded":
-                return state
-            while (await session.next_event(events, f"job {job_id}"))["data"].get("id") != job_id:
-                pass
-
-
-async def wait_export_deleted(session: QMPSession, export_id: str) -> None:
-    """Wait until QEMU no longer lists the block export ``export_id``."""
-    async with session.watch({"BLOCK_EXPORT_DELETED"}) as events:
-        while True:
-            exports = await session.execute("query-block-exports")
-            if not any(e["id"] == export_id for e in exports):
-                return
-            what = f"export {export_id} to go"
-            while (await session.next_event(events, what))["data"].get("id") != export_id:
-                pass
 
 
 async def run_command(session: QMPSession, command: QMPCommand) -> Any:

@@ -35,7 +35,6 @@ from qmpbackup.planner import (
     BackupFacts,
     BackupPlan,
     EndPlan,
-    JobState,
     PullOptions,
     plan_backup_begin,
     plan_backup_end,
@@ -46,6 +45,7 @@ from qmpbackup.planner import (
 from qmpbackup.planner.plan import Plan
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.qmp.graph import Bitmap, BlockGraph, BlockNode, graph_from_replies
+from qmpbackup.qmp.jobs import JobState
 from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 from qmpbackup.runner import check_plan
 from qmpbackup.state.active import BackupRecord, NbdServer

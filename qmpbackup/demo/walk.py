@@ -26,9 +26,9 @@ from ..images.pull_copy import CopyResult, pull_copy
 from ..nbd import Extent, NBDClient
 from ..planner import naming
 from ..planner.plan import Step
+from ..qmp.jobs import query_jobs
 from ..request import parse_backup_spec, parse_checkpoint_spec
 from ..request.models import CheckpointSpec
-from ..runner import query_jobs
 from ..state.active import BackupRecord
 from .throwaway import ThrowawayVM, images_equal, make_slides_images, qemu_img, remove_tree
 

@@ -48,6 +48,7 @@ from ..qapi.commands import (
     UnixSocketPath,
 )
 from ..qmp.graph import BlockGraph
+from ..qmp.jobs import JobState
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec
 from ..state.active import BackupRecord, DiskJob, NbdServer
 from ..state.checkpoints import (
@@ -59,7 +60,6 @@ from ..state.checkpoints import (
 )
 from . import naming
 from .chain import (
-    image_path,
     merged_bitmap,
     require_persistent_bitmaps,
     usable_checkpoint_layers,
@@ -154,7 +154,7 @@ def _backed_up_disks(spec: BackupSpec, graph: BlockGraph) -> list[str]:
 
 
 def _default_target(graph: BlockGraph, disk: str, suffix: str) -> str:
-    return f"{image_path(graph, graph.top_node(disk))}.{suffix}"
+    return f"{graph.image_path(graph.top_node(disk))}.{suffix}"
 
 
 def choose_disks(
@@ -312,7 +312,7 @@ def _target_steps(
         backing_file = backing_fmt = None
         if choice.sync == "top":
             backing = graph.node(graph.disk(disk).chain[1])
-            backing_file, backing_fmt = image_path(graph, backing), backing.driver
+            backing_file, backing_fmt = graph.image_path(backing), backing.driver
         qcow2 = CreateQcow2Options(
             file=file_node,
             size=top.virtual_size,
@@ -730,16 +730,6 @@ def _bitmap_of(checkpoints: Sequence[Checkpoint], choice: DiskChoice) -> str:
 
 
 # -- backup-end -------------------------------------------------------------
-
-
-class JobState(_Frozen):
-    """A QEMU job as ``query-jobs`` reports it."""
-
-    id: str
-    status: str
-    error: str | None = None
-    current_progress: int = 0
-    total_progress: int = 0
 
 
 class EndPlan(_Frozen):

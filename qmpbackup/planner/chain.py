@@ -4,19 +4,7 @@ from __future__ import annotations
 
 from ..errors import PlanError
 from ..qapi.commands import BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, QMPCommand
-from ..qmp.graph import FILTER_DRIVERS, BitmapLayer, BlockGraph, BlockNode
-
-
-def image_path(graph: BlockGraph, node: BlockNode) -> str:
-    """The host file behind a format node: its protocol child's file name, found
-    through filters (blkdebug, throttle, …) whose own names are ``json:`` strings."""
-    child = graph.nodes.get(node.file_child or "")
-    while child is not None and child.driver in FILTER_DRIVERS:
-        below = graph.nodes.get(child.file_child or "")
-        if below is None:
-            break
-        child = below
-    return node.filename if child is None else child.filename
+from ..qmp.graph import BitmapLayer, BlockGraph, BlockNode
 
 
 def require_persistent_bitmaps(graph: BlockGraph, disk: str) -> BlockNode:

@@ -18,7 +18,7 @@ from ..errors import PlanError
 from ..qmp.graph import BlockGraph
 from ..request.models import Level, RequestedLevel
 from ..state.checkpoints import Checkpoint
-from .chain import image_path, usable_checkpoint_layers
+from .chain import usable_checkpoint_layers
 
 
 class DiskHistory(BaseModel):
@@ -59,8 +59,8 @@ def _chain_problem(
     if history is None:
         return f"no earlier backup of {disk}"
     top = graph.top_node(disk)
-    if image_path(graph, top) != history.image:
-        return f"{disk} is now {image_path(graph, top)}, not {history.image} as backed up"
+    if graph.image_path(top) != history.image:
+        return f"{disk} is now {graph.image_path(top)}, not {history.image} as backed up"
     if top.virtual_size != history.virtual_size:
         return f"{disk} was resized from {history.virtual_size} to {top.virtual_size} bytes"
     if name is None:

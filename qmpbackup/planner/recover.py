@@ -43,10 +43,10 @@ from ..qapi.commands import (
     NbdServerStop,
     ObjectDel,
 )
+from ..qmp.jobs import JobState
 from ..state.active import BackupRecord
 from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
-from .backup import JobState
 from .naming import PREFIX
 from .plan import Plan, Step
 

@@ -10,11 +10,12 @@ it, children are matched by file name.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnknownDiskError
+from .session import CommandRunner
 
 # Drivers that sit above the format node without changing what the guest sees.
 FILTER_DRIVERS = frozenset(
@@ -101,6 +102,17 @@ class BlockGraph(_Frozen):
     def node(self, name: str) -> BlockNode:
         """The node called ``name``."""
         return self.nodes[name]
+
+    def image_path(self, node: BlockNode) -> str:
+        """The host file behind a format node: its protocol child's file name, found
+        through filters (blkdebug, throttle, …) whose own names are ``json:`` strings."""
+        child = self.nodes.get(node.file_child or "")
+        while child is not None and child.driver in FILTER_DRIVERS:
+            below = self.nodes.get(child.file_child or "")
+            if below is None:
+                break
+            child = below
+        return node.filename if child is None else child.filename
 
     def chain_nodes(self, disk: str) -> list[BlockNode]:
         """The format layers of ``disk``, top first."""
@@ -262,13 +274,6 @@ def build_graph(
         if backend and backend != name:
             aliases[backend] = name
     return BlockGraph(nodes=nodes, disks=disks, aliases=aliases)
-
-
-class CommandRunner(Protocol):
-    """Anything that can run a QMP command (a :class:`~qmpbackup.qmp.session.QMPSession`)."""
-
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Run ``command`` and return its result."""
 
 
 async def query_graph_replies(qmp: CommandRunner, debug: bool = True) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
@@ -27,6 +27,13 @@ from ..logconfig import redact
 log = structlog.get_logger("qmpbackup.qmp")
 
 Address = str | tuple[str, int]
+
+
+class CommandRunner(Protocol):
+    """Anything that can run a QMP command (a :class:`QMPSession`, or a test's stand-in)."""
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run ``command`` and return its result."""
 
 
 class _QuietClient(QMPClient):

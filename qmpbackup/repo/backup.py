@@ -34,7 +34,6 @@ import structlog
 from ..errors import JobFailedError, QmpBackupError
 from ..images.pull_copy import pull_copy
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
-from ..planner.chain import image_path
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
@@ -90,7 +89,7 @@ def _disk_requests(graph: BlockGraph, decisions: Sequence[LevelDecision]) -> lis
                 name=decision.disk,
                 virtual_size=top.virtual_size,
                 level=decision.level,
-                source=image_path(graph, top),
+                source=graph.image_path(top),
                 digest_block_size=DEFAULT_BLOCK_SIZE,
             )
         )
