@@ -40,6 +40,7 @@ from .planner import (
 )
 from .planner.plan import Plan, Step
 from .planner.recover import Inventory, RecoverPlan, plan_recover
+from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover, graph_from_replies, query_graph_replies
 from .qmp.jobs import JobState, query_jobs, wait_job
@@ -125,23 +126,6 @@ class VMInfo(BaseModel):
     graph: BlockGraph
 
 
-# Capabilities qmpbackup uses, as schema paths (see QAPISchema.has_member).
-CAPABILITIES: dict[str, tuple[str, str]] = {
-    "blockdev-backup": ("blockdev-backup", ""),
-    "transaction: blockdev-backup": ("transaction", "actions.type=blockdev-backup"),
-    "transaction: block-dirty-bitmap-merge": (
-        "transaction",
-        "actions.type=block-dirty-bitmap-merge",
-    ),
-    "blockdev-backup x-perf": ("blockdev-backup", "x-perf"),
-    "blockdev-create": ("blockdev-create", ""),
-    "snapshot-access driver": ("blockdev-add", "driver=snapshot-access"),
-    "copy-before-write driver": ("blockdev-add", "driver=copy-before-write"),
-    "block-export-add": ("block-export-add", ""),
-    "x-debug-query-block-graph": ("x-debug-query-block-graph", ""),
-}
-
-
 def _direct_io(folder: str) -> bool:
     """True when a file in ``folder`` can be opened with O_DIRECT (not on tmpfs, say)."""
     try:
@@ -187,9 +171,12 @@ class VM:
         state_dir: Path,
         name: str | None,
         key: str | None = None,
+        capabilities: Capabilities | None = None,
     ) -> None:
         self.session = session
         self.schema = schema
+        #: What this QEMU offers that plans depend on, read once from its schema.
+        self.capabilities = capabilities or Capabilities.from_schema(schema)
         self.state_dir = state_dir
         self.name = name
         #: Names this VM in state and repository folders: its name, UUID or QMP address.
@@ -207,13 +194,15 @@ class VM:
             schema = QAPISchema.from_introspection(await session.execute("query-qmp-schema"))
             name = (await session.execute("query-name")).get("name")
             uuid = (await session.execute("query-uuid")).get("UUID")
+            version = await session.execute("query-version")
         except BaseException:
             await session.disconnect()
             raise
         key = state_key(name, uuid, describe_address(addr))
         if state_dir is None:
             state_dir = default_state_root() / key
-        return cls(session, schema, Path(state_dir), name, key)
+        capabilities = Capabilities.from_schema(schema, version)
+        return cls(session, schema, Path(state_dir), name, key, capabilities)
 
     @property
     def _local(self) -> bool:
@@ -234,7 +223,7 @@ class VM:
 
     async def graph(self) -> BlockGraph:
         """The block graph as QEMU holds it now."""
-        return await discover(self.session, self.schema.has_command("x-debug-query-block-graph"))
+        return await discover(self.session, self.capabilities.debug_block_graph)
 
     def checkpoints(self) -> list[Checkpoint]:
         """Recorded checkpoints, oldest first."""
@@ -242,16 +231,10 @@ class VM:
 
     async def info(self) -> VMInfo:
         """QEMU version, capabilities used, and the disks with their chains and bitmaps."""
-        version = await self.session.execute("query-version")
-        q = version["qemu"]
-        caps = {
-            label: self.schema.has_command(cmd) and (not path or self.schema.has_member(cmd, path))
-            for label, (cmd, path) in CAPABILITIES.items()
-        }
         return VMInfo(
-            version=f"{q['major']}.{q['minor']}.{q['micro']} {version.get('package', '')}".strip(),
+            version=self.capabilities.version,
             name=self.name,
-            capabilities=caps,
+            capabilities=self.capabilities.labels(),
             graph=await self.graph(),
         )
 
@@ -275,6 +258,7 @@ class VM:
         return BackupFacts(
             backup_id=backup_id,
             now=now,
+            capabilities=self.capabilities,
             existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
             busy_disks={d.disk: r.id for r in active for d in r.disks},
             job_ids=frozenset(await query_jobs(self.session)),
@@ -452,7 +436,7 @@ class VM:
 
     async def _inventory(self) -> tuple[Inventory, BlockGraph]:
         """What recovery looks at, and the block graph read in the same queries."""
-        debug = self.schema.has_command("x-debug-query-block-graph")
+        debug = self.capabilities.debug_block_graph
         replies = await query_graph_replies(self.session, debug)
         block = graph_from_replies(replies)
         nodes = replies["query-named-block-nodes"]

@@ -5,7 +5,8 @@ The graphs come from ``fixtures/qemu-7.2/graphs/*.json`` (recorded by
 with ``fixtures/plans/<case>.json``; after an intended change of the
 planner, rewrite them with ``QMPBACKUP_REGEN=1 pytest tests/test_planner_golden.py``
 and review the diff.  Every golden plan must also pass the live-schema check
-against the recorded 7.2 schema, and the planner must do no I/O.
+against the recorded 7.2 schema, and the planner must do no I/O.  A begin plan
+records the capabilities (from the recorded schema) it was made with.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from qmpbackup.errors import (
     BackupActiveError,
     InvalidInputError,
     PlanError,
+    SchemaMismatchError,
     TargetExistsError,
     UnknownCheckpointError,
     UnknownDiskError,
@@ -43,6 +45,7 @@ from qmpbackup.planner import (
     plan_checkpoint_size,
 )
 from qmpbackup.planner.plan import Plan
+from qmpbackup.qapi.capabilities import Capabilities
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.qmp.graph import Bitmap, BlockGraph, BlockNode, graph_from_replies
 from qmpbackup.qmp.jobs import JobState
@@ -55,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "fixtures" / "qemu-7.2" / "graphs"
 GOLDEN = ROOT / "fixtures" / "plans"
 SCHEMA = ROOT / "fixtures" / "qemu-7.2" / "query-qmp-schema.json"
+VERSION = ROOT / "fixtures" / "qemu-7.2" / "query-version.json"
 REGEN = os.environ.get("QMPBACKUP_REGEN") == "1"
 
 NOW = 1_700_000_000
@@ -90,6 +94,12 @@ def schema() -> QAPISchema:
     return QAPISchema.from_introspection(json.loads(SCHEMA.read_text(encoding="utf-8")))
 
 
+@cache
+def capabilities() -> Capabilities:
+    """What the recorded QEMU 7.2 offers."""
+    return Capabilities.from_schema(schema(), json.loads(VERSION.read_text(encoding="utf-8")))
+
+
 def checkpoint(name: str, parent: str | None, created: int) -> Checkpoint:
     """A checkpoint's metadata covering vda and vdb with a bitmap of its name."""
     return Checkpoint(
@@ -109,7 +119,7 @@ CHECK2 = checkpoint("check2", "check1", NOW - 1000)
 
 def facts(**extra: Any) -> BackupFacts:
     """Backup id 1 at :data:`NOW`, nothing existing or busy unless given."""
-    return BackupFacts(backup_id=1, now=NOW, **extra)
+    return BackupFacts(**{"backup_id": 1, "now": NOW, "capabilities": capabilities(), **extra})
 
 
 def slides_push(incremental: str | None = None) -> BackupSpec:
@@ -168,8 +178,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
     }
 
 
-def begin_json(planned: BackupPlan) -> dict[str, Any]:
+def begin_json(planned: BackupPlan, made_with: Capabilities | None = None) -> dict[str, Any]:
     return {
+        "capabilities": (made_with or capabilities()).model_dump(mode="json"),
         "plan": plan_json(planned.plan),
         "record": planned.record.model_dump(mode="json"),
         "checkpoint": planned.checkpoint.model_dump(mode="json") if planned.checkpoint else None,
@@ -407,9 +418,7 @@ def pull_joins_running_server() -> Result:
         spec,
         graph("slides"),
         [],
-        BackupFacts(
-            backup_id=2, now=NOW, running_server=running, busy_disks={"vda": 1}, **UNIX_FACTS
-        ),
+        facts(backup_id=2, running_server=running, busy_disks={"vda": 1}, **UNIX_FACTS),
     )
     return begin_json(planned), [planned.plan]
 
@@ -710,3 +719,83 @@ def test_planner_does_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
     results = {name: case()[0] for name, case in CASES.items()}
     monkeypatch.undo()
     assert set(results) == set(CASES)
+
+
+# -- capabilities as data ---------------------------------------------------------
+
+
+def _schema_without(type_member: tuple[str, str]) -> QAPISchema:
+    """The recorded 7.2 schema with one member removed from one object type."""
+    reply = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    type_name, member = type_member
+    for entry in reply:
+        if entry["name"] == type_name:
+            entry["members"] = [m for m in entry["members"] if m["name"] != member]
+            break
+    else:
+        raise AssertionError(f"no type {type_name} in the recorded schema")
+    return QAPISchema.from_introspection(reply)
+
+
+def _arg_type(command: str) -> str:
+    """The name of ``command``'s argument type in the recorded schema."""
+    reply = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    return str(next(e["arg-type"] for e in reply if e.get("name") == command))
+
+
+def _without_key(value: Any, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_key(v, key) for k, v in value.items() if k != key}
+    if isinstance(value, list):
+        return [_without_key(v, key) for v in value]
+    return value
+
+
+def test_plans_differ_exactly_by_the_capabilities_of_their_qemu() -> None:
+    """The same backups planned for QEMU 7.2 and for a schema without blockdev-backup's
+    x-perf: the push plans differ exactly there (and each passes its own schema's check),
+    the pull plans not at all (fleecing jobs copy nothing)."""
+    stripped = _schema_without((_arg_type("blockdev-backup"), "x-perf"))
+    older = Capabilities.from_schema(stripped)
+    assert not older.backup_perf and capabilities().backup_perf
+    assert older.model_copy(
+        update={"backup_perf": True, "version": ""}
+    ) == capabilities().model_copy(update={"version": ""})
+
+    pull_spec = BackupSpec(mode="pull", incremental="check1")
+    for spec, checkpoints, scenario, extra in (
+        (slides_push(), [], "slides", {}),
+        (slides_push("check1"), [CHECK1], "slides-check1", {}),
+        (pull_spec, [CHECK1], "slides-check1", UNIX_FACTS),
+    ):
+        new = plan_backup_begin(spec, graph(scenario), checkpoints, facts(**extra))
+        old = plan_backup_begin(
+            spec, graph(scenario), checkpoints, facts(capabilities=older, **extra)
+        )
+        new_json = begin_json(new)["plan"]
+        old_json = begin_json(old)["plan"]
+        if spec.mode == "push":
+            assert new_json != old_json
+            assert "x-perf" in json.dumps(new_json) and "x-perf" not in json.dumps(old_json)
+        assert _without_key(new_json, "x-perf") == old_json
+        check_plan(old.plan, stripped)
+        check_plan(new.plan, schema())
+        if spec.mode == "push":
+            with pytest.raises(SchemaMismatchError, match="x-perf"):
+                check_plan(new.plan, stripped)
+
+
+def test_pull_view_needs_read_splitting() -> None:
+    """Without blkdebug's align, the point-in-time view cannot keep reads within
+    copy-before-write clusters: a pull backup is refused, a push backup is not."""
+    reply = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    options = next(e for e in reply if e["name"] == _arg_type("blockdev-add"))
+    blkdebug_type = next(v["type"] for v in options["variants"] if v["case"] == "blkdebug")
+    older = Capabilities.from_schema(_schema_without((blkdebug_type, "align")))
+    assert not older.read_splitting and capabilities().read_splitting
+    with pytest.raises(PlanError, match="pull mode is not offered"):
+        plan_backup_begin(
+            BackupSpec(mode="pull"), graph("slides"), [], facts(capabilities=older, **UNIX_FACTS)
+        )
+    pushed = plan_backup_begin(slides_push(), graph("slides"), [], facts(capabilities=older))
+    assert pushed.plan == plan_backup_begin(slides_push(), graph("slides"), [], facts()).plan

@@ -1,18 +1,13 @@
 """The pure planner: observed state in, :class:`~qmpbackup.planner.plan.Plan` out, no I/O."""
 
-from .backup import (
-    BackupFacts,
-    BackupPlan,
-    DiskChoice,
-    EndPlan,
-    PullOptions,
-    choose_disks,
-    plan_backup_begin,
-    plan_backup_end,
-)
+from .begin import MODES, BackupPlan, plan_backup_begin
 from .checkpoint import plan_checkpoint_create, plan_checkpoint_delete, plan_checkpoint_size
+from .disks import DiskChoice, choose_disks
+from .end import EndPlan, plan_backup_end
+from .facts import BackupFacts, PullOptions
 
 __all__ = [
+    "MODES",
     "BackupFacts",
     "BackupPlan",
     "DiskChoice",

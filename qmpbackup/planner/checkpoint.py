@@ -1,4 +1,5 @@
-"""Plans for creating, deleting and measuring checkpoints."""
+"""Plans for creating, deleting and measuring checkpoints, and the checkpoint a backup
+creates."""
 
 from __future__ import annotations
 
@@ -66,6 +67,48 @@ def plan_checkpoint_create(
         undo=tuple(undo),
     )
     return Plan(steps=(step,)), checkpoint
+
+
+def checkpoint_with_backup(
+    spec: CheckpointSpec | None,
+    disks: Sequence[str],
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    parent: str | None,
+    now: int,
+) -> Checkpoint | None:
+    """The checkpoint a backup of ``disks`` creates in its transaction, if it asks for one.
+
+    Raises InvalidInputError for a name or bitmap that exists or a checkpoint disk the
+    backup leaves out, PlanError for a disk that cannot hold a persistent bitmap.
+    """
+    if spec is None:
+        return None
+    if any(c.name == spec.name for c in checkpoints):
+        raise InvalidInputError(f"checkpoint {spec.name!r} already exists")
+    for entry in spec.disks:
+        graph.disk(entry.name)
+        if entry.checkpoint == "bitmap" and entry.name not in disks:
+            raise InvalidInputError(f"checkpoint disk {entry.name!r} is not part of this backup")
+    entries: list[CheckpointDisk] = []
+    for disk in disks:
+        listed = next((d for d in spec.disks if graph.aliases.get(d.name, d.name) == disk), None)
+        if listed is not None and listed.checkpoint == "no":
+            entries.append(CheckpointDisk(name=disk, checkpoint="no"))
+            continue
+        bitmap = (listed.bitmap if listed else None) or spec.name
+        top = require_persistent_bitmaps(graph, disk)
+        if top.bitmap(bitmap) is not None:
+            raise InvalidInputError(f"disk {disk!r} already has a bitmap named {bitmap!r}")
+        entries.append(CheckpointDisk(name=disk, checkpoint="bitmap", bitmap=bitmap))
+    return Checkpoint(
+        name=spec.name,
+        parent=parent,
+        creation_time=now,
+        seq=next_seq(checkpoints),
+        description=spec.description,
+        disks=tuple(entries),
+    )
 
 
 def _removals(checkpoint: Checkpoint, graph: BlockGraph) -> list[QMPCommand]:

@@ -40,8 +40,6 @@ from ..qapi.commands import (
     BlockExportDel,
     JobCancel,
     JobDismiss,
-    NbdServerStop,
-    ObjectDel,
 )
 from ..qmp.jobs import JobState
 from ..state.active import BackupRecord
@@ -49,6 +47,7 @@ from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
 from .naming import PREFIX
 from .plan import Plan, Step
+from .pull import stop_server
 
 _CHECKPOINT_OPERATIONS = ("backup-begin", "checkpoint-create")
 
@@ -218,19 +217,11 @@ def plan_recover(
     started = any(r.server is not None for r in stale) or any(
         _journal_sent(j, "nbd-server-start") for j in open_journals
     )
-    if started and not server_in_use:
-        steps.append(
-            Step(
-                command=NbdServerStop(),
-                reason="stop the NBD server qmpbackup started",
-                may_fail=True,
-            )
-        )
-    steps += [
-        Step(command=ObjectDel(id=o), reason=f"delete object {o}", may_fail=True)
-        for o in inventory.objects
-        if ours(o)
-    ]
+    steps += stop_server(
+        started and not server_in_use,
+        [o for o in inventory.objects if ours(o)],
+        "stop the NBD server qmpbackup started",
+    )
     our_nodes = [n for n in inventory.nodes if ours(n)]
     ordered = _topological(our_nodes, inventory.edges)
     # Views sit on the fleecing job's filter node: they go before the job.

@@ -1,0 +1,45 @@
+"""What the backup planner is given besides the graph and the checkpoints.
+
+Facts are what the caller observed (files, jobs, exports, host probes, the
+capabilities of this QEMU); options are what the user chose besides the
+request.  The planner looks nothing up itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict
+
+from ..qapi.capabilities import Capabilities
+from ..state.active import NbdServer
+
+
+class BackupFacts(BaseModel):
+    """What the caller observed for one ``backup-begin``: nothing here is looked up by
+    the planner."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backup_id: int
+    now: int
+    capabilities: Capabilities
+    existing_files: frozenset[str] = frozenset()
+    busy_disks: Mapping[str, int] = {}
+    job_ids: frozenset[str] = frozenset()
+    scratch_dir: str = ""
+    default_socket: str = ""
+    free_port: int | None = None
+    running_server: NbdServer | None = None
+    export_names: frozenset[str] = frozenset()
+    # Folders of push targets where QEMU can write with O_DIRECT (probed by the caller).
+    direct_io_dirs: frozenset[str] = frozenset()
+
+
+class PullOptions(BaseModel):
+    """What the user gives besides the spec for a pull backup: where TLS material lives."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tls_dir: str | None = None
+    tls_allow: tuple[str, ...] = ()

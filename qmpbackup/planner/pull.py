@@ -1,0 +1,299 @@
+"""Pull mode: a fleecing scratch per disk, its point-in-time view exported over QEMU's NBD
+server, and that server's start and stop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import InvalidInputError, PlanError
+from ..qapi.commands import (
+    AuthzListAdd,
+    AuthzRule,
+    BitmapRef,
+    BlockdevAddBlkdebug,
+    BlockdevAddFile,
+    BlockdevAddQcow2,
+    BlockdevAddSnapshotAccess,
+    BlockdevBackup,
+    BlockdevCreate,
+    BlockdevDel,
+    BlockExportAddNbd,
+    BlockExportDel,
+    CreateFileOptions,
+    CreateQcow2Options,
+    InetAddress,
+    InetHostPort,
+    JobCancel,
+    NbdServerStart,
+    NbdServerStop,
+    ObjectDel,
+    TlsCredsX509Add,
+    UnixAddress,
+    UnixSocketPath,
+)
+from ..request.models import BackupSpec
+from ..state.active import DiskJob, NbdServer
+from . import naming
+from .disks import DiskChoice, DiskContext, DiskPieces, add_incremental_bitmap, create_steps
+from .facts import BackupFacts, PullOptions
+from .plan import Step
+
+# The cluster of QEMU's copy-before-write: max(64 KiB, the scratch's cluster size).
+CBW_CLUSTER = 64 * 1024
+
+
+def refuse_disk(choice: DiskChoice, facts: BackupFacts) -> None:
+    """Raise PlanError when QEMU already exports the name the disk would be served as."""
+    if choice.export in facts.export_names:
+        raise PlanError(f"QEMU already exports {choice.export!r}: choose another exportname")
+
+
+def _scratch_steps(context: DiskContext, choice: DiskChoice, source: str) -> list[Step]:
+    """Create (unless it exists) and open the scratch, over the disk as its backing."""
+    backup_id, disk = context.facts.backup_id, choice.disk
+    file_node = naming.target_file_node(backup_id, disk)
+    exists = choice.target in context.facts.existing_files
+    steps: list[Step] = []
+    if not exists:
+        steps += create_steps(
+            BlockdevCreate(
+                job_id=naming.create_job_id(backup_id, disk, "file"),
+                options=CreateFileOptions(filename=choice.target, size=0),
+            ),
+            f"create the fleecing scratch file of {disk}",
+            (choice.target,),
+        )
+    steps.append(
+        Step(
+            command=BlockdevAddFile(node_name=file_node, filename=choice.target),
+            reason=f"open the scratch file {choice.target}",
+            undo=(BlockdevDel(node_name=file_node),),
+        )
+    )
+    if not exists:
+        steps += create_steps(
+            BlockdevCreate(
+                job_id=naming.create_job_id(backup_id, disk, "qcow2"),
+                # Reserve room for every cluster the guest could overwrite: a
+                # full scratch would fail the guest's writes (copy-before-write's
+                # default on-cbw-error=break-guest-write, which blockdev-backup
+                # cannot change), so a lack of space must fail here instead.
+                options=CreateQcow2Options(
+                    file=file_node,
+                    size=context.graph.top_node(disk).virtual_size,
+                    preallocation="falloc",
+                ),
+            ),
+            f"format the scratch of {disk} as qcow2, its space reserved",
+        )
+    fleece = naming.fleece_node(backup_id, disk)
+    steps.append(
+        Step(
+            command=BlockdevAddQcow2(node_name=fleece, file=file_node, backing=source),
+            reason=f"open the scratch over {disk}: it will keep what the guest overwrites",
+            undo=(BlockdevDel(node_name=fleece),),
+        )
+    )
+    return steps
+
+
+def _view_steps(context: DiskContext, disk: str) -> tuple[list[Step], tuple[str, ...]]:
+    """Steps opening the point-in-time view over the job's filter; its nodes, top first."""
+    if not context.facts.capabilities.read_splitting:
+        raise PlanError(
+            "this QEMU's blkdebug driver takes no align and max-transfer, so reads of the "
+            "point-in-time view cannot be kept within copy-before-write clusters: "
+            "pull mode is not offered"
+        )
+    backup_id = context.facts.backup_id
+    access = naming.access_node(backup_id, disk)
+    view = naming.view_node(backup_id, disk)
+    steps = [
+        Step(
+            command=BlockdevAddSnapshotAccess(
+                node_name=access, file=naming.cbw_node(backup_id, disk)
+            ),
+            reason=f"open the point-in-time view of {disk}",
+            undo=(BlockdevDel(node_name=access),),
+        ),
+        # QEMU 7.2's snapshot-access answers a read that starts in clusters already saved
+        # by copy-before-write and runs past them with the guest's new data. Reads of at
+        # most one copy cluster, aligned to it, never do; the block layer splits them here.
+        Step(
+            command=BlockdevAddBlkdebug(
+                node_name=view,
+                image=access,
+                align=CBW_CLUSTER,
+                max_transfer=CBW_CLUSTER,
+                read_only=True,
+            ),
+            reason=f"split reads of the view of {disk} at copy-before-write clusters",
+            undo=(BlockdevDel(node_name=view),),
+        ),
+    ]
+    return steps, (view, access)
+
+
+def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
+    """A fleecing scratch over the disk; in the transaction, the copy-before-write job that
+    fills it; after it, the point-in-time view and its NBD export."""
+    facts, disk = context.facts, choice.disk
+    assert choice.export is not None and context.server is not None
+    source = context.graph.disk(disk).top
+    job = naming.job_id(facts.backup_id, disk)
+    fleece = naming.fleece_node(facts.backup_id, disk)
+    export_id = naming.export_id(facts.backup_id, disk)
+    pieces = DiskPieces(
+        job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"),
+        before=_scratch_steps(context, choice, source),
+    )
+    bitmaps: tuple[BitmapRef, ...] | None = None
+    temporaries: tuple[tuple[str, str], ...] = ()
+    if choice.incremental is not None:
+        assert choice.export_bitmap is not None
+        # The bitmap lives on our scratch node, so it goes when the node goes; its
+        # name is what readers see as the context qemu:dirty-bitmap:<name>.
+        add_incremental_bitmap(context, choice, fleece, choice.export_bitmap, pieces)
+        bitmaps = (BitmapRef(node=fleece, name=choice.export_bitmap),)
+        temporaries = ((fleece, choice.export_bitmap),)
+    pieces.actions.append(
+        BlockdevBackup(
+            job_id=job,
+            device=source,
+            target=fleece,
+            sync="none",
+            filter_node_name=naming.cbw_node(facts.backup_id, disk),
+            auto_finalize=True,
+            auto_dismiss=False,
+        )
+    )
+    pieces.undo.insert(0, JobCancel(id=job))
+    pieces.after, view_nodes = _view_steps(context, disk)
+    pieces.exports.append(
+        Step(
+            command=BlockExportAddNbd(
+                id=export_id,
+                node_name=view_nodes[0],
+                name=choice.export,
+                bitmaps=bitmaps,
+                allocation_depth=True if choice.shallow else None,
+            ),
+            reason=f"export the view of {disk} as {choice.export!r}"
+            + (f" with its dirty bitmap {choice.export_bitmap!r}" if bitmaps else "")
+            + (" and allocation depth" if choice.shallow else ""),
+            undo=(BlockExportDel(id=export_id, mode="hard"),),
+        )
+    )
+    pieces.job = pieces.job.model_copy(
+        update={
+            "incremental": choice.incremental,
+            "target": choice.target,
+            "format": "qcow2",
+            "view_nodes": view_nodes,
+            "target_nodes": (fleece, naming.target_file_node(facts.backup_id, disk)),
+            "temporary_bitmaps": temporaries,
+            "created_files": () if choice.target in facts.existing_files else (choice.target,),
+            "export": choice.export,
+            "export_id": export_id,
+            "export_bitmap": choice.export_bitmap,
+            "uri": context.server.uri(choice.export),
+        }
+    )
+    return pieces
+
+
+def _server_address(
+    spec: BackupSpec, facts: BackupFacts
+) -> tuple[NbdServer, UnixAddress | InetAddress]:
+    """The server to start, from the request or the defaults, and its QMP address."""
+    wanted = spec.server
+    if wanted is None or wanted.transport == "unix":
+        socket = (wanted.socket if wanted else None) or facts.default_socket
+        return NbdServer(transport="unix", socket=socket), UnixAddress(
+            data=UnixSocketPath(path=socket)
+        )
+    port = wanted.port or facts.free_port
+    if port is None:
+        raise PlanError("no free TCP port was found for the NBD server")
+    host = wanted.name or "localhost"
+    server = NbdServer(transport="tcp", host=host, port=port, tls=wanted.tls)
+    return server, InetAddress(data=InetHostPort(host=host, port=str(port)))
+
+
+def _tls_steps(facts: BackupFacts, options: PullOptions) -> tuple[list[Step], str, str | None]:
+    """Steps loading the server's x509 credentials and allow-list; their object ids."""
+    assert options.tls_dir is not None
+    creds = naming.tls_creds(facts.backup_id)
+    steps = [
+        Step(
+            command=TlsCredsX509Add(id=creds, dir=options.tls_dir),
+            reason="load the server's x509 credentials; clients must show a certificate",
+            undo=(ObjectDel(id=creds),),
+        )
+    ]
+    authz = None
+    if options.tls_allow:
+        authz = naming.tls_authz(facts.backup_id)
+        steps.append(
+            Step(
+                command=AuthzListAdd(
+                    id=authz, rules=tuple(AuthzRule(match=dn) for dn in options.tls_allow)
+                ),
+                reason="admit only the listed client certificate names",
+                undo=(ObjectDel(id=authz),),
+            )
+        )
+    return steps, creds, authz
+
+
+def plan_server(
+    spec: BackupSpec, facts: BackupFacts, options: PullOptions
+) -> tuple[NbdServer, list[Step]]:
+    """The NBD server to export through, and the steps that start it (none if it runs).
+
+    Raises InvalidInputError for TLS without its folder, PlanError when another backup's
+    running server differs from the one asked for or no port was found.
+    """
+    wanted = spec.server
+    if wanted is not None and wanted.tls and not options.tls_dir:
+        raise InvalidInputError("tls='yes' needs the x509 directory: pass --tls-dir DIR")
+    running = facts.running_server
+    if running is not None:
+        if wanted is not None and (
+            wanted.transport != running.transport
+            or (wanted.port is not None and wanted.port != running.port)
+            or (wanted.socket is not None and wanted.socket != running.socket)
+            or wanted.tls != running.tls
+        ):
+            raise PlanError(
+                "QEMU runs one NBD server and another backup uses it at "
+                f"{running.uri('')}: ask for the same server or none"
+            )
+        return running, []
+    server, addr = _server_address(spec, facts)
+    steps: list[Step] = []
+    creds = authz = None
+    if server.tls:
+        steps, creds, authz = _tls_steps(facts, options)
+        server = server.model_copy(update={"objects": tuple(o for o in (creds, authz) if o)})
+    steps.append(
+        Step(
+            command=NbdServerStart(addr=addr, tls_creds=creds, tls_authz=authz),
+            reason=f"start the NBD server at {server.uri('')}",
+            undo=(NbdServerStop(),),
+        )
+    )
+    return server, steps
+
+
+def stop_server(stop: bool, objects: Iterable[str], reason: str) -> list[Step]:
+    """Stop the NBD server (when ``stop``, for ``reason``) and delete its TLS objects.
+
+    Every step may fail: the server or an object may be gone already.
+    """
+    steps = [Step(command=NbdServerStop(), reason=reason, may_fail=True)] if stop else []
+    steps += [
+        Step(command=ObjectDel(id=o), reason=f"delete the TLS object {o}", may_fail=True)
+        for o in objects
+    ]
+    return steps
