@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 from . import protocol as p
@@ -223,7 +223,7 @@ class NBDClient:
                 f"{self.export!r} of {self.size} bytes"
             )
         length = min(length, self.size - offset, _MAX_STATUS_LENGTH)
-        conn = self._reader()
+        conn = self.read_connection()
         req = conn.submit(
             p.CMD_BLOCK_STATUS,
             offset,
@@ -266,49 +266,18 @@ class NBDClient:
         if merged is not None:
             yield merged
 
-    # Copying.
+    # Connections, for the copy engine's asynchronous requests.
 
-    def copy_to(
-        self,
-        dest: NBDClient,
-        ranges: Iterable[tuple[int, int]],
-        *,
-        request_size: int = DEFAULT_REQUEST_SIZE,
-        in_flight: int = 4,
-        on_progress: Callable[[int], None] | None = None,
-        dest_is_zero: bool = False,
-    ) -> int:
-        """Copy ``(offset, length)`` ranges of this export to the same offsets of ``dest``.
-
-        With ``dest_is_zero`` (a new, empty image) zero blocks are not written at all.
-
-        Reads run on every connection of this client, ``in_flight`` requests of at most
-        ``request_size`` bytes each, into ``in_flight`` buffers per connection (the only
-        memory used); writes go to every usable connection of ``dest``. All-zero data is
-        sent as WRITE_ZEROES. ``on_progress`` gets the bytes copied so far after each
-        request completes. Returns the bytes copied, once ``dest`` has flushed them.
-        """
-        from .copy import NBDSink, copy_ranges
-
-        copied = copy_ranges(
-            self,
-            NBDSink(dest, skip_zeroes=dest_is_zero),
-            ranges,
-            request_size=request_size,
-            in_flight=in_flight,
-            on_progress=on_progress,
-        )
-        dest.flush()
-        return copied
-
-    # Package-internal: asynchronous requests for the copy engine.
-
-    def _reader(self) -> Connection:
-        """The connection with the fewest requests in flight."""
+    def read_connection(self) -> Connection:
+        """Return the connection with the fewest requests in flight, to read on."""
         conns = self._conns
         return conns[0] if len(conns) == 1 else min(conns, key=lambda c: c.in_flight)
 
-    def _writer(self) -> Connection:
+    def write_connection(self) -> Connection:
+        """Return the connection with the fewest requests in flight, to write on.
+
+        Without multi-conn that is always the same one, the one :meth:`flush` uses.
+        """
         conns = self._write_conns
         return conns[0] if len(conns) == 1 else min(conns, key=lambda c: c.in_flight)
 
@@ -344,7 +313,7 @@ class NBDClient:
     ) -> None:
         """Split a command into requests over the connections; wait for all of them."""
         writes = cmd != p.CMD_READ
-        pick = self._writer if writes else self._reader
+        pick = self.write_connection if writes else self.read_connection
         # Enough requests queued to keep every connection busy; bounded for huge ranges.
         window = 2 * len(self._conns) * 16
         waiting: deque[Request] = deque()
