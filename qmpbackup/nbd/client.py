@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -11,7 +10,7 @@ from types import TracebackType
 from . import protocol as p
 from .connection import Connection, Request
 from .errors import NBDError
-from .handshake import negotiate
+from .opening import open_connection
 from .protocol import Extent
 from .stream import BytesLike
 from .tls import TLSConfig
@@ -91,7 +90,7 @@ class NBDClient:
             context = tls.context(check_hostname=hostname is not None)
 
         def open_one(index: int) -> Connection:
-            return _open(address, index, meta_contexts, context, hostname, timeout)
+            return open_connection(address, index, meta_contexts, context, hostname, timeout)
 
         conns = [open_one(0)]
         info = conns[0].info
@@ -358,56 +357,3 @@ def _settle(req: Request, failure: NBDError | None) -> NBDError | None:
 def _bytes_view(buf: BytesLike) -> memoryview:
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _open(
-    address: NBDAddress,
-    index: int,
-    meta_contexts: Sequence[str],
-    tls: ssl.SSLContext | None,
-    hostname: str | None,
-    timeout: float,
-) -> Connection:
-    server = str(address)
-    try:
-        if address.socket_path is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(address.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            assert address.host is not None
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
-            # Requests are small and latency-bound; never hold them back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError as exc:
-        raise NBDError(f"nbd: cannot connect to {server}: {exc.strerror or exc}") from None
-    try:
-        stream, info = negotiate(
-            sock,
-            server=server,
-            export=address.export,
-            meta_contexts=meta_contexts,
-            tls=tls,
-            server_hostname=hostname,
-        )
-    except NBDError:
-        sock.close()
-        raise
-    except ssl.SSLError as exc:
-        sock.close()
-        reason = exc.reason or str(exc)
-        if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-            reason = f"server certificate rejected: {exc.verify_message}"
-        raise NBDError(f"nbd: TLS with {server} failed: {reason}") from None
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise NBDError(f"nbd: negotiation with {server} failed: {reason}") from None
-    # The data path blocks without a timeout: a timed socket polls before every recv.
-    sock.settimeout(None)
-    return Connection(stream, info, server, index)
