@@ -19,6 +19,7 @@ import pytest
 
 from qmpbackup.images.qemu_nbd import stop_process
 from qmpbackup.nbd import Extent, NBDClient, NBDError, TLSConfig, parse_uri
+from qmpbackup.nbd.copy import NBDSink, copy_ranges
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -389,9 +390,15 @@ def test_copy_to_multi_conn(tmp_path: Path) -> None:
         assert src.connections == 4 and dst.connections == 4 and dst.can_multi_conn
         ranges = [(e.offset, e.length) for e in src.extents("base:allocation") if not e.flags]
         total = sum(n for _, n in ranges)
-        copied = src.copy_to(
-            dst, ranges, request_size=2 * MiB, in_flight=3, on_progress=progress.append
+        copied = copy_ranges(
+            src,
+            NBDSink(dst),
+            ranges,
+            request_size=2 * MiB,
+            in_flight=3,
+            on_progress=progress.append,
         )
+        dst.flush()
         assert copied == total
         assert progress == sorted(progress) and progress[-1] == total
     compare(source, target)
@@ -406,7 +413,7 @@ def test_copy_to_read_only_dest(tmp_path: Path) -> None:
         NBDClient.connect(uri) as c,
         pytest.raises(NBDError, match=r"read-only"),
     ):
-        c.copy_to(c, [(0, MiB)])
+        copy_ranges(c, NBDSink(c), [(0, MiB)], request_size=MiB, in_flight=4)
 
 
 # TLS.

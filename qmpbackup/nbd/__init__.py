@@ -1,5 +1,8 @@
-"""A pure-Python NBD client: fixed newstyle, TLS, structured replies, block status,
-several requests in flight per connection and several connections per export."""
+"""A pure-Python NBD client, and a pipelined copy from an export to a sink.
+
+Fixed newstyle, TLS, structured replies, block status, several requests in flight per
+connection and several connections per export.
+"""
 
 from .client import NBDClient
 from .errors import NBDError

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 from . import protocol as p
 from .connection import Connection, Request
 from .errors import NBDError
-from .handshake import negotiate
+from .opening import open_connection
 from .protocol import Extent
 from .stream import BytesLike
 from .tls import TLSConfig
@@ -91,7 +90,7 @@ class NBDClient:
             context = tls.context(check_hostname=hostname is not None)
 
         def open_one(index: int) -> Connection:
-            return _open(address, index, meta_contexts, context, hostname, timeout)
+            return open_connection(address, index, meta_contexts, context, hostname, timeout)
 
         conns = [open_one(0)]
         info = conns[0].info
@@ -223,7 +222,7 @@ class NBDClient:
                 f"{self.export!r} of {self.size} bytes"
             )
         length = min(length, self.size - offset, _MAX_STATUS_LENGTH)
-        conn = self._reader()
+        conn = self.read_connection()
         req = conn.submit(
             p.CMD_BLOCK_STATUS,
             offset,
@@ -266,49 +265,18 @@ class NBDClient:
         if merged is not None:
             yield merged
 
-    # Copying.
+    # Connections, for the copy engine's asynchronous requests.
 
-    def copy_to(
-        self,
-        dest: NBDClient,
-        ranges: Iterable[tuple[int, int]],
-        *,
-        request_size: int = DEFAULT_REQUEST_SIZE,
-        in_flight: int = 4,
-        on_progress: Callable[[int], None] | None = None,
-        dest_is_zero: bool = False,
-    ) -> int:
-        """Copy ``(offset, length)`` ranges of this export to the same offsets of ``dest``.
-
-        With ``dest_is_zero`` (a new, empty image) zero blocks are not written at all.
-
-        Reads run on every connection of this client, ``in_flight`` requests of at most
-        ``request_size`` bytes each, into ``in_flight`` buffers per connection (the only
-        memory used); writes go to every usable connection of ``dest``. All-zero data is
-        sent as WRITE_ZEROES. ``on_progress`` gets the bytes copied so far after each
-        request completes. Returns the bytes copied, once ``dest`` has flushed them.
-        """
-        from .copy import NBDSink, copy_ranges
-
-        copied = copy_ranges(
-            self,
-            NBDSink(dest, skip_zeroes=dest_is_zero),
-            ranges,
-            request_size=request_size,
-            in_flight=in_flight,
-            on_progress=on_progress,
-        )
-        dest.flush()
-        return copied
-
-    # Package-internal: asynchronous requests for the copy engine.
-
-    def _reader(self) -> Connection:
-        """The connection with the fewest requests in flight."""
+    def read_connection(self) -> Connection:
+        """Return the connection with the fewest requests in flight, to read on."""
         conns = self._conns
         return conns[0] if len(conns) == 1 else min(conns, key=lambda c: c.in_flight)
 
-    def _writer(self) -> Connection:
+    def write_connection(self) -> Connection:
+        """Return the connection with the fewest requests in flight, to write on.
+
+        Without multi-conn that is always the same one, the one :meth:`flush` uses.
+        """
         conns = self._write_conns
         return conns[0] if len(conns) == 1 else min(conns, key=lambda c: c.in_flight)
 
@@ -344,7 +312,7 @@ class NBDClient:
     ) -> None:
         """Split a command into requests over the connections; wait for all of them."""
         writes = cmd != p.CMD_READ
-        pick = self._writer if writes else self._reader
+        pick = self.write_connection if writes else self.read_connection
         # Enough requests queued to keep every connection busy; bounded for huge ranges.
         window = 2 * len(self._conns) * 16
         waiting: deque[Request] = deque()
@@ -389,56 +357,3 @@ def _settle(req: Request, failure: NBDError | None) -> NBDError | None:
 def _bytes_view(buf: BytesLike) -> memoryview:
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _open(
-    address: NBDAddress,
-    index: int,
-    meta_contexts: Sequence[str],
-    tls: ssl.SSLContext | None,
-    hostname: str | None,
-    timeout: float,
-) -> Connection:
-    server = str(address)
-    try:
-        if address.socket_path is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(address.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            assert address.host is not None
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
-            # Requests are small and latency-bound; never hold them back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    except OSError as exc:
-        raise NBDError(f"nbd: cannot connect to {server}: {exc.strerror or exc}") from None
-    try:
-        stream, info = negotiate(
-            sock,
-            server=server,
-            export=address.export,
-            meta_contexts=meta_contexts,
-            tls=tls,
-            server_hostname=hostname,
-        )
-    except NBDError:
-        sock.close()
-        raise
-    except ssl.SSLError as exc:
-        sock.close()
-        reason = exc.reason or str(exc)
-        if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-            reason = f"server certificate rejected: {exc.verify_message}"
-        raise NBDError(f"nbd: TLS with {server} failed: {reason}") from None
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise NBDError(f"nbd: negotiation with {server} failed: {reason}") from None
-    # The data path blocks without a timeout: a timed socket polls before every recv.
-    sock.settimeout(None)
-    return Connection(stream, info, server, index)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from . import protocol as p
+from .client import NBDClient
 from .connection import Request
 from .errors import NBDError
 from .zeroes import is_zero
-
-if TYPE_CHECKING:
-    from .client import NBDClient
 
 Done = Callable[[NBDError | None], None]
 
@@ -41,7 +39,11 @@ class Sink(Protocol):
 
 
 class NBDSink:
-    """Another NBD export as a sink: WRITE and WRITE_ZEROES on its write connections."""
+    """Another NBD export as a sink: WRITE and WRITE_ZEROES on its write connections.
+
+    With ``skip_zeroes`` (a new, empty image) zero blocks are not written at all. Flush
+    ``dest`` after the copy.
+    """
 
     def __init__(self, dest: NBDClient, skip_zeroes: bool = False) -> None:
         if dest.read_only:
@@ -55,7 +57,7 @@ class NBDSink:
         self._skip_zeroes = skip_zeroes
 
     def write(self, offset: int, data: memoryview, done: Done) -> None:
-        self.dest._writer().submit(
+        self.dest.write_connection().submit(
             p.CMD_WRITE, offset, len(data), payload=data, callback=lambda r: done(r.error)
         )
 
@@ -67,7 +69,7 @@ class NBDSink:
             self.dest.write_zeroes(offset, length)
             done(None)
             return
-        self.dest._writer().submit(
+        self.dest.write_connection().submit(
             p.CMD_WRITE_ZEROES, offset, length, callback=lambda r: done(r.error)
         )
 
@@ -137,7 +139,13 @@ def copy_ranges(
     in_flight: int,
     on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Copy ``ranges`` of ``src`` into ``sink``; return the bytes copied."""
+    """Copy ``(offset, length)`` ranges of ``src`` to the same offsets of ``sink``.
+
+    Reads run on every connection of ``src``, ``in_flight`` requests of at most
+    ``request_size`` bytes each, into ``in_flight`` buffers per connection (the only
+    memory used). All-zero data goes to ``sink.zero``. ``on_progress`` gets the bytes
+    copied so far after each store completes. Returns the bytes copied; nothing is flushed.
+    """
     if in_flight < 1 or request_size < 1:
         raise NBDError("nbd: copy needs at least one request of at least one byte")
     block = max(src.min_block, sink.block)
@@ -187,7 +195,7 @@ def copy_ranges(
                 buf = memoryview(bytearray(step))
                 allocated += 1
             try:
-                src._reader().submit(
+                src.read_connection().submit(
                     p.CMD_READ,
                     offset,
                     length,

@@ -1,9 +1,10 @@
 """Check QMP commands against the live QEMU's introspected QAPI schema.
 
 :class:`QAPISchema` is built from the reply to ``query-qmp-schema`` (format:
-QEMU's ``qapi/introspect.json``).  :meth:`QAPISchema.check_command` validates
-arguments as strictly as QEMU's QMP input visitor does, so that a mismatch is
-reported, with the offending member, before anything is sent.
+QEMU's ``qapi/introspect.json``; parsed by :mod:`qmpbackup.qapi.introspection`).
+:meth:`QAPISchema.check_command` validates arguments as strictly as QEMU's QMP
+input visitor does, so that a mismatch is reported, with the offending member,
+before anything is sent.
 
 Capability paths
 ----------------
@@ -33,72 +34,29 @@ members and ``[i]`` for array items: ``actions[1].data.sync``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from qmpbackup.errors import SchemaMismatchError
+
+from .introspection import (
+    AlternateType,
+    ArrayType,
+    BuiltinType,
+    EnumType,
+    Member,
+    ObjectType,
+    SchemaCommand,
+    SchemaType,
+    parse_reply,
+)
 
 __all__ = ["QAPISchema"]
 
 # The features that mark an interface as not for production use.
 _FLAG_FEATURES = frozenset({"unstable", "deprecated"})
 
-# Introspection's builtin json-type -> the kind used in messages and matching.
-_BUILTIN_KINDS = {
-    "string": "string",
-    "int": "integer",
-    "number": "number",
-    "boolean": "boolean",
-    "null": "null",
-    "value": "any",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class _Member:
-    name: str
-    type: str
-    required: bool
-    features: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class _Builtin:
-    kind: str  # a value of _BUILTIN_KINDS
-
-
-@dataclass(frozen=True, slots=True)
-class _Enum:
-    values: tuple[str, ...]
-    features: Mapping[str, frozenset[str]]  # only the values that have features
-
-
-@dataclass(frozen=True, slots=True)
-class _Array:
-    element: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Object:
-    members: Mapping[str, _Member]
-    tag: str | None
-    variants: Mapping[str, str]  # tag value -> object type
-
-
-@dataclass(frozen=True, slots=True)
-class _Alternate:
-    branches: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Command:
-    arg_type: str
-    features: frozenset[str]
-
-
-_Type: TypeAlias = _Builtin | _Enum | _Array | _Object | _Alternate
 # An object as seen through a path: the union base, then each selected variant.
-_View: TypeAlias = tuple[_Object, ...]
+_View: TypeAlias = tuple[ObjectType, ...]
 
 
 class _Mismatch(Exception):
@@ -138,14 +96,12 @@ def _qtype(kind: str) -> str:
     return "number" if kind == "integer" else kind
 
 
-def _malformed(detail: str) -> ValueError:
-    return ValueError(f"malformed query-qmp-schema reply: {detail}")
-
-
 class QAPISchema:
     """The QAPI schema of one QEMU, as introspected over QMP."""
 
-    def __init__(self, types: Mapping[str, _Type], commands: Mapping[str, _Command]) -> None:
+    def __init__(
+        self, types: Mapping[str, SchemaType], commands: Mapping[str, SchemaCommand]
+    ) -> None:
         """Wrap parsed entries; use :meth:`from_introspection` instead."""
         self._types = types
         self._commands = commands
@@ -153,42 +109,7 @@ class QAPISchema:
     @classmethod
     def from_introspection(cls, reply: list[dict[str, Any]]) -> QAPISchema:
         """Parse a ``query-qmp-schema`` reply; raise ValueError if it is malformed."""
-        types: dict[str, _Type] = {}
-        commands: dict[str, _Command] = {}
-        try:
-            for entry in reply:
-                meta, name = entry["meta-type"], entry["name"]
-                if meta == "command":
-                    features = frozenset(entry.get("features", ()))
-                    commands[name] = _Command(entry["arg-type"], features)
-                elif meta == "object":
-                    types[name] = _Object(
-                        {
-                            m["name"]: _Member(
-                                m["name"],
-                                m["type"],
-                                "default" not in m,
-                                frozenset(m.get("features", ())),
-                            )
-                            for m in entry["members"]
-                        },
-                        entry.get("tag"),
-                        {v["case"]: v["type"] for v in entry.get("variants", ())},
-                    )
-                elif meta == "enum":
-                    types[name] = _parse_enum(entry)
-                elif meta == "array":
-                    types[name] = _Array(entry["element-type"])
-                elif meta == "alternate":
-                    types[name] = _Alternate(tuple(m["type"] for m in entry["members"]))
-                elif meta == "builtin":
-                    types[name] = _Builtin(_BUILTIN_KINDS[entry["json-type"]])
-                # Events, and meta-types newer than this code, describe no command input.
-        except (KeyError, TypeError) as exc:
-            raise _malformed(repr(exc)) from exc
-        schema = cls(types, commands)
-        schema._verify()
-        return schema
+        return cls(*parse_reply(reply))
 
     def has_command(self, name: str) -> bool:
         """Return whether QEMU has command *name*."""
@@ -201,7 +122,7 @@ class QAPISchema:
         KeyError for an unknown command.
         """
         arg_type = self._types[self._commands[name].arg_type]
-        assert isinstance(arg_type, _Object)  # checked by _verify
+        assert isinstance(arg_type, ObjectType)  # checked when parsed
         return {m.name: m.required for m in arg_type.members.values()}
 
     def has_member(self, command: str, path: str) -> bool:
@@ -240,7 +161,7 @@ class QAPISchema:
         cmd = self._commands.get(command)
         if cmd is not None:
             arg_type = self._types[cmd.arg_type]
-            assert isinstance(arg_type, _Object)
+            assert isinstance(arg_type, ObjectType)
             self._collect_flagged(arg_type, "", set(), found)
         return found
 
@@ -258,9 +179,9 @@ class QAPISchema:
 
     def _check(self, type_name: str, value: object, path: str) -> None:
         match self._types[type_name]:
-            case _Object() as obj:
+            case ObjectType() as obj:
                 self._check_object(obj, value, path)
-            case _Alternate(branches):
+            case AlternateType(branches):
                 want = _qtype(_value_kind(value))
                 for branch in branches:
                     if _qtype(self._kind(branch)) in (want, "any"):
@@ -268,22 +189,22 @@ class QAPISchema:
                         return
                 expected = " or ".join(self._kind(b) for b in branches)
                 raise _Mismatch(path, f"expected {expected}, got {_value_kind(value)}")
-            case _Array(element):
+            case ArrayType(element):
                 if not isinstance(value, list | tuple):
                     raise _Mismatch(path, f"expected array, got {_value_kind(value)}")
                 for i, item in enumerate(value):
                     self._check(element, item, f"{path}[{i}]")
-            case _Enum(values):
+            case EnumType(values):
                 if not isinstance(value, str):
                     raise _Mismatch(path, f"expected string, got {_value_kind(value)}")
                 if value not in values:
                     raise _Mismatch(path, f"{value!r} is not one of {', '.join(values)}")
-            case _Builtin(kind):
+            case BuiltinType(kind):
                 got = _value_kind(value)
                 if not (kind in (got, "any") or (kind == "number" and got == "integer")):
                     raise _Mismatch(path, f"expected {kind}, got {got}")
 
-    def _check_object(self, obj: _Object, value: object, path: str) -> None:
+    def _check_object(self, obj: ObjectType, value: object, path: str) -> None:
         if not isinstance(value, Mapping):
             raise _Mismatch(path, f"expected object, got {_value_kind(value)}")
         members = self._variant_members(obj, value, path)
@@ -300,12 +221,12 @@ class QAPISchema:
                 )
 
     def _variant_members(
-        self, obj: _Object, value: Mapping[str, Any], path: str
-    ) -> dict[str, _Member]:
+        self, obj: ObjectType, value: Mapping[str, Any], path: str
+    ) -> dict[str, Member]:
         """Return the members *value* may have: the base plus its variant, recursively."""
-        members: dict[str, _Member] = {}
-        layer: _Type = obj
-        while isinstance(layer, _Object):
+        members: dict[str, Member] = {}
+        layer: SchemaType = obj
+        while isinstance(layer, ObjectType):
             members.update(layer.members)
             if layer.tag is None:
                 break
@@ -316,7 +237,7 @@ class QAPISchema:
             if not isinstance(case, str):
                 raise _Mismatch(tag_path, f"expected string, got {_value_kind(case)}")
             tag_enum = self._types[layer.members[layer.tag].type]
-            assert isinstance(tag_enum, _Enum)  # checked by _verify
+            assert isinstance(tag_enum, EnumType)  # checked when parsed
             if case not in tag_enum.values:
                 expected = ", ".join(tag_enum.values)
                 raise _Mismatch(tag_path, f"no union variant {case!r}; expected one of {expected}")
@@ -325,13 +246,13 @@ class QAPISchema:
             layer = self._types[layer.variants[case]]
         return members
 
-    def _variant_hint(self, obj: _Object, key: object, value: Mapping[str, Any]) -> str:
+    def _variant_hint(self, obj: ObjectType, key: object, value: Mapping[str, Any]) -> str:
         """Say which variant *key* is not valid for, and which it is valid for."""
         assert obj.tag is not None
         owners = []
         for case, type_name in obj.variants.items():
             variant = self._types[type_name]
-            if isinstance(variant, _Object) and key in variant.members:
+            if isinstance(variant, ObjectType) and key in variant.members:
                 owners.append(case)
         hint = f" for {obj.tag}={value[obj.tag]}"
         if owners:
@@ -342,27 +263,27 @@ class QAPISchema:
     def _kind(self, type_name: str) -> str:
         """Return the JSON kind a value of *type_name* has, named as in messages."""
         match self._types[type_name]:
-            case _Builtin(kind):
+            case BuiltinType(kind):
                 return kind
-            case _Enum():
+            case EnumType():
                 return "string"
-            case _Array():
+            case ArrayType():
                 return "array"
-            case _Object():
+            case ObjectType():
                 return "object"
             case _:
                 return "alternate"  # QAPI allows no alternate inside an alternate
 
     # -- capability paths --------------------------------------------------
 
-    def _walk(self, command: str, path: str) -> list[tuple[_Member, str | None]]:
+    def _walk(self, command: str, path: str) -> list[tuple[Member, str | None]]:
         """Return the members the last segment of *path* matched, with its ``=value``."""
         cmd = self._commands.get(command)
         if cmd is None or not path:
             return []
         views: list[_View] = [(o,) for o in self._objects(cmd.arg_type)]
         segments = path.split(".")
-        matched: list[tuple[_Member, str | None]] = []
+        matched: list[tuple[Member, str | None]] = []
         for i, segment in enumerate(segments):
             name, eq, value = segment.partition("=")
             descend = i < len(segments) - 1
@@ -383,43 +304,43 @@ class QAPISchema:
             views = next_views
         return matched
 
-    def _select(self, view: _View, member: _Member, value: str) -> _View | None:
+    def _select(self, view: _View, member: Member, value: str) -> _View | None:
         """Return *view* narrowed by ``member=value``, or None if *member* rejects *value*."""
         last = view[-1]
         if last.tag == member.name and value in last.variants:
             variant = self._types[last.variants[value]]
-            assert isinstance(variant, _Object)  # checked by _verify
+            assert isinstance(variant, ObjectType)  # checked when parsed
             return (*view, variant)
         if any(value in enum.values for enum in self._enums(member.type)):
             return view
         return None
 
-    def _objects(self, type_name: str) -> list[_Object]:
+    def _objects(self, type_name: str) -> list[ObjectType]:
         """Return the object types a value of *type_name* can be, through arrays/alternates."""
         match self._types[type_name]:
-            case _Object() as obj:
+            case ObjectType() as obj:
                 return [obj]
-            case _Array(element):
+            case ArrayType(element):
                 return self._objects(element)
-            case _Alternate(branches):
+            case AlternateType(branches):
                 return [o for b in branches for o in self._objects(b)]
             case _:
                 return []
 
-    def _enums(self, type_name: str) -> list[_Enum]:
+    def _enums(self, type_name: str) -> list[EnumType]:
         """Return the enum types a value of *type_name* can be, through arrays/alternates."""
         match self._types[type_name]:
-            case _Enum() as enum:
+            case EnumType() as enum:
                 return [enum]
-            case _Array(element):
+            case ArrayType(element):
                 return self._enums(element)
-            case _Alternate(branches):
+            case AlternateType(branches):
                 return [e for b in branches for e in self._enums(b)]
             case _:
                 return []
 
     def _collect_flagged(
-        self, obj: _Object, prefix: str, seen: set[int], found: dict[str, frozenset[str]]
+        self, obj: ObjectType, prefix: str, seen: set[int], found: dict[str, frozenset[str]]
     ) -> None:
         # By identity: the dataclasses hold dicts and are unhashable; types recurse.
         if id(obj) in seen:
@@ -437,45 +358,5 @@ class QAPISchema:
                 self._collect_flagged(child, path, seen, found)
         for case, type_name in obj.variants.items():
             variant = self._types[type_name]
-            assert isinstance(variant, _Object)
+            assert isinstance(variant, ObjectType)
             self._collect_flagged(variant, _join(prefix, f"{obj.tag}={case}"), seen, found)
-
-    # -- parsing -----------------------------------------------------------
-
-    def _verify(self) -> None:
-        """Raise ValueError unless every reference the checker follows resolves."""
-
-        def need(type_name: str, where: str, *kinds: type) -> None:
-            found = self._types.get(type_name)
-            if found is None or (kinds and not isinstance(found, kinds)):
-                raise _malformed(f"{where} refers to missing or unfit type {type_name!r}")
-
-        for name, command in self._commands.items():
-            need(command.arg_type, f"command {name}", _Object)
-        for name, t in self._types.items():
-            match t:
-                case _Array(element):
-                    need(element, f"array {name}")
-                case _Alternate(branches):
-                    for branch in branches:
-                        need(branch, f"alternate {name}")
-                case _Object(members, tag, variants):
-                    for member in members.values():
-                        need(member.type, f"object {name}")
-                    if tag is not None:
-                        if tag not in members:
-                            raise _malformed(f"object {name} has no tag member {tag!r}")
-                        need(members[tag].type, f"tag of object {name}", _Enum)
-                    for case in variants.values():
-                        need(case, f"variant of object {name}", _Object)
-
-
-def _parse_enum(entry: Mapping[str, Any]) -> _Enum:
-    # "members" (with per-value features) is QEMU 6.2+; "values" is the older form.
-    if "members" in entry:
-        values = tuple(m["name"] for m in entry["members"])
-        features = {
-            m["name"]: frozenset(m["features"]) for m in entry["members"] if m.get("features")
-        }
-        return _Enum(values, features)
-    return _Enum(tuple(entry["values"]), {})
