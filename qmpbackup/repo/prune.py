@@ -41,16 +41,16 @@ from ..files import fsync_dir
 from ..images.qemu_img import image_info
 from ..request.models import Level
 from .digests import file_digest
-from .repository import (
+from .records import (
     BACKUP_ID_RE,
     DIGESTS_SUFFIX,
     IMAGE_SUFFIX,
     RECORDS_DIR,
     BackupRecord,
     DiskRecord,
-    Repository,
     RepositoryError,
 )
+from .repository import Repository
 from .restore import (
     build_checked,
     check_standalone,

@@ -36,7 +36,8 @@ from .digests import (
     file_digest,
     resized_blocks,
 )
-from .repository import BackupRecord, DiskRecord, RecordError, Repository, RepositoryError
+from .records import BackupRecord, DiskRecord, RecordError, RepositoryError
+from .repository import Repository
 from .restore import describe_blocks
 
 log = structlog.get_logger("qmpbackup.verify")
