@@ -10,6 +10,7 @@ backup asks for, :class:`BackupEntry` what the repository reserved for it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -117,6 +118,12 @@ class BackupRecord(_Model):
     def disk(self, name: str) -> DiskRecord | None:
         """The record of disk ``name`` in this backup, if it has one."""
         return next((d for d in self.disks if d.name == name), None)
+
+
+def backup_level(disks: Iterable[DiskRecord]) -> Level:
+    """The level of a backup of ``disks``: full if all are, else inc if one is, else diff."""
+    levels = {d.level for d in disks} - {"full"}
+    return "full" if not levels else "inc" if "inc" in levels else "diff"
 
 
 class DiskRequest(_Model):

@@ -46,6 +46,7 @@ from .records import (
     DiskTarget,
     RecordError,
     RepositoryError,
+    backup_level,
     check_backup_id,
     check_disk_name,
 )
@@ -231,63 +232,62 @@ class Repository:
             backup_id = f"{created:%Y%m%dT%H%M%SZ}-{seq}"
             if checkpoint is not None:
                 checkpoint = _valid(checkpoint.replace("{id}", backup_id), "checkpoint")
-            disk_records: list[DiskRecord] = []
-            targets: list[DiskTarget] = []
-            parents: list[BackupRecord] = []
-            for req in disks:
-                parent = self.parent_for(req.name, req.level)
-                if req.level != "full" and parent is None:
-                    want = "backup" if req.level == "inc" else "full backup"
-                    raise RepositoryError(
-                        f"no complete {want} of disk {req.name} for a {req.level} backup"
-                    )
-                parent_disk = None if parent is None else self.disk_record(parent, req.name)
-                if parent is not None:
-                    parents.append(parent)
-                disk_rec = DiskRecord(
-                    name=req.name,
-                    file=f"{backup_id}{IMAGE_SUFFIX}",
-                    virtual_size=req.virtual_size,
-                    granularity=req.granularity,
-                    level=req.level,
-                    parent=None if parent is None else parent.id,
-                    parent_file=None if parent_disk is None else parent_disk.file,
-                    digest_block_size=req.digest_block_size,
-                    digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
-                    source=req.source,
-                )
-                folder = self.disk_dir(req.name)
-                for name in (disk_rec.file, disk_rec.digests_file):
-                    if (folder / name).exists():
-                        raise RepositoryError(f"{folder / name} exists already")
-                disk_records.append(disk_rec)
-                targets.append(
-                    DiskTarget(
-                        name=req.name,
-                        image=folder / disk_rec.file,
-                        digests=folder / disk_rec.digests_file,
-                        backing=disk_rec.parent_file,
-                    )
-                )
-            levels = {d.level for d in disk_records} - {"full"}
-            level: Level = "full" if not levels else "inc" if "inc" in levels else "diff"
+            reserved = [self._reserve_disk(backup_id, req) for req in disks]
+            disk_records = tuple(disk for disk, _, _ in reserved)
+            targets = tuple(target for _, target, _ in reserved)
+            parents = [parent for _, _, parent in reserved if parent is not None]
             newest = max(parents, key=lambda r: r.seq, default=None)
             record = BackupRecord(
                 id=backup_id,
                 seq=seq,
-                level=level,
+                level=backup_level(disk_records),
                 parent=None if newest is None else newest.id,
                 checkpoint=checkpoint,
                 checkpoint_time=checkpoint_time,
                 created=created,
                 mode=mode,
                 complete=False,
-                disks=tuple(disk_records),
+                disks=disk_records,
             )
             for target in targets:
                 target.image.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write(record)
-        return BackupEntry(record=record, targets=tuple(targets))
+        return BackupEntry(record=record, targets=targets)
+
+    def _reserve_disk(
+        self, backup_id: str, req: DiskRequest
+    ) -> tuple[DiskRecord, DiskTarget, BackupRecord | None]:
+        """The record and target of disk ``req`` in new backup ``backup_id``, and the
+        backup it chains to; refused if it has no parent its level needs, or if its
+        files exist already."""
+        parent = self.parent_for(req.name, req.level)
+        if req.level != "full" and parent is None:
+            want = "backup" if req.level == "inc" else "full backup"
+            raise RepositoryError(f"no complete {want} of disk {req.name} for a {req.level} backup")
+        parent_disk = None if parent is None else self.disk_record(parent, req.name)
+        disk = DiskRecord(
+            name=req.name,
+            file=f"{backup_id}{IMAGE_SUFFIX}",
+            virtual_size=req.virtual_size,
+            granularity=req.granularity,
+            level=req.level,
+            parent=None if parent is None else parent.id,
+            parent_file=None if parent_disk is None else parent_disk.file,
+            digest_block_size=req.digest_block_size,
+            digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
+            source=req.source,
+        )
+        folder = self.disk_dir(req.name)
+        for name in (disk.file, disk.digests_file):
+            if (folder / name).exists():
+                raise RepositoryError(f"{folder / name} exists already")
+        target = DiskTarget(
+            name=req.name,
+            image=folder / disk.file,
+            digests=folder / disk.digests_file,
+            backing=disk.parent_file,
+        )
+        return disk, target, parent
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
