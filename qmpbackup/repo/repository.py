@@ -3,6 +3,7 @@
 Layout of a repository ``<repo>``::
 
     <repo>/<vm>/.lock                         flock(2) held while records change
+    <repo>/<vm>/.run.lock                     flock(2) held by a backup or a prune
     <repo>/<vm>/backups/<backup-id>.json      one record per backup (qmpbackup.repo.records)
     <repo>/<vm>/<disk>/<backup-id>.qcow2      the image of that disk in that backup
     <repo>/<vm>/<disk>/<backup-id>.digests    per-block digests (qmpbackup.repo.digests)
@@ -21,8 +22,6 @@ complete backups are listed by default, taken as parents or restored; an incompl
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -31,7 +30,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import InvalidInputError, one_line
-from ..files import atomic_write_text
+from ..files import advisory_lock, atomic_write_text
 from ..planner.level import DiskHistory
 from ..request.models import Level, Mode, check_name
 from .digests import file_digest
@@ -118,17 +117,27 @@ class Repository:
             raise RepositoryError(f"backup {record.id} has no disk {disk!r}")
         return found
 
-    # Records.
+    # Locks.
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """Hold the records lock (``.lock``), waiting for it: records change one at a time."""
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.base / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with advisory_lock(self.base / ".lock"):
             yield
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait.
+
+        Raises RepositoryError at once if another run holds it.
+        """
+        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        busy = RepositoryError(f"another qmpbackup run is using the repository {self.base}")
+        with advisory_lock(self.base / ".run.lock", busy):
+            yield
+
+    # Records.
 
     def record_paths(self) -> list[Path]:
         """The record files, in no particular order (temporary files left out)."""
@@ -288,22 +297,6 @@ class Repository:
             backing=disk.parent_file,
         )
         return disk, target, parent
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait."""
-        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.base / ".run.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RepositoryError(
-                    f"another qmpbackup run is using the repository {self.base}"
-                ) from None
-            yield
-        finally:
-            os.close(fd)
 
     def commit(
         self,
