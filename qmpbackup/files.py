@@ -1,9 +1,12 @@
-"""Writes of files: durable small files of the state directory, whole positioned writes."""
+"""Files: durable writes, positioned writes and advisory locks."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -48,3 +51,25 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     while view:
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
+
+
+@contextmanager
+def advisory_lock(path: Path, busy: Exception | None = None) -> Iterator[None]:
+    """Hold an exclusive flock(2) on ``path``, created 0o600 in a 0o700 folder if need be.
+
+    Without ``busy`` it waits while another process holds the lock; with ``busy`` it
+    raises ``busy`` at once instead.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if busy is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy from None
+        yield
+    finally:
+        os.close(fd)

@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from qmpbackup.repo.digests import Digests, digest_all
-from qmpbackup.repo.repository import BackupRecord, DiskRequest, Repository
+from qmpbackup.repo.records import BackupRecord, DiskRequest
+from qmpbackup.repo.repository import Repository
 from qmpbackup.request.models import Level
 
 MiB = 1 << 20

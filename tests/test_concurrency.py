@@ -22,7 +22,8 @@ from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_
 from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.repo.backup import RepositoryBackup
 from qmpbackup.repo.progress import BackupEvent
-from qmpbackup.repo.repository import BackupRecord, Repository
+from qmpbackup.repo.records import BackupRecord
+from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
 from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 

@@ -12,13 +12,8 @@ import pytest
 
 from qmpbackup.errors import InvalidInputError
 from qmpbackup.repo.digests import Digests, file_digest
-from qmpbackup.repo.repository import (
-    BackupEntry,
-    BackupRecord,
-    DiskRequest,
-    Repository,
-    RepositoryError,
-)
+from qmpbackup.repo.records import BackupEntry, BackupRecord, DiskRequest, RepositoryError
+from qmpbackup.repo.repository import Repository
 from qmpbackup.request.models import Level
 
 MiB = 1 << 20

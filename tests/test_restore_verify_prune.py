@@ -13,7 +13,8 @@ import pytest
 from qmpbackup.errors import InvalidInputError, TargetExistsError
 from qmpbackup.repo.digests import file_digest
 from qmpbackup.repo.prune import needed_checkpoints, prune, unneeded_checkpoints
-from qmpbackup.repo.repository import DiskRequest, Repository, RepositoryError
+from qmpbackup.repo.records import DiskRequest, RepositoryError
+from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import Format, restore
 from qmpbackup.repo.verify import Problem, verify
 from qmpbackup.request.models import Level

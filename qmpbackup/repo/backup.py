@@ -47,8 +47,9 @@ from .digests import (
     resized_blocks,
 )
 from .progress import BackupEvent, EventSink
-from .repository import BackupEntry, DiskRequest, Repository
-from .repository import BackupRecord as RepositoryRecord
+from .records import BackupEntry, DiskRequest
+from .records import BackupRecord as RepositoryRecord
+from .repository import Repository
 
 if TYPE_CHECKING:
     from ..api import VM, BackupBegun

@@ -39,18 +39,18 @@ import structlog
 from ..errors import InvalidInputError
 from ..files import fsync_dir
 from ..images.qemu_img import image_info
-from ..request.models import Level
 from .digests import file_digest
-from .repository import (
+from .records import (
     BACKUP_ID_RE,
     DIGESTS_SUFFIX,
     IMAGE_SUFFIX,
     RECORDS_DIR,
     BackupRecord,
     DiskRecord,
-    Repository,
     RepositoryError,
+    backup_level,
 )
+from .repository import Repository
 from .restore import (
     build_checked,
     check_standalone,
@@ -177,14 +177,12 @@ def _rewritten(
         else d
         for d in record.disks
     )
-    levels = {d.level for d in disks} - {"full"}
-    level: Level = "full" if not levels else "inc" if "inc" in levels else "diff"
     parents = [records[d.parent] for d in disks if d.parent is not None]
     newest = max(parents, key=lambda r: r.seq, default=None)
     return record.model_copy(
         update={
             "disks": disks,
-            "level": level,
+            "level": backup_level(disks),
             "parent": None if newest is None else newest.id,
         }
     )

@@ -3,7 +3,8 @@
 Layout of a repository ``<repo>``::
 
     <repo>/<vm>/.lock                         flock(2) held while records change
-    <repo>/<vm>/backups/<backup-id>.json      one record per backup (BackupRecord)
+    <repo>/<vm>/.run.lock                     flock(2) held by a backup or a prune
+    <repo>/<vm>/backups/<backup-id>.json      one record per backup (qmpbackup.repo.records)
     <repo>/<vm>/<disk>/<backup-id>.qcow2      the image of that disk in that backup
     <repo>/<vm>/<disk>/<backup-id>.digests    per-block digests (qmpbackup.repo.digests)
 
@@ -21,163 +22,38 @@ complete backups are listed by default, taken as parents or restored; an incompl
 
 from __future__ import annotations
 
-import fcntl
-import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from ..errors import InvalidInputError, QmpBackupError, one_line
-from ..files import atomic_write_text
+from ..errors import InvalidInputError, one_line
+from ..files import advisory_lock, atomic_write_text
 from ..planner.level import DiskHistory
 from ..request.models import Level, Mode, check_name
 from .digests import file_digest
-
-RECORDS_DIR = "backups"
-IMAGE_SUFFIX = ".qcow2"
-DIGESTS_SUFFIX = ".digests"
-DEFAULT_DIGEST_BLOCK = 1 << 20
-BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[1-9]\d*$")
-
-
-class RepositoryError(QmpBackupError):
-    """The repository is inconsistent, or an operation on it is refused."""
-
-
-class RecordError(RepositoryError):
-    """A record file cannot be read as the backup its name says."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        self.path = path
-        self.detail = detail
-        super().__init__(f"{path}: {detail}")
-
-
-def _check_file_name(value: str | None) -> str | None:
-    if value is not None and (not value or "/" in value or "\0" in value or value.startswith(".")):
-        raise ValueError(f"not a plain file name: {value!r}")
-    return value
-
-
-def _check_id(value: str | None) -> str | None:
-    if value is not None and not BACKUP_ID_RE.match(value):
-        raise ValueError(f"invalid backup id {value!r}")
-    return value
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DiskRecord(_Model):
-    """One disk of a backup; file names are relative to the disk's folder."""
-
-    name: str
-    file: str
-    virtual_size: int = Field(ge=0)
-    granularity: int | None = Field(default=None, gt=0)
-    level: Level
-    parent: str | None = None
-    parent_file: str | None = None
-    digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
-    digests_file: str
-    source: str | None = None
-    file_digest: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _check_disk(value)
-
-    @field_validator("file", "parent_file", "digests_file")
-    @classmethod
-    def _plain(cls, value: str | None) -> str | None:
-        return _check_file_name(value)
-
-    @field_validator("parent")
-    @classmethod
-    def _parent(cls, value: str | None) -> str | None:
-        return _check_id(value)
-
-
-class BackupRecord(_Model):
-    """The metadata record of one backup, ``<repo>/<vm>/backups/<id>.json``."""
-
-    id: str
-    seq: int = Field(ge=1)
-    level: Level
-    parent: str | None = None
-    checkpoint: str | None = None
-    checkpoint_time: int | None = None
-    created: datetime
-    mode: Mode
-    complete: bool = False
-    merged: tuple[str, ...] = ()
-    disks: tuple[DiskRecord, ...]
-
-    @field_validator("id", "parent")
-    @classmethod
-    def _ids(cls, value: str | None) -> str | None:
-        return _check_id(value)
-
-    def disk(self, name: str) -> DiskRecord | None:
-        """The record of disk ``name`` in this backup, if it has one."""
-        return next((d for d in self.disks if d.name == name), None)
-
-
-class DiskRequest(_Model):
-    """What :meth:`Repository.begin_backup` needs to know of one disk."""
-
-    name: str
-    virtual_size: int = Field(ge=0)
-    level: Level
-    granularity: int | None = Field(default=None, gt=0)
-    digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
-    source: str | None = None
-
-
-class DiskTarget(_Model):
-    """Where a backup of one disk goes: ``image`` with ``backing`` (relative) or none."""
-
-    name: str
-    image: Path
-    digests: Path
-    backing: str | None
-
-
-class BackupEntry(_Model):
-    """A reserved backup: its record (as written) and the target paths of its disks."""
-
-    record: BackupRecord
-    targets: tuple[DiskTarget, ...]
-
-    @property
-    def id(self) -> str:
-        """The backup id."""
-        return self.record.id
-
-    def target(self, disk: str) -> DiskTarget:
-        """The target of disk ``disk``."""
-        for target in self.targets:
-            if target.name == disk:
-                return target
-        raise KeyError(disk)
-
-
-def _check_disk(name: str) -> str:
-    check_name(name, "disk")
-    if name == RECORDS_DIR:
-        raise ValueError(f"invalid disk name {name!r}: reserved for the backup records")
-    return name
+from .records import (
+    DIGESTS_SUFFIX,
+    IMAGE_SUFFIX,
+    RECORDS_DIR,
+    BackupEntry,
+    BackupRecord,
+    DiskRecord,
+    DiskRequest,
+    DiskTarget,
+    RecordError,
+    RepositoryError,
+    backup_level,
+    check_backup_id,
+    check_disk_name,
+)
 
 
 def _valid(name: str, what: str) -> str:
     try:
-        return _check_disk(name) if what == "disk" else check_name(name, what)
+        return check_disk_name(name) if what == "disk" else check_name(name, what)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
 
@@ -220,7 +96,7 @@ class Repository:
     def record_path(self, backup_id: str) -> Path:
         """The record file of backup ``backup_id``."""
         try:
-            _check_id(backup_id)
+            check_backup_id(backup_id)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
         return self._inside(self.records_dir / f"{backup_id}.json")
@@ -241,17 +117,27 @@ class Repository:
             raise RepositoryError(f"backup {record.id} has no disk {disk!r}")
         return found
 
-    # Records.
+    # Locks.
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        """Hold the records lock (``.lock``), waiting for it: records change one at a time."""
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.base / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with advisory_lock(self.base / ".lock"):
             yield
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait.
+
+        Raises RepositoryError at once if another run holds it.
+        """
+        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        busy = RepositoryError(f"another qmpbackup run is using the repository {self.base}")
+        with advisory_lock(self.base / ".run.lock", busy):
+            yield
+
+    # Records.
 
     def record_paths(self) -> list[Path]:
         """The record files, in no particular order (temporary files left out)."""
@@ -355,79 +241,62 @@ class Repository:
             backup_id = f"{created:%Y%m%dT%H%M%SZ}-{seq}"
             if checkpoint is not None:
                 checkpoint = _valid(checkpoint.replace("{id}", backup_id), "checkpoint")
-            disk_records: list[DiskRecord] = []
-            targets: list[DiskTarget] = []
-            parents: list[BackupRecord] = []
-            for req in disks:
-                parent = self.parent_for(req.name, req.level)
-                if req.level != "full" and parent is None:
-                    want = "backup" if req.level == "inc" else "full backup"
-                    raise RepositoryError(
-                        f"no complete {want} of disk {req.name} for a {req.level} backup"
-                    )
-                parent_disk = None if parent is None else self.disk_record(parent, req.name)
-                if parent is not None:
-                    parents.append(parent)
-                disk_rec = DiskRecord(
-                    name=req.name,
-                    file=f"{backup_id}{IMAGE_SUFFIX}",
-                    virtual_size=req.virtual_size,
-                    granularity=req.granularity,
-                    level=req.level,
-                    parent=None if parent is None else parent.id,
-                    parent_file=None if parent_disk is None else parent_disk.file,
-                    digest_block_size=req.digest_block_size,
-                    digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
-                    source=req.source,
-                )
-                folder = self.disk_dir(req.name)
-                for name in (disk_rec.file, disk_rec.digests_file):
-                    if (folder / name).exists():
-                        raise RepositoryError(f"{folder / name} exists already")
-                disk_records.append(disk_rec)
-                targets.append(
-                    DiskTarget(
-                        name=req.name,
-                        image=folder / disk_rec.file,
-                        digests=folder / disk_rec.digests_file,
-                        backing=disk_rec.parent_file,
-                    )
-                )
-            levels = {d.level for d in disk_records} - {"full"}
-            level: Level = "full" if not levels else "inc" if "inc" in levels else "diff"
+            reserved = [self._reserve_disk(backup_id, req) for req in disks]
+            disk_records = tuple(disk for disk, _, _ in reserved)
+            targets = tuple(target for _, target, _ in reserved)
+            parents = [parent for _, _, parent in reserved if parent is not None]
             newest = max(parents, key=lambda r: r.seq, default=None)
             record = BackupRecord(
                 id=backup_id,
                 seq=seq,
-                level=level,
+                level=backup_level(disk_records),
                 parent=None if newest is None else newest.id,
                 checkpoint=checkpoint,
                 checkpoint_time=checkpoint_time,
                 created=created,
                 mode=mode,
                 complete=False,
-                disks=tuple(disk_records),
+                disks=disk_records,
             )
             for target in targets:
                 target.image.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._write(record)
-        return BackupEntry(record=record, targets=tuple(targets))
+        return BackupEntry(record=record, targets=targets)
 
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait."""
-        self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.base / ".run.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RepositoryError(
-                    f"another qmpbackup run is using the repository {self.base}"
-                ) from None
-            yield
-        finally:
-            os.close(fd)
+    def _reserve_disk(
+        self, backup_id: str, req: DiskRequest
+    ) -> tuple[DiskRecord, DiskTarget, BackupRecord | None]:
+        """The record and target of disk ``req`` in new backup ``backup_id``, and the
+        backup it chains to; refused if it has no parent its level needs, or if its
+        files exist already."""
+        parent = self.parent_for(req.name, req.level)
+        if req.level != "full" and parent is None:
+            want = "backup" if req.level == "inc" else "full backup"
+            raise RepositoryError(f"no complete {want} of disk {req.name} for a {req.level} backup")
+        parent_disk = None if parent is None else self.disk_record(parent, req.name)
+        disk = DiskRecord(
+            name=req.name,
+            file=f"{backup_id}{IMAGE_SUFFIX}",
+            virtual_size=req.virtual_size,
+            granularity=req.granularity,
+            level=req.level,
+            parent=None if parent is None else parent.id,
+            parent_file=None if parent_disk is None else parent_disk.file,
+            digest_block_size=req.digest_block_size,
+            digests_file=f"{backup_id}{DIGESTS_SUFFIX}",
+            source=req.source,
+        )
+        folder = self.disk_dir(req.name)
+        for name in (disk.file, disk.digests_file):
+            if (folder / name).exists():
+                raise RepositoryError(f"{folder / name} exists already")
+        target = DiskTarget(
+            name=req.name,
+            image=folder / disk.file,
+            digests=folder / disk.digests_file,
+            backing=disk.parent_file,
+        )
+        return disk, target, parent
 
     def commit(
         self,

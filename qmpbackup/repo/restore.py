@@ -23,7 +23,8 @@ from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
 from ..files import fsync_dir, fsync_file
 from ..images.qemu_img import image_info, qemu_img
 from .digests import Digests, compare, digest_all
-from .repository import BackupRecord, DiskRecord, Repository, RepositoryError
+from .records import BackupRecord, DiskRecord, RepositoryError
+from .repository import Repository
 
 log = structlog.get_logger("qmpbackup.restore")
 

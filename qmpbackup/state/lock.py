@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..errors import QmpBackupError
+from ..files import advisory_lock
 
 
 def default_state_root() -> Path:
@@ -31,18 +30,10 @@ def state_key(vm_name: str | None, uuid: str | None, address: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw).strip("._") or "default"
 
 
-@contextmanager
-def locked(state_dir: Path) -> Iterator[None]:
-    """Hold the state directory's lock: one qmpbackup run changes a VM at a time."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise QmpBackupError(
-                f"another qmpbackup run is working on this VM ({state_dir})"
-            ) from exc
-        yield
-    finally:
-        os.close(fd)
+def locked(state_dir: Path) -> AbstractContextManager[None]:
+    """Hold the state directory's lock: one qmpbackup run changes a VM at a time.
+
+    Raises QmpBackupError at once if another run holds it.
+    """
+    busy = QmpBackupError(f"another qmpbackup run is working on this VM ({state_dir})")
+    return advisory_lock(state_dir / "lock", busy)
