@@ -1,4 +1,5 @@
-"""The public async API: everything the CLI does, as typed coroutines.
+"""The public async API: one QEMU reached over QMP (:class:`VM`), everything the CLI does
+with a VM, as typed coroutines.
 
 Typical use::
 
@@ -7,158 +8,55 @@ Typical use::
         await vm.wait_backup(begun.record.id)
         await vm.backup_end(begun.record.id)
 
-Every method discovers the block graph afresh, plans with the pure planner,
-checks the plan against the live QAPI schema, then runs it; nothing is sent
-when planning or checking fails.
+Each call that changes QEMU gathers what the planner needs (:mod:`qmpbackup.observe`),
+plans with the pure planner, checks the plan against the live QAPI schema, then
+runs it (:mod:`qmpbackup.runner`) and saves the state directory's part; nothing is
+sent when planning or checking fails.  Repository backups, restores and prunes are
+built on this API in :mod:`qmpbackup.repo`.  Every error raised is a
+:class:`~qmpbackup.errors.QmpBackupError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from pydantic import BaseModel, ConfigDict
 
+from . import observe
 from .errors import JobFailedError, LeftoversError
 from .planner import (
-    BackupFacts,
     BackupPlan,
     PullOptions,
     choose_disks,
-    naming,
     plan_backup_begin,
     plan_backup_end,
     plan_checkpoint_create,
     plan_checkpoint_delete,
     plan_checkpoint_size,
 )
+from .planner.naming import size_bitmap
 from .planner.plan import Plan, Step
-from .planner.recover import Inventory, RecoverPlan, plan_recover
+from .planner.recover import RecoverPlan, plan_recover
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
-from .qmp.graph import BlockGraph, discover, graph_from_replies, query_graph_replies
+from .qmp.graph import BlockGraph, discover
 from .qmp.jobs import JobState, query_jobs, wait_job
 from .qmp.session import Address, QMPSession, describe_address, parse_address
-from .repo.backup import RepositoryBackup, backup_to_repository, release_checkpoints
-from .repo.progress import EventSink
-from .repo.prune import PruneResult, prune, unneeded_checkpoints
-from .repo.repository import Repository
-from .request.models import BackupSpec, CheckpointSpec, Mode, RequestedLevel
+from .request.models import BackupSpec, CheckpointSpec
+from .results import BackupBegun, BackupEnded, JobInfo, VMInfo
 from .runner import check_plan, run_plan
-from .state.active import BackupRecord, BackupRecordStore
-from .state.checkpoints import Checkpoint, CheckpointDisk, CheckpointStore, find_checkpoint
+from .state.active import ActiveBackup, ActiveBackupStore
+from .state.checkpoints import Checkpoint, CheckpointStore, find_checkpoint
+from .state.directory import default_state_root, locked, state_key
 from .state.journal import Journal, read_journals
-from .state.lock import default_state_root, locked, state_key
 
 log = structlog.get_logger("qmpbackup.api")
 
 StepCallback = Callable[[int, Step], None]
-
-
-class BackupBegun(BaseModel):
-    """What ``backup-begin`` started."""
-
-    model_config = ConfigDict(frozen=True)
-
-    record: BackupRecord
-    checkpoint: Checkpoint | None
-
-
-class BackupEnded(BaseModel):
-    """How a backup ended."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    outcome: str
-    errors: dict[str, str]
-    dropped_checkpoint: str | None
-    # Push targets qmpbackup created for a backup that did not complete, now deleted.
-    removed_partial: tuple[str, ...] = ()
-
-
-class DiskProgress(BaseModel):
-    """Progress of one disk's copy."""
-
-    model_config = ConfigDict(frozen=True)
-
-    disk: str
-    status: str
-    processed: int
-    total: int
-    error: str | None = None
-    uri: str | None = None
-
-
-class JobInfo(BaseModel):
-    """State of one backup job, as ``jobinfo`` shows it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    mode: str
-    status: str
-    elapsed: float
-    processed: int
-    total: int
-    disks: tuple[DiskProgress, ...]
-
-    @property
-    def rate(self) -> float:
-        """Bytes per second since the backup began."""
-        return self.processed / self.elapsed if self.elapsed > 0 else 0.0
-
-
-class VMInfo(BaseModel):
-    """What ``info`` shows: QEMU version, capabilities, disks."""
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    version: str
-    name: str | None
-    capabilities: dict[str, bool]
-    graph: BlockGraph
-
-
-def _direct_io(folder: str) -> bool:
-    """True when a file in ``folder`` can be opened with O_DIRECT (not on tmpfs, say)."""
-    try:
-        fd, path = tempfile.mkstemp(prefix=".qmpbackup-direct-", dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.unlink(path)
-
-
-def _alive(pid: int) -> bool:
-    """True while process ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def find_free_port(host: str) -> int:
-    """A TCP port nothing listens on at ``host`` now, for the NBD server."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class VM:
@@ -175,18 +73,21 @@ class VM:
     ) -> None:
         self.session = session
         self.schema = schema
-        #: What this QEMU offers that plans depend on, read once from its schema.
-        self.capabilities = capabilities or Capabilities.from_schema(schema)
         self.state_dir = state_dir
         self.name = name
         #: Names this VM in state and repository folders: its name, UUID or QMP address.
         self.key = key or state_key(name, None, "default")
-        self.checkpoint_store = CheckpointStore(state_dir)
-        self.records = BackupRecordStore(state_dir)
+        #: What this QEMU offers that plans depend on, read once from its schema.
+        self.capabilities = capabilities or Capabilities.from_schema(schema)
+        self._checkpoints = CheckpointStore(state_dir)
+        self._active = ActiveBackupStore(state_dir)
 
     @classmethod
     async def connect(cls, address: Address | str, state_dir: Path | str | None = None) -> VM:
-        """Connect to QEMU's QMP socket (path or ``HOST:PORT``) and read its schema."""
+        """Connect to QEMU's QMP socket (path or ``HOST:PORT``) and read its schema.
+
+        Raises ConnectionFailedError when QEMU cannot be reached or does not speak QMP.
+        """
         addr = parse_address(address) if isinstance(address, str) else address
         session = QMPSession(addr)
         await session.connect()
@@ -203,11 +104,6 @@ class VM:
             state_dir = default_state_root() / key
         capabilities = Capabilities.from_schema(schema, version)
         return cls(session, schema, Path(state_dir), name, key, capabilities)
-
-    @property
-    def _local(self) -> bool:
-        """True when QEMU is on this host (a unix socket): its files are ours to probe."""
-        return isinstance(self.session.address, str)
 
     async def close(self) -> None:
         """Close the QMP connection."""
@@ -227,7 +123,11 @@ class VM:
 
     def checkpoints(self) -> list[Checkpoint]:
         """Recorded checkpoints, oldest first."""
-        return self.checkpoint_store.load_all()
+        return self._checkpoints.load_all()
+
+    def active_backups(self) -> list[ActiveBackup]:
+        """The backups begun and not yet ended, by id."""
+        return self._active.load_all()
 
     async def info(self) -> VMInfo:
         """QEMU version, capabilities used, and the disks with their chains and bitmaps."""
@@ -240,47 +140,17 @@ class VM:
 
     # -- backups ------------------------------------------------------------
 
-    async def _backup_facts(
-        self, spec: BackupSpec, graph: BlockGraph, checkpoint: CheckpointSpec | None
-    ) -> BackupFacts:
-        now = int(time.time())
-        backup_id = self.records.next_id()
-        scratch_dir = str(self.state_dir / "scratch")
-        choices = choose_disks(
-            spec, graph, self.checkpoints(), checkpoint, now, scratch_dir, backup_id
-        )
-        active = self.records.load_all()
-        running = next((r.server for r in active if r.server is not None), None)
-        wanted = spec.server
-        free_port = None
-        if spec.mode == "pull" and running is None and wanted is not None and not wanted.port:
-            free_port = find_free_port(wanted.name or "localhost")
-        return BackupFacts(
-            backup_id=backup_id,
-            now=now,
-            capabilities=self.capabilities,
-            existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
-            busy_disks={d.disk: r.id for r in active for d in r.disks},
-            job_ids=frozenset(await query_jobs(self.session)),
-            scratch_dir=scratch_dir,
-            default_socket=str(self.state_dir / "nbd.sock"),
-            free_port=free_port,
-            running_server=running,
-            export_names=frozenset(d.export for r in active for d in r.disks if d.export),
-            direct_io_dirs=frozenset(
-                folder
-                for folder in {os.path.dirname(c.target) for c in choices}
-                if spec.mode == "push" and self._local and _direct_io(folder)
-            ),
-        )
-
     async def plan_backup(
         self,
         spec: BackupSpec,
         checkpoint: CheckpointSpec | None = None,
         options: PullOptions | None = None,
     ) -> BackupPlan:
-        """The plan ``backup_begin`` would run, checked against the live schema, not sent."""
+        """The plan ``backup_begin`` would run, checked against the live schema, not sent.
+
+        Raises InvalidInputError for a request this VM cannot take, PlanError when its
+        state prevents the backup, SchemaMismatchError when QEMU would refuse the plan.
+        """
         planned = await self._plan_backup(spec, checkpoint, options)
         check_plan(planned.plan, self.schema)
         return planned
@@ -293,8 +163,22 @@ class VM:
         graph: BlockGraph | None = None,
     ) -> BackupPlan:
         graph = graph or await self.graph()
-        facts = await self._backup_facts(spec, graph, checkpoint)
-        return plan_backup_begin(spec, graph, self.checkpoints(), facts, checkpoint, options)
+        now = int(time.time())
+        backup_id = self._active.next_id()
+        checkpoints = self.checkpoints()
+        scratch_dir = str(self.state_dir / "scratch")
+        choices = choose_disks(spec, graph, checkpoints, checkpoint, now, scratch_dir, backup_id)
+        facts = await observe.backup_facts(
+            self.session,
+            spec,
+            choices,
+            self._active.load_all(),
+            backup_id=backup_id,
+            now=now,
+            state_dir=self.state_dir,
+            capabilities=self.capabilities,
+        )
+        return plan_backup_begin(spec, graph, checkpoints, facts, checkpoint, options, choices)
 
     async def backup_begin(
         self,
@@ -309,7 +193,9 @@ class VM:
 
         In pull mode ``record.disks[i].uri`` says where each disk's view is served.
         ``owned``: the backup belongs to this process, and is left over once it is gone.
-        Leftovers of an earlier run refuse the backup (LeftoversError) unless ``recover``.
+        Raises what :meth:`plan_backup` raises, LeftoversError if an earlier run left
+        anything (unless ``recover``), QMPCommandError or JobFailedError when a step
+        fails (what was done is undone first).
         """
         with locked(self.state_dir):
             graph = None
@@ -329,8 +215,8 @@ class VM:
             if owned:
                 record = record.model_copy(update={"owner_pid": os.getpid()})
             if planned.checkpoint is not None:
-                self.checkpoint_store.save(planned.checkpoint)
-            self.records.save(record)
+                self._checkpoints.save(planned.checkpoint)
+            self._active.save(record)
             journal.close("done")
         log.info("backup.begun", id=record.id, checkpoint=record.checkpoint)
         return BackupBegun(record=record, checkpoint=planned.checkpoint)
@@ -343,53 +229,27 @@ class VM:
         await run_plan(self.session, plan, journal, on_step)
         return journal
 
-    async def _jobs_of(self, record: BackupRecord) -> dict[str, JobState]:
+    async def _jobs_of(self, backup: ActiveBackup) -> dict[str, JobState]:
         jobs = await query_jobs(self.session)
-        return {j: jobs[j] for j in record.job_ids() if j in jobs}
+        return {j: jobs[j] for j in backup.job_ids() if j in jobs}
 
     async def wait_backup(self, backup_id: int | None = None) -> dict[str, JobState]:
-        """Wait until every job of the backup has concluded; raise JobFailedError on error."""
-        record = self.records.load(backup_id)
-        states = {j: await wait_job(self.session, j) for j in record.job_ids()}
+        """Wait until every job of the backup has concluded.
+
+        Raises JobFailedError if one failed, BackupNotFoundError for an unknown backup.
+        """
+        backup = self._active.load(backup_id)
+        states = {j: await wait_job(self.session, j) for j in backup.job_ids()}
         failed = {j: s.error for j, s in states.items() if s.error}
         if failed:
             detail = "; ".join(f"{j}: {e}" for j, e in failed.items())
-            raise JobFailedError(f"backup id {record.id} failed: {detail}")
+            raise JobFailedError(f"backup id {backup.id} failed: {detail}")
         return states
 
     async def job_info(self, backup_id: int | None = None) -> JobInfo:
-        """Progress of a backup job."""
-        record = self.records.load(backup_id)
-        jobs = await self._jobs_of(record)
-        disks = tuple(
-            DiskProgress(
-                disk=d.disk,
-                status=jobs[d.job_id].status if d.job_id in jobs else "gone",
-                processed=jobs[d.job_id].current_progress if d.job_id in jobs else 0,
-                total=jobs[d.job_id].total_progress if d.job_id in jobs else 0,
-                error=jobs[d.job_id].error
-                if d.job_id in jobs
-                else f"job {d.job_id} is gone (QEMU restarted?)",
-                uri=d.uri,
-            )
-            for d in record.disks
-        )
-        statuses = {d.status for d in disks}
-        if any(d.error for d in disks):
-            status = "failed"
-        elif statuses <= {"concluded", "gone"}:
-            status = "completed"
-        else:
-            status = "running"
-        return JobInfo(
-            id=record.id,
-            mode=record.mode,
-            status=status,
-            elapsed=time.time() - record.started,
-            processed=sum(d.processed for d in disks),
-            total=sum(d.total for d in disks),
-            disks=disks,
-        )
+        """Progress of a backup job; BackupNotFoundError for an unknown backup."""
+        backup = self._active.load(backup_id)
+        return JobInfo.of(backup, await self._jobs_of(backup), time.time())
 
     async def backup_end(
         self,
@@ -397,17 +257,21 @@ class VM:
         abort: bool = False,
         on_step: StepCallback | None = None,
     ) -> BackupEnded:
-        """End a backup: refuse while copying unless ``abort``; clean everything it made."""
+        """End a backup: clean everything it made in QEMU and on the host.
+
+        Raises BackupActiveError while a push copy runs and ``abort`` is not given,
+        BackupNotFoundError for an unknown backup, QMPCommandError if a step fails.
+        """
         with locked(self.state_dir):
-            record = self.records.load(backup_id)
+            backup = self._active.load(backup_id)
             graph = await self.graph()
             exports = await self.session.execute("query-block-exports")
             shared = any(
-                r.server is not None and r.id != record.id for r in self.records.load_all()
+                r.server is not None and r.id != backup.id for r in self._active.load_all()
             )
             ended = plan_backup_end(
-                record,
-                await self._jobs_of(record),
+                backup,
+                await self._jobs_of(backup),
                 graph,
                 self.checkpoints(),
                 abort,
@@ -421,75 +285,37 @@ class VM:
                     os.unlink(path)
                     removed.append(path)
             if ended.drop_checkpoint is not None:
-                self._forget_checkpoints([ended.drop_checkpoint])
-            self.records.delete(record.id)
+                self._checkpoints.forget([ended.drop_checkpoint])
+            self._active.delete(backup.id)
             journal.close("done")
         return BackupEnded(
-            id=record.id,
+            id=backup.id,
             outcome=ended.outcome,
             errors=dict(ended.errors),
             dropped_checkpoint=ended.drop_checkpoint,
-            removed_partial=tuple(removed) if record.mode == "push" else (),
+            removed_partial=tuple(removed) if backup.mode == "push" else (),
         )
 
     # -- recovery -------------------------------------------------------------
-
-    async def _inventory(self) -> tuple[Inventory, BlockGraph]:
-        """What recovery looks at, and the block graph read in the same queries."""
-        debug = self.capabilities.debug_block_graph
-        replies = await query_graph_replies(self.session, debug)
-        block = graph_from_replies(replies)
-        nodes = replies["query-named-block-nodes"]
-        edges: list[tuple[str, str]] = []
-        if debug:
-            graph = replies["x-debug-query-block-graph"]
-            names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
-            edges = [
-                (names[e["parent"]], names[e["child"]])
-                for e in graph["edges"]
-                if e["parent"] in names and e["child"] in names
-            ]
-        objects = await self.session.execute("qom-list", {"path": "/objects"})
-        disk_of = {n: disk.name for disk in block.disks.values() for n in disk.chain}
-        return Inventory(
-            jobs=await query_jobs(self.session),
-            exports=tuple(e["id"] for e in await self.session.execute("query-block-exports")),
-            nodes=tuple(n["node-name"] for n in nodes),
-            edges=tuple(edges),
-            bitmaps=tuple(
-                (n["node-name"], b["name"])
-                for n in nodes
-                for b in n.get("dirty-bitmaps", ())
-                if b.get("name")
-            ),
-            objects=tuple(o["name"] for o in objects),
-            inconsistent=tuple(
-                (disk_of[node.node_name], node.node_name, b.name)
-                for node in block.nodes.values()
-                if node.node_name in disk_of
-                for b in node.bitmaps
-                if b.inconsistent
-            ),
-            disk_of=disk_of,
-        ), block
 
     async def plan_recover(self) -> RecoverPlan:
         """What ``recover`` would clean, checked against the schema, nothing sent."""
         return (await self._plan_recover())[0]
 
     async def _plan_recover(self) -> tuple[RecoverPlan, BlockGraph]:
-        records = self.records.load_all()
-        scratch = self.state_dir / "scratch"
-        inventory, graph = await self._inventory()
+        active = self._active.load_all()
+        inventory, graph = await observe.inventory(self.session, self.capabilities)
         planned = plan_recover(
             inventory,
-            records,
+            active,
             self.checkpoints(),
             read_journals(self.state_dir),
             dead_owners=frozenset(
-                r.id for r in records if r.owner_pid is not None and not _alive(r.owner_pid)
+                r.id
+                for r in active
+                if r.owner_pid is not None and not observe.process_alive(r.owner_pid)
             ),
-            scratch_files=sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else (),
+            scratch_files=observe.scratch_files(self.state_dir),
         )
         check_plan(planned.plan, self.schema)
         return planned, graph
@@ -509,11 +335,11 @@ class VM:
                 os.unlink(path)
         for name, disks in planned.damaged.items():
             if name not in planned.broken_checkpoints:
-                self._uncover(name, list(disks))
+                self._checkpoints.uncover(name, list(disks))
         if planned.drop_checkpoints or planned.broken_checkpoints:
-            self._forget_checkpoints([*planned.drop_checkpoints, *planned.broken_checkpoints])
+            self._checkpoints.forget([*planned.drop_checkpoints, *planned.broken_checkpoints])
         for backup_id in planned.stale_records:
-            self.records.delete(backup_id)
+            self._active.delete(backup_id)
         for journal in planned.journals:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(journal)
@@ -531,48 +357,6 @@ class VM:
             )
         return graph
 
-    # -- repository backups -------------------------------------------------
-
-    async def backup(
-        self,
-        repository: Path | str,
-        *,
-        level: RequestedLevel = "auto",
-        mode: Mode = "push",
-        disks: Sequence[str] | None = None,
-        on_event: EventSink | None = None,
-        recover: bool = False,
-    ) -> RepositoryBackup:
-        """One-shot backup into ``repository``: levels decided per disk, begin, copy,
-        digests and check, commit, end; checkpoints no backup needs are deleted.
-
-        On failure or cancellation the backup job is aborted and the repository is
-        left as it was. ``recover`` cleans an earlier run's leftovers first.
-        """
-        return await backup_to_repository(
-            self,
-            Path(repository),
-            level=level,
-            mode=mode,
-            disks=disks,
-            on_event=on_event,
-            unneeded=unneeded_checkpoints,
-            recover=recover,
-        )
-
-    async def release_checkpoints(self, names: Sequence[str]) -> list[str]:
-        """Delete those of ``names`` that are checkpoints of this VM (e.g. what
-        :func:`qmpbackup.repo.prune.prune` released); return the names deleted."""
-        return await release_checkpoints(self, names)
-
-    async def prune(self, repository: Path | str, keep: int, dry_run: bool = False) -> PruneResult:
-        """:func:`qmpbackup.repo.prune.prune` the repository, then delete the checkpoints
-        no remaining backup needs."""
-        result = prune(Repository.open(Path(repository), self.key), keep, dry_run=dry_run)
-        if not dry_run:
-            await self.release_checkpoints(result.released)
-        return result
-
     # -- checkpoints --------------------------------------------------------
 
     async def plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
@@ -589,11 +373,15 @@ class VM:
     async def checkpoint_create(
         self, spec: CheckpointSpec, on_step: StepCallback | None = None
     ) -> Checkpoint:
-        """Create a checkpoint on its own: one transaction of persistent bitmaps."""
+        """Create a checkpoint on its own: one transaction of persistent bitmaps.
+
+        Raises InvalidInputError for a name or bitmap that exists, PlanError for a disk
+        that cannot hold a persistent bitmap.
+        """
         with locked(self.state_dir):
             plan, checkpoint = await self._plan_checkpoint_create(spec)
             journal = await self._run(plan, "checkpoint-create", on_step)
-            self.checkpoint_store.save(checkpoint)
+            self._checkpoints.save(checkpoint)
             journal.close("done")
         return checkpoint
 
@@ -604,38 +392,19 @@ class VM:
         metadata_only: bool = False,
         on_step: StepCallback | None = None,
     ) -> list[str]:
-        """Delete a checkpoint (and its descendants with ``children``); return the names."""
+        """Delete a checkpoint (and its descendants with ``children``); return the names.
+
+        Raises UnknownCheckpointError for an unknown name.
+        """
         with locked(self.state_dir):
             plan, doomed = plan_checkpoint_delete(
                 name, await self.graph(), self.checkpoints(), children, metadata_only
             )
             journal = await self._run(plan, "checkpoint-delete", on_step)
             names = [c.name for c in doomed]
-            self._forget_checkpoints(names)
+            self._checkpoints.forget(names)
             journal.close("done")
         return names
-
-    def _uncover(self, name: str, disks: Sequence[str]) -> None:
-        """Checkpoint ``name`` no longer covers ``disks`` (their bitmaps are gone)."""
-        checkpoint = find_checkpoint(self.checkpoints(), name)
-        entries = tuple(
-            CheckpointDisk(name=d.name, checkpoint="no") if d.name in disks else d
-            for d in checkpoint.disks
-        )
-        self.checkpoint_store.save(checkpoint.model_copy(update={"disks": entries}))
-
-    def _forget_checkpoints(self, names: list[str]) -> None:
-        """Drop metadata of ``names``; their children take their parent."""
-        remaining = [c for c in self.checkpoints() if c.name not in names]
-        parents = {c.name: c.parent for c in self.checkpoints()}
-        for checkpoint in remaining:
-            parent = checkpoint.parent
-            while parent in names:
-                parent = parents.get(parent)
-            if parent != checkpoint.parent:
-                self.checkpoint_store.save(checkpoint.model_copy(update={"parent": parent}))
-        for name in names:
-            self.checkpoint_store.delete(name)
 
     async def checkpoint_sizes(
         self, name: str, on_step: StepCallback | None = None
@@ -649,7 +418,7 @@ class VM:
             try:
                 measured = await self.graph()
                 for entry in checkpoint.bitmap_disks():
-                    temp = measured.top_node(entry.name).bitmap(naming.size_bitmap(entry.name))
+                    temp = measured.top_node(entry.name).bitmap(size_bitmap(entry.name))
                     if temp is not None:
                         sizes[entry.name] = temp.count
             finally:

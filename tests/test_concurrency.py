@@ -20,8 +20,8 @@ import pytest
 from qmpbackup.api import VM
 from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
 from qmpbackup.images.pull_copy import pull_copy
-from qmpbackup.repo.backup import RepositoryBackup
-from qmpbackup.repo.progress import BackupEvent
+from qmpbackup.repo.backup import RepositoryBackup, backup_to_repository
+from qmpbackup.repo.events import BackupEvent
 from qmpbackup.repo.records import BackupRecord
 from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
@@ -190,7 +190,7 @@ async def repository_backup(guest: Guest, root: Path, level: Level, mode: Mode) 
         if event.kind == "begin":
             guest.write_soon(round_)
 
-    done = await guest.vm.backup(root, level=level, mode=mode, on_event=on_event)
+    done = await backup_to_repository(guest.vm, root, level=level, mode=mode, on_event=on_event)
     await guest.settle()
     return Outcome(guest, mode, done, refs, expected, events)
 

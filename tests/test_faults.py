@@ -30,7 +30,7 @@ from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.nbd import NBDError
 from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
-from qmpbackup.state.active import BackupRecordStore
+from qmpbackup.state.active import ActiveBackupStore
 from qmpbackup.state.checkpoints import CheckpointStore
 
 from .support import CLUSTER, Cli, CliResult, rebase
@@ -145,7 +145,7 @@ async def assert_clean(
     }
     expected = {"vda-fmt": set(checkpoints if vda is None else vda), "vdb-fmt": set(checkpoints)}
     assert bitmaps == {node: names for node, names in expected.items() if names}
-    assert BackupRecordStore(cli.state_dir).load_all() == []
+    assert ActiveBackupStore(cli.state_dir).load_all() == []
 
 
 def one_line_error(result: CliResult) -> str:
@@ -809,7 +809,7 @@ async def test_killed_mid_plan(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Non
     vdb = next(n for n in nodes if n["node-name"] == "vdb-fmt")
     assert {b.get("name") for b in vdb["dirty-bitmaps"]} >= {"check1", "check2"}
     assert [c.name for c in CheckpointStore(cli.state_dir).load_all()] == ["check1"]
-    assert BackupRecordStore(cli.state_dir).load_all() == []
+    assert ActiveBackupStore(cli.state_dir).load_all() == []
 
     refused = await cli("backup-begin", str(spec), "check3")
     message = one_line_error(refused)

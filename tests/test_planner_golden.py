@@ -51,7 +51,7 @@ from qmpbackup.qmp.graph import Bitmap, BlockGraph, BlockNode, graph_from_replie
 from qmpbackup.qmp.jobs import JobState
 from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 from qmpbackup.runner import check_plan
-from qmpbackup.state.active import BackupRecord, NbdServer
+from qmpbackup.state.active import ActiveBackup, NbdServer
 from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def slides_push(incremental: str | None = None) -> BackupSpec:
     )
 
 
-def with_backup_nodes(base: BlockGraph, record: BackupRecord) -> BlockGraph:
+def with_backup_nodes(base: BlockGraph, record: ActiveBackup) -> BlockGraph:
     """``base`` as QEMU shows it while ``record``'s backup runs: targets and temporary bitmaps."""
     nodes = dict(base.nodes)
     for disk in record.disks:
@@ -313,7 +313,7 @@ def checkpoint_size_two_layers() -> Result:
     return result, [measure, remove]
 
 
-def _begun_incremental() -> tuple[BackupRecord, BlockGraph]:
+def _begun_incremental() -> tuple[ActiveBackup, BlockGraph]:
     """Backup 1, incremental from check1 creating check2, as running in QEMU."""
     planned = incremental_check1_new_check2()
     return planned.record, with_backup_nodes(graph("slides-check1-check2"), planned.record)
@@ -423,7 +423,7 @@ def pull_joins_running_server() -> Result:
     return begin_json(planned), [planned.plan]
 
 
-def _begun_pull() -> tuple[BackupRecord, BlockGraph]:
+def _begun_pull() -> tuple[ActiveBackup, BlockGraph]:
     spec = BackupSpec(mode="pull", incremental="check1")
     planned = plan_backup_begin(
         spec, graph("slides-check1"), [CHECK1], facts(**UNIX_FACTS), CheckpointSpec(name="check2")

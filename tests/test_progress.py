@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-from qmpbackup.repo.progress import BackupEvent, JsonLines, PlainLines, ProgressBar, human_size
+from qmpbackup.cli.progress import JsonLines, PlainLines, ProgressBar, human_size
+from qmpbackup.repo.events import BackupEvent
 
 MiB = 1 << 20
 

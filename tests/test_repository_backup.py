@@ -12,7 +12,8 @@ from pathlib import Path
 
 from qmpbackup.api import VM
 from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
-from qmpbackup.repo.progress import BackupEvent
+from qmpbackup.repo.backup import backup_to_repository
+from qmpbackup.repo.events import BackupEvent
 from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
 
@@ -60,7 +61,8 @@ async def test_full_then_three_auto_runs_restore_to_each_instant(
                 if event.kind == "begin":
                     during.append(asyncio.ensure_future(vm.write("vda", 0x70 + run, 40 * MiB, KiB)))
 
-            done = await api.backup(
+            done = await backup_to_repository(
+                api,
                 repo.root,
                 level="full" if run == 0 else "auto",
                 mode=mode,  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
 
-from ..api import VM, BackupBegun
+from ..api import VM
 from ..errors import InvalidInputError, QmpBackupError
 from ..images.pull_copy import CopyResult, pull_copy
 from ..nbd import Extent, NBDClient
@@ -29,7 +29,8 @@ from ..planner.plan import Step
 from ..qmp.jobs import query_jobs
 from ..request import parse_backup_spec, parse_checkpoint_spec
 from ..request.models import CheckpointSpec
-from ..state.active import BackupRecord
+from ..results import BackupBegun
+from ..state.active import ActiveBackup
 from .throwaway import ThrowawayVM, images_equal, make_slides_images, qemu_img, remove_tree
 
 MiB = 1024 * 1024
@@ -316,7 +317,7 @@ class Demo:
             raise CheckFailed(f"backup id {ended.id} {ended.outcome}: {ended.errors}")
         await self.check_clean()
 
-    def show_uris(self, record: BackupRecord) -> dict[str, str]:
+    def show_uris(self, record: ActiveBackup) -> dict[str, str]:
         """Print one NBD URI per disk, as ``backup-begin`` does; return them."""
         uris = {d.disk: d.uri for d in record.disks if d.uri}
         for disk, uri in uris.items():

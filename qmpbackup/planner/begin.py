@@ -17,7 +17,7 @@ from ..errors import PlanError
 from ..qapi.commands import BlockDirtyBitmapAdd, BlockDirtyBitmapRemove, QMPCommand, Transaction
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, Mode
-from ..state.active import BackupRecord, NbdServer
+from ..state.active import ActiveBackup, NbdServer
 from ..state.checkpoints import Checkpoint, next_parent
 from . import naming, pull, push
 from .checkpoint import checkpoint_with_backup
@@ -32,7 +32,7 @@ class BackupPlan(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     plan: Plan
-    record: BackupRecord
+    record: ActiveBackup
     checkpoint: Checkpoint | None
 
 
@@ -154,7 +154,7 @@ def plan_backup_begin(
     steps = _laned(pieces, "before")
     steps.append(_transaction(graph, checkpoint, pieces))
     steps += _laned(pieces, "after") + shared + _laned(pieces, "exports")
-    record = BackupRecord(
+    record = ActiveBackup(
         id=facts.backup_id,
         mode=spec.mode,
         started=float(facts.now),

@@ -20,7 +20,7 @@ from ..qapi.commands import (
 )
 from ..qmp.graph import BlockGraph
 from ..qmp.jobs import JobState
-from ..state.active import BackupRecord
+from ..state.active import ActiveBackup
 from ..state.checkpoints import Checkpoint
 from .plan import Plan, Step
 from .pull import stop_server
@@ -42,7 +42,7 @@ class EndPlan(BaseModel):
     remove_files: tuple[str, ...] = ()
 
 
-def _export_steps(record: BackupRecord, exports: frozenset[str]) -> list[Step]:
+def _export_steps(record: ActiveBackup, exports: frozenset[str]) -> list[Step]:
     return [
         Step(
             command=BlockExportDel(id=disk.export_id, mode="hard"),
@@ -55,7 +55,7 @@ def _export_steps(record: BackupRecord, exports: frozenset[str]) -> list[Step]:
 
 
 def _job_steps(
-    record: BackupRecord, jobs: Mapping[str, JobState], graph: BlockGraph, errors: dict[str, str]
+    record: ActiveBackup, jobs: Mapping[str, JobState], graph: BlockGraph, errors: dict[str, str]
 ) -> list[Step]:
     """Close each disk's view, then cancel (if still running) and dismiss its job; the
     errors found go into ``errors``."""
@@ -94,7 +94,7 @@ def _job_steps(
     return steps
 
 
-def _node_steps(record: BackupRecord, graph: BlockGraph) -> list[Step]:
+def _node_steps(record: ActiveBackup, graph: BlockGraph) -> list[Step]:
     what = "scratch" if record.mode == "pull" else "target"
     return [
         Step(command=BlockdevDel(node_name=node), reason=f"close the {what} of {disk.disk}")
@@ -104,7 +104,7 @@ def _node_steps(record: BackupRecord, graph: BlockGraph) -> list[Step]:
     ]
 
 
-def _temporary_bitmaps(record: BackupRecord, graph: BlockGraph) -> list[QMPCommand]:
+def _temporary_bitmaps(record: ActiveBackup, graph: BlockGraph) -> list[QMPCommand]:
     if record.mode == "pull":
         return []  # a pull's bitmap lives on the scratch node and goes with it
     return [
@@ -115,7 +115,7 @@ def _temporary_bitmaps(record: BackupRecord, graph: BlockGraph) -> list[QMPComma
     ]
 
 
-def _outcome(record: BackupRecord, abort: bool, active: bool, errors: Mapping[str, str]) -> Outcome:
+def _outcome(record: ActiveBackup, abort: bool, active: bool, errors: Mapping[str, str]) -> Outcome:
     if record.mode == "pull":
         # A pull backup is over when its reader is done; only a broken fleecing fails it.
         return "failed" if errors else "aborted" if abort else "completed"
@@ -123,7 +123,7 @@ def _outcome(record: BackupRecord, abort: bool, active: bool, errors: Mapping[st
 
 
 def plan_backup_end(
-    record: BackupRecord,
+    record: ActiveBackup,
     jobs: Mapping[str, JobState],
     graph: BlockGraph,
     checkpoints: Sequence[Checkpoint],

@@ -42,7 +42,7 @@ from ..qapi.commands import (
     JobDismiss,
 )
 from ..qmp.jobs import JobState
-from ..state.active import BackupRecord
+from ..state.active import ActiveBackup
 from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
 from .naming import PREFIX
@@ -134,11 +134,11 @@ class RecoverPlan(_Frozen):
 
 
 def stale_records(
-    records: Sequence[BackupRecord], jobs: Mapping[str, JobState], dead_owners: frozenset[int]
-) -> tuple[list[BackupRecord], list[BackupRecord]]:
+    records: Sequence[ActiveBackup], jobs: Mapping[str, JobState], dead_owners: frozenset[int]
+) -> tuple[list[ActiveBackup], list[ActiveBackup]]:
     """Split records into (stale, live): stale when a job is gone or the owner is dead."""
-    stale: list[BackupRecord] = []
-    live: list[BackupRecord] = []
+    stale: list[ActiveBackup] = []
+    live: list[ActiveBackup] = []
     for record in records:
         gone = any(j not in jobs for j in record.job_ids())
         (stale if gone or record.id in dead_owners else live).append(record)
@@ -187,7 +187,7 @@ def _journal_sent(journal: JournalState, execute: str) -> bool:
 
 def plan_recover(
     inventory: Inventory,
-    records: Sequence[BackupRecord],
+    records: Sequence[ActiveBackup],
     checkpoints: Sequence[Checkpoint],
     journals: Sequence[JournalState],
     *,

@@ -24,19 +24,20 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 
+from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
 from ..images.pull_copy import pull_copy
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
+from ..results import BackupBegun
 from .digests import (
     DEFAULT_BLOCK_SIZE,
     Digests,
@@ -46,13 +47,11 @@ from .digests import (
     digest_image,
     resized_blocks,
 )
-from .progress import BackupEvent, EventSink
+from .events import BackupEvent, EventSink
+from .prune import unneeded_checkpoints
 from .records import BackupEntry, DiskRequest
 from .records import BackupRecord as RepositoryRecord
 from .repository import Repository
-
-if TYPE_CHECKING:
-    from ..api import VM, BackupBegun
 
 log = structlog.get_logger("qmpbackup.backup")
 
@@ -120,7 +119,7 @@ def _backup_spec(
     return BackupSpec(mode=mode, disks=tuple(disks))
 
 
-async def _push_copy(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int]:
+async def _follow_jobs(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int]:
     """Wait for QEMU's jobs, reporting their progress; bytes written per disk."""
     waiter = asyncio.ensure_future(vm.wait_backup(job.record.id))
     try:
@@ -139,7 +138,7 @@ async def _push_copy(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int
     return {d.disk: d.total for d in info.disks}
 
 
-async def _pull_copy(
+async def _read_exports(
     entry: BackupEntry,
     job: BackupBegun,
     levels: dict[str, LevelDecision],
@@ -236,31 +235,14 @@ def discard_incomplete(repo: Repository) -> list[str]:
     return dropped
 
 
-async def _abandon(
-    vm: VM, repo: Repository, entry: BackupEntry, job: BackupBegun | None, why: str
-) -> None:
-    """Abort QEMU's part of the backup, then remove the reserved backup's files.
-
-    An aborted job drops its checkpoint itself; once the job has ended, the
-    checkpoint is deleted here, since no backup will hold what it promises.
-    """
-    if job is not None:
-        try:
-            await vm.backup_end(job.record.id, abort=True)
-        except QmpBackupError as exc:
-            log.error("backup.abort-failed", id=job.record.id, error=str(exc))
-    elif entry.record.checkpoint is not None:
-        await release_checkpoints(vm, [entry.record.checkpoint])
-    repo.discard(entry)
-    # The caller reports why in its one line; this is for -v.
-    log.info("backup.abandoned", id=entry.id, reason=why)
-
-
 async def release_checkpoints(
     vm: VM, names: Sequence[str], emit: EventSink | None = None
 ) -> list[str]:
-    """Delete the named checkpoints that QEMU still has; a failure is logged, not raised,
-    because a checkpoint left behind costs only bitmap upkeep."""
+    """Delete those of ``names`` that are checkpoints of ``vm`` (say, what a backup or
+    :func:`~qmpbackup.repo.prune.prune` released); return the names deleted.
+
+    A failure is logged, not raised: a checkpoint left behind costs only bitmap upkeep.
+    """
     existing = {c.name for c in vm.checkpoints()}
     released = []
     for name in names:
@@ -277,91 +259,145 @@ async def release_checkpoints(
     return released
 
 
+class _OneShot:
+    """One repository backup as it runs, and what it has begun in QEMU, so that a
+    failure can take back exactly that."""
+
+    def __init__(
+        self,
+        vm: VM,
+        repo: Repository,
+        entry: BackupEntry,
+        decisions: Sequence[LevelDecision],
+        mode: Mode,
+        emit: EventSink,
+    ) -> None:
+        self.vm, self.repo, self.entry, self.mode, self.emit = vm, repo, entry, mode, emit
+        self.decisions = decisions
+        self.job: BackupBegun | None = None  # begun in QEMU and not ended yet
+        assert entry.record.checkpoint is not None
+        self.checkpoint = entry.record.checkpoint
+
+    async def run(self, graph: BlockGraph, recover: bool) -> RepositoryRecord:
+        """Begin, copy, end, seal and commit; the complete record."""
+        entry = self.entry
+        self.job = await self.vm.backup_begin(
+            _backup_spec(graph, entry, self.decisions, self.mode),
+            CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
+            owned=True,
+            recover=recover,
+        )
+        self.emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {self.checkpoint}"))
+        if self.mode == "push":
+            written = await _follow_jobs(self.vm, self.job, self.emit)
+        else:
+            levels = {d.disk: d for d in self.decisions}
+            written = await _read_exports(entry, self.job, levels, self.emit)
+        ended = await self.vm.backup_end(self.job.record.id)
+        self.job = None
+        if ended.outcome != "completed":
+            detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
+            raise JobFailedError(f"backup {entry.id} {ended.outcome}: {detail}")
+        for decision in self.decisions:
+            read = await asyncio.to_thread(_seal, self.repo, entry, decision, self.mode)
+            self.emit(
+                BackupEvent(
+                    "disk-done",
+                    backup=entry.id,
+                    disk=decision.disk,
+                    level=decision.level,
+                    done=written.get(decision.disk, 0),
+                    message=f"checked, digests of {read} blocks read",
+                )
+            )
+        return await self._commit()
+
+    async def _commit(self) -> RepositoryRecord:
+        """Record the granularity and creation time of the checkpoint made, and commit."""
+        graph = await self.vm.graph()
+        granularity = {}
+        for decision in self.decisions:
+            bitmap = graph.top_node(decision.disk).bitmap(self.checkpoint)
+            if bitmap is not None:
+                granularity[decision.disk] = bitmap.granularity
+        made = next((c for c in self.vm.checkpoints() if c.name == self.checkpoint), None)
+        return self.repo.commit(
+            self.entry,
+            checkpoint_time=None if made is None else made.creation_time,
+            granularity=granularity,
+        )
+
+    async def abandon(self, why: str) -> None:
+        """Abort QEMU's part of the backup, then remove the reserved backup's files.
+
+        An aborted job drops its checkpoint itself; once the job has ended, the
+        checkpoint is deleted here, since no backup will hold what it promises.
+        """
+        if self.job is not None:
+            try:
+                await self.vm.backup_end(self.job.record.id, abort=True)
+            except QmpBackupError as exc:
+                log.error("backup.abort-failed", id=self.job.record.id, error=str(exc))
+        else:
+            await release_checkpoints(self.vm, [self.checkpoint])
+        self.repo.discard(self.entry)
+        # The caller reports why in its one line; this is for -v.
+        log.info("backup.abandoned", id=self.entry.id, reason=why)
+
+
+def _decide(
+    repo: Repository,
+    vm: VM,
+    graph: BlockGraph,
+    level: RequestedLevel,
+    disks: Sequence[str] | None,
+    emit: EventSink,
+) -> list[LevelDecision]:
+    """Each disk's level from the repository's history and the live graph, announced."""
+    names = _chosen_disks(graph, disks)
+    history = {name: h for name in names if (h := repo.history(name)) is not None}
+    decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
+    for decision in decisions:
+        emit(BackupEvent("level", disk=decision.disk, level=decision.level, reason=decision.reason))
+    return decisions
+
+
 async def backup_to_repository(
     vm: VM,
-    root: Path,
+    root: Path | str,
     *,
     level: RequestedLevel = "auto",
     mode: Mode = "push",
     disks: Sequence[str] | None = None,
     on_event: EventSink | None = None,
-    unneeded: Callable[[Repository], list[str]] | None = None,
     recover: bool = False,
 ) -> RepositoryBackup:
-    """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``.
+    """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
+    decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
+    no backup of the repository needs any more are deleted.
 
-    ``unneeded`` names the checkpoints no backup of the repository needs any more;
-    they are deleted once the backup is committed.
+    On failure or cancellation the backup job is aborted and the repository is left as
+    it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
+    LeftoversError over an earlier run's leftovers (``recover`` cleans them first),
+    RepositoryError, JobFailedError or QMPCommandError at run time.
     """
     emit: EventSink = on_event or (lambda event: None)
-    repo = Repository(root, vm.key)
+    repo = Repository(Path(root), vm.key)
     with repo.exclusive():
         stale = discard_incomplete(repo)
         graph = await vm.graph()
-        names = _chosen_disks(graph, disks)
-        history = {name: h for name in names if (h := repo.history(name)) is not None}
-        decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
-        for decision in decisions:
-            emit(
-                BackupEvent(
-                    "level", disk=decision.disk, level=decision.level, reason=decision.reason
-                )
-            )
+        decisions = _decide(repo, vm, graph, level, disks, emit)
         entry = repo.begin_backup(
             _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
         )
-        checkpoint = entry.record.checkpoint
-        assert checkpoint is not None
-        levels = {d.disk: d for d in decisions}
-        job: BackupBegun | None = None
+        run = _OneShot(vm, repo, entry, decisions, mode, emit)
         try:
-            spec = _backup_spec(graph, entry, decisions, mode)
-            job = await vm.backup_begin(
-                spec,
-                CheckpointSpec(name=checkpoint, description=f"qmpbackup {entry.id}"),
-                owned=True,
-                recover=recover,
-            )
-            emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {checkpoint}"))
-            if mode == "push":
-                written = await _push_copy(vm, job, emit)
-            else:
-                written = await _pull_copy(entry, job, levels, emit)
-            ended = await vm.backup_end(job.record.id)
-            job = None
-            if ended.outcome != "completed":
-                detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
-                raise JobFailedError(f"backup {entry.id} {ended.outcome}: {detail}")
-            for decision in decisions:
-                read = await asyncio.to_thread(_seal, repo, entry, decision, mode)
-                emit(
-                    BackupEvent(
-                        "disk-done",
-                        backup=entry.id,
-                        disk=decision.disk,
-                        level=decision.level,
-                        done=written.get(decision.disk, 0),
-                        message=f"checked, digests of {read} blocks read",
-                    )
-                )
-            graph_after = await vm.graph()
-            granularity = {}
-            for decision in decisions:
-                bitmap = graph_after.top_node(decision.disk).bitmap(checkpoint)
-                if bitmap is not None:
-                    granularity[decision.disk] = bitmap.granularity
-            made = next((c for c in vm.checkpoints() if c.name == checkpoint), None)
-            record = repo.commit(
-                entry,
-                checkpoint_time=None if made is None else made.creation_time,
-                granularity=granularity,
-            )
+            record = await run.run(graph, recover)
         except BaseException as exc:
             why = "interrupted" if isinstance(exc, asyncio.CancelledError) else str(exc)
-            await _abandon(vm, repo, entry, job, why)
+            await run.abandon(why)
             emit(BackupEvent("aborted", backup=entry.id, message=why))
             raise
         emit(BackupEvent("committed", backup=entry.id))
-        doomed = stale + (unneeded(repo) if unneeded is not None else [])
-        released = await release_checkpoints(vm, doomed, emit)
+        released = await release_checkpoints(vm, stale + unneeded_checkpoints(repo), emit)
     return RepositoryBackup(record=record, decisions=tuple(decisions), released=tuple(released))

@@ -1,22 +1,20 @@
-"""Records of backup jobs in progress, one JSON file per backup id.
+"""Backups in progress (begun, not yet ended), one JSON file per backup id.
 
-``backup-begin`` writes the record once its transaction succeeded;
-``backup-end`` reads it to know which jobs, nodes and bitmaps to remove.
+``backup-begin`` writes an :class:`ActiveBackup` once its transaction succeeded;
+``backup-end`` reads it to know which jobs, nodes and bitmaps to remove.  (A
+finished backup in a repository is another thing: :mod:`qmpbackup.repo.records`.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import BackupNotFoundError
-from ..files import atomic_write_text
 from ..request.models import Mode
+from .store import JsonStore
 
 
 class NbdServer(BaseModel):
@@ -62,8 +60,8 @@ class DiskJob(BaseModel):
     uri: str | None = None
 
 
-class BackupRecord(BaseModel):
-    """One backup job: id, mode, checkpoint made with it, and per-disk pieces."""
+class ActiveBackup(BaseModel):
+    """One backup in progress: id, mode, checkpoint made with it, and per-disk pieces."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -83,27 +81,19 @@ class BackupRecord(BaseModel):
         return [d.job_id for d in self.disks]
 
 
-class BackupRecordStore:
-    """Backup records under ``<state dir>/backups``."""
+class ActiveBackupStore:
+    """The backups not yet ended, under ``<state dir>/backups``."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.directory = state_dir / "backups"
+        self._files = JsonStore(state_dir / "backups", ActiveBackup)
 
-    def _path(self, backup_id: int) -> Path:
-        return self.directory / f"{backup_id}.json"
+    def load_all(self) -> list[ActiveBackup]:
+        """Every backup not yet ended, by id."""
+        return sorted(self._files.items(), key=lambda r: r.id)
 
-    def load_all(self) -> list[BackupRecord]:
-        """Every backup job not yet ended, by id."""
-        if not self.directory.is_dir():
-            return []
-        records = [
-            BackupRecord.model_validate(json.loads(p.read_text()))
-            for p in self.directory.glob("*.json")
-        ]
-        return sorted(records, key=lambda r: r.id)
-
-    def load(self, backup_id: int | None) -> BackupRecord:
-        """The record of ``backup_id`` (the only one when None)."""
+    def load(self, backup_id: int | None) -> ActiveBackup:
+        """The backup ``backup_id`` (the only one when None); BackupNotFoundError if
+        there is no such backup, or several and none named."""
         records = self.load_all()
         if backup_id is None:
             if len(records) == 1:
@@ -121,11 +111,10 @@ class BackupRecordStore:
         """The id of the next backup: one above the highest active one."""
         return max((r.id for r in self.load_all()), default=0) + 1
 
-    def save(self, record: BackupRecord) -> None:
-        """Write ``record`` durably."""
-        atomic_write_text(self._path(record.id), record.model_dump_json(indent=2))
+    def save(self, backup: ActiveBackup) -> None:
+        """Write ``backup`` durably."""
+        self._files.write(str(backup.id), backup)
 
     def delete(self, backup_id: int) -> None:
         """Forget backup ``backup_id``."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(backup_id))
+        self._files.remove(str(backup_id))

@@ -7,16 +7,13 @@ parent, creation time, description and the disks it covers.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnknownCheckpointError
-from ..files import atomic_write_text
+from .store import JsonStore
 
 
 class CheckpointDisk(BaseModel):
@@ -115,29 +112,43 @@ def descendants(checkpoints: Iterable[Checkpoint], name: str) -> list[Checkpoint
 
 
 class CheckpointStore:
-    """Checkpoint records under ``<state dir>/checkpoints``."""
+    """Checkpoint metadata under ``<state dir>/checkpoints``."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.directory = state_dir / "checkpoints"
-
-    def _path(self, name: str) -> Path:
-        return self.directory / f"{name}.json"
+        self._files = JsonStore(state_dir / "checkpoints", Checkpoint)
 
     def load_all(self) -> list[Checkpoint]:
         """Every recorded checkpoint, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        records = [
-            Checkpoint.model_validate(json.loads(path.read_text()))
-            for path in self.directory.glob("*.json")
-        ]
-        return order_oldest_first(records)
+        return order_oldest_first(self._files.items())
 
     def save(self, checkpoint: Checkpoint) -> None:
         """Record ``checkpoint`` (atomically replacing an older record)."""
-        atomic_write_text(self._path(checkpoint.name), checkpoint.model_dump_json(indent=2))
+        self._files.write(checkpoint.name, checkpoint)
 
     def delete(self, name: str) -> None:
         """Forget the checkpoint called ``name``."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(name))
+        self._files.remove(name)
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Drop the metadata of ``names``; their children take their parent."""
+        everything = self.load_all()
+        parents = {c.name: c.parent for c in everything}
+        for checkpoint in everything:
+            if checkpoint.name in names:
+                continue
+            parent = checkpoint.parent
+            while parent is not None and parent in names:
+                parent = parents.get(parent)
+            if parent != checkpoint.parent:
+                self.save(checkpoint.model_copy(update={"parent": parent}))
+        for name in names:
+            self.delete(name)
+
+    def uncover(self, name: str, disks: Sequence[str]) -> None:
+        """Checkpoint ``name`` no longer covers ``disks`` (their bitmaps are gone)."""
+        checkpoint = find_checkpoint(self.load_all(), name)
+        entries = tuple(
+            CheckpointDisk(name=d.name, checkpoint="no") if d.name in disks else d
+            for d in checkpoint.disks
+        )
+        self.save(checkpoint.model_copy(update={"disks": entries}))

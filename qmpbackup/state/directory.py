@@ -1,4 +1,4 @@
-"""The per-VM state directory and its lock."""
+"""The per-VM state directory: where it is, and the lock one run holds on it."""
 
 from __future__ import annotations
 

@@ -13,20 +13,23 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import __version__
-from .api import VM, JobInfo, VMInfo
-from .errors import InvalidInputError, QmpBackupError, SpecError
-from .logconfig import configure_logging
-from .planner import PullOptions
-from .planner.plan import Step
-from .repo.progress import EventSink, JsonLines, PlainLines, ProgressBar, human_size
-from .repo.prune import prune
-from .repo.repository import Repository
-from .repo.restore import restore
-from .repo.verify import verify
-from .request import load_backup_spec, load_checkpoint_spec
-from .request.models import CheckpointSpec, check_name
-from .state.checkpoints import Checkpoint
+from .. import __version__
+from ..api import VM
+from ..errors import InvalidInputError, QmpBackupError, SpecError
+from ..logconfig import configure_logging
+from ..planner import PullOptions
+from ..planner.plan import Step
+from ..repo.backup import backup_to_repository, release_checkpoints
+from ..repo.events import EventSink
+from ..repo.prune import prune
+from ..repo.repository import Repository
+from ..repo.restore import restore
+from ..repo.verify import verify
+from ..request import load_backup_spec, load_checkpoint_spec
+from ..request.models import CheckpointSpec, check_name
+from ..results import JobInfo, VMInfo
+from ..state.checkpoints import Checkpoint
+from .progress import JsonLines, PlainLines, ProgressBar, human_size
 
 Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
 OfflineHandler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -129,7 +132,7 @@ def _jobinfo_text(info: JobInfo) -> str:
 
 
 async def cmd_jobinfo(args: argparse.Namespace, vm: VM) -> int:
-    if not vm.records.load_all() and args.id is None:
+    if not vm.active_backups() and args.id is None:
         _out(json.dumps({"type": "none"}) if args.json else f"{'Job type:':<18}None")
         return 0
     info = await vm.job_info(args.id)
@@ -229,7 +232,8 @@ def _event_sink(args: argparse.Namespace) -> EventSink:
 
 
 async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
-    await vm.backup(
+    await backup_to_repository(
+        vm,
         args.repo,
         level=args.level,
         mode=args.mode,
@@ -297,7 +301,7 @@ async def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     vm = await VM.connect(args.qmp, args.state_dir)
     try:
-        for name in await vm.release_checkpoints(result.released):
+        for name in await release_checkpoints(vm, result.released):
             _out(f"Domain checkpoint {name} deleted")
     finally:
         await vm.close()
@@ -465,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
-        from .demo.walk import run_demo
+        from ..demo.walk import run_demo
 
         return await run_demo(args.workdir, keep=args.keep, verbose=args.verbose)
     if args.offline is not None:

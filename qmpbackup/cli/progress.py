@@ -1,47 +1,14 @@
-"""What a repository backup reports while it runs, and three ways to show it.
-
-The API emits :class:`BackupEvent` values; the CLI renders them as a progress
-bar on a terminal, plain lines elsewhere, or JSON lines with ``--log-format json``.
-"""
+"""Rendering a repository backup's events: a progress bar on a terminal, plain lines
+elsewhere, JSON lines with ``--log-format json``."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol, TextIO
+from dataclasses import asdict
+from typing import TextIO
 
-EventKind = Literal[
-    "level",  # a disk's level was decided: level, reason
-    "begin",  # the backup's instant is set: backup id, checkpoint
-    "progress",  # bytes copied so far of all disks: done, total
-    "disk-done",  # one disk's image, digests and check are finished
-    "committed",  # the backup is complete in the repository
-    "released",  # a checkpoint no longer needed was deleted
-    "aborted",  # the backup was stopped and its traces removed
-]
-
-
-@dataclass(frozen=True)
-class BackupEvent:
-    """One step of a repository backup."""
-
-    kind: EventKind
-    backup: str | None = None
-    disk: str | None = None
-    level: str | None = None
-    reason: str | None = None
-    done: int = 0
-    total: int = 0
-    message: str | None = None
-    time: float = field(default_factory=time.time)
-
-
-class EventSink(Protocol):
-    """Anything that takes backup events."""
-
-    def __call__(self, event: BackupEvent) -> None: ...
+from ..repo.events import BackupEvent
 
 
 def human_size(value: float, digits: int = 2) -> str:

@@ -1,0 +1,2 @@
+"""The ``qmpbackup`` command line: argument parsing and printing, over the API and the
+repository functions."""

@@ -1,0 +1,151 @@
+"""Gathering what the planner needs: QEMU's state, the state directory, and probes of this host.
+
+The planner looks nothing up; these functions do, just before it plans.  Each
+returns plain data (:class:`~qmpbackup.planner.facts.BackupFacts`, an
+:class:`~qmpbackup.planner.recover.Inventory`) that the pure planner takes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .planner.disks import DiskChoice
+from .planner.facts import BackupFacts
+from .planner.recover import Inventory
+from .qapi.capabilities import Capabilities
+from .qmp.graph import BlockGraph, graph_from_replies, query_graph_replies
+from .qmp.jobs import query_jobs
+from .qmp.session import QMPSession
+from .request.models import BackupSpec
+from .state.active import ActiveBackup
+
+
+def direct_io_works(folder: str) -> bool:
+    """True when a file in ``folder`` can be opened with O_DIRECT (not on tmpfs, say)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".qmpbackup-direct-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(path)
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_free_port(host: str) -> int:
+    """A TCP port nothing listens on at ``host`` now, for the NBD server."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def backup_facts(
+    session: QMPSession,
+    spec: BackupSpec,
+    choices: Sequence[DiskChoice],
+    active: Sequence[ActiveBackup],
+    *,
+    backup_id: int,
+    now: int,
+    state_dir: Path,
+    capabilities: Capabilities,
+) -> BackupFacts:
+    """What a ``backup-begin`` of ``choices`` needs to know besides the graph: the files
+    they name, the backups ``active`` now, QEMU's jobs, the NBD server, the host's probes.
+
+    Host probes (O_DIRECT, a free port) are made only when QEMU runs on this host,
+    reached over a unix socket.
+    """
+    running = next((r.server for r in active if r.server is not None), None)
+    wanted = spec.server
+    free_port = None
+    if spec.mode == "pull" and running is None and wanted is not None and not wanted.port:
+        free_port = find_free_port(wanted.name or "localhost")
+    local = isinstance(session.address, str)
+    return BackupFacts(
+        backup_id=backup_id,
+        now=now,
+        capabilities=capabilities,
+        existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
+        busy_disks={d.disk: r.id for r in active for d in r.disks},
+        job_ids=frozenset(await query_jobs(session)),
+        scratch_dir=str(state_dir / "scratch"),
+        default_socket=str(state_dir / "nbd.sock"),
+        free_port=free_port,
+        running_server=running,
+        export_names=frozenset(d.export for r in active for d in r.disks if d.export),
+        direct_io_dirs=frozenset(
+            folder
+            for folder in {os.path.dirname(c.target) for c in choices}
+            if spec.mode == "push" and local and direct_io_works(folder)
+        ),
+    )
+
+
+async def inventory(
+    session: QMPSession, capabilities: Capabilities
+) -> tuple[Inventory, BlockGraph]:
+    """What recovery looks at in QEMU, and the block graph read in the same queries."""
+    debug = capabilities.debug_block_graph
+    replies = await query_graph_replies(session, debug)
+    block = graph_from_replies(replies)
+    nodes = replies["query-named-block-nodes"]
+    edges: list[tuple[str, str]] = []
+    if debug:
+        graph = replies["x-debug-query-block-graph"]
+        names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
+        edges = [
+            (names[e["parent"]], names[e["child"]])
+            for e in graph["edges"]
+            if e["parent"] in names and e["child"] in names
+        ]
+    objects = await session.execute("qom-list", {"path": "/objects"})
+    disk_of = {n: disk.name for disk in block.disks.values() for n in disk.chain}
+    found = Inventory(
+        jobs=await query_jobs(session),
+        exports=tuple(e["id"] for e in await session.execute("query-block-exports")),
+        nodes=tuple(n["node-name"] for n in nodes),
+        edges=tuple(edges),
+        bitmaps=tuple(
+            (n["node-name"], b["name"])
+            for n in nodes
+            for b in n.get("dirty-bitmaps", ())
+            if b.get("name")
+        ),
+        objects=tuple(o["name"] for o in objects),
+        inconsistent=tuple(
+            (disk_of[node.node_name], node.node_name, b.name)
+            for node in block.nodes.values()
+            if node.node_name in disk_of
+            for b in node.bitmaps
+            if b.inconsistent
+        ),
+        disk_of=disk_of,
+    )
+    return found, block
+
+
+def scratch_files(state_dir: Path) -> list[str]:
+    """The files in the state directory's scratch folder (pull scratches qmpbackup made)."""
+    scratch = state_dir / "scratch"
+    return sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else []

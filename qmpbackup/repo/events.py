@@ -1,0 +1,39 @@
+"""What a repository backup reports while it runs: :class:`BackupEvent` values, given to
+an :class:`EventSink` (the CLI renders them: :mod:`qmpbackup.cli.progress`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+EventKind = Literal[
+    "level",  # a disk's level was decided: level, reason
+    "begin",  # the backup's instant is set: backup id, checkpoint
+    "progress",  # bytes copied so far of all disks: done, total
+    "disk-done",  # one disk's image, digests and check are finished
+    "committed",  # the backup is complete in the repository
+    "released",  # a checkpoint no longer needed was deleted
+    "aborted",  # the backup was stopped and its traces removed
+]
+
+
+@dataclass(frozen=True)
+class BackupEvent:
+    """One step of a repository backup."""
+
+    kind: EventKind
+    backup: str | None = None
+    disk: str | None = None
+    level: str | None = None
+    reason: str | None = None
+    done: int = 0
+    total: int = 0
+    message: str | None = None
+    time: float = field(default_factory=time.time)
+
+
+class EventSink(Protocol):
+    """Anything that takes backup events."""
+
+    def __call__(self, event: BackupEvent) -> None: ...
