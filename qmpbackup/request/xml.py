@@ -1,4 +1,4 @@
-"""libvirt's XML, read: ``<domainbackup>`` and ``<domaincheckpoint>``.
+"""libvirt's XML, read and written: ``<domainbackup>`` and ``<domaincheckpoint>``.
 
 The formats are libvirt's (https://libvirt.org/formatbackup.html,
 https://libvirt.org/formatcheckpoint.html), with one qmpbackup extension:
@@ -11,23 +11,42 @@ the read-only parts of ``virsh checkpoint-dumpxml`` output (``<creationTime>``,
 ``<parent>``, ``<domain>``, ``<disk size=…>``), which are ignored so that a
 dumped checkpoint loads as-is.  Documents are parsed with defusedxml; any
 DOCTYPE is refused (so no entity expansion).
+
+Writing turns a model into a document that loads back as an equal model, laid
+out as libvirt's documentation and the slides write it; :func:`render_xml` is
+the element writer underneath.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 from xml.etree.ElementTree import Element, ParseError
 from xml.parsers.expat import ErrorString
 
 import defusedxml
 import defusedxml.ElementTree as DefusedET
 
+from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
 
-__all__ = ["backup_from_xml", "checkpoint_from_xml", "parse_xml"]
+__all__ = [
+    "Quote",
+    "XmlElement",
+    "backup_from_xml",
+    "backup_to_xml",
+    "checkpoint_from_xml",
+    "checkpoint_to_xml",
+    "parse_xml",
+    "render_xml",
+]
 
 _Data = dict[str, Any]
+
+# --------------------------------------------------------------------------
+# Reading
 
 
 def parse_xml(data: str | bytes, skipped_lines: int, root: str) -> Element:
@@ -212,3 +231,148 @@ def _checkpoint_disk(el: Element, index: int) -> _Data:
     attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size"), where)
     attrs.pop("size", None)
     return dict(attrs)
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+Quote = Literal['"', "'"]
+"""How attribute values are quoted: libvirt's documentation writes ``"``, its dumpxml ``'``."""
+
+
+@dataclass(frozen=True)
+class XmlElement:
+    """An element to write: its tag, its attributes in order, and text or children.
+
+    An attribute whose value is None is left out.  With ``children`` None the
+    element is a leaf, ``<tag/>`` or ``<tag>text</tag>``; with a sequence, even
+    an empty one, its start and end tags stand on lines of their own.
+    """
+
+    tag: str
+    attrs: Mapping[str, str | None] = field(default_factory=dict)
+    text: str | None = None
+    children: Sequence[XmlElement] | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and self.children is not None:
+            raise ValueError(f"<{self.tag}> takes text or children, not both")
+
+
+def render_xml(element: XmlElement, quote: Quote = '"') -> str:
+    """``element`` as a document: an element a line, two spaces a level, a final newline.
+
+    Raises ValueError for a character that XML 1.0 cannot carry (a NUL, say).
+    """
+    lines: list[str] = []
+    _render(element, quote, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(element: XmlElement, quote: Quote, indent: str, lines: list[str]) -> None:
+    table = _ATTR_ESCAPES[quote]
+    attrs = "".join(
+        f" {name}={quote}{_escape(value, table)}{quote}"
+        for name, value in element.attrs.items()
+        if value is not None
+    )
+    head = f"{indent}<{element.tag}{attrs}"
+    if element.children is not None:
+        lines.append(head + ">")
+        for child in element.children:
+            _render(child, quote, indent + "  ", lines)
+        lines.append(f"{indent}</{element.tag}>")
+    elif element.text is not None:
+        lines.append(f"{head}>{_escape(element.text, _TEXT_ESCAPES)}</{element.tag}>")
+    else:
+        lines.append(head + "/>")
+
+
+# A parser turns a raw carriage return into a newline, and a raw newline or
+# tab in an attribute into a space: references keep them as they were.
+_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord("\r"): "&#13;"}
+_DOUBLE_QUOTED = {**_TEXT_ESCAPES, ord('"'): "&quot;", ord("\n"): "&#10;", ord("\t"): "&#9;"}
+_ATTR_ESCAPES: dict[Quote, dict[int, str]] = {
+    '"': _DOUBLE_QUOTED,
+    "'": {**_DOUBLE_QUOTED, ord("'"): "&apos;"},
+}
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escape(value: str, table: Mapping[int, str]) -> str:
+    bad = _NOT_XML.search(value)
+    if bad is not None:
+        raise ValueError(f"character U+{ord(bad.group()):04X} cannot be written in XML")
+    return value.translate(table)
+
+
+def backup_to_xml(spec: BackupSpec) -> str:
+    """``spec`` as a ``<domainbackup>`` document that loads back as an equal model.
+
+    Fields at their default are left out, but ``mode``; a disk says
+    ``type="file"`` when it has a target, a scratch or a driver.  Raises
+    ValueError for a character that XML 1.0 cannot carry (in a path, say).
+    """
+    children: list[XmlElement] = []
+    if spec.incremental is not None:
+        children.append(XmlElement("incremental", text=spec.incremental))
+    if spec.server is not None:
+        children.append(_server_element(spec.server))
+    if spec.disks:
+        children.append(XmlElement("disks", children=[_disk_element(d) for d in spec.disks]))
+    return render_xml(XmlElement("domainbackup", {"mode": spec.mode}, children=children))
+
+
+def _server_element(server: ServerSpec) -> XmlElement:
+    attrs = {
+        "transport": None if server.transport == "tcp" else server.transport,
+        "name": server.name,
+        "port": None if server.port is None else str(server.port),
+        "socket": server.socket,
+        "tls": "yes" if server.tls else None,
+    }
+    return XmlElement("server", attrs)
+
+
+def _disk_element(disk: DiskBackupSpec) -> XmlElement:
+    files = {"target": disk.target, "scratch": disk.scratch}
+    children = [XmlElement(tag, {"file": file}) for tag, file in files.items() if file is not None]
+    if disk.format is not None or disk.shallow:
+        shallow = "on" if disk.shallow else None
+        children.append(XmlElement("driver", {"type": disk.format, "shallow": shallow}))
+    attrs = {
+        "name": disk.name,
+        "backup": None if disk.backup else "no",
+        "backupmode": disk.backupmode,
+        "incremental": disk.incremental,
+        "exportname": disk.exportname,
+        "exportbitmap": disk.exportbitmap,
+        "type": disk.type if children else None,
+        "reuse": "yes" if disk.reuse else None,
+    }
+    return XmlElement("disk", attrs, children=children or None)
+
+
+def checkpoint_to_xml(spec: CheckpointSpec) -> str:
+    """``spec`` as a ``<domaincheckpoint>`` document that loads back as an equal model.
+
+    Fields at their default are left out.  Raises ValueError for a character
+    that XML 1.0 cannot carry (in the description, say).
+    """
+    children = [XmlElement("name", text=spec.name)]
+    if spec.description is not None:
+        children.append(XmlElement("description", text=spec.description))
+    if spec.disks:
+        disks = [
+            XmlElement(
+                "disk",
+                {
+                    "name": disk.name,
+                    "checkpoint": None if disk.checkpoint == "bitmap" else disk.checkpoint,
+                    "bitmap": disk.bitmap,
+                },
+            )
+            for disk in spec.disks
+        ]
+        children.append(XmlElement("disks", children=disks))
+    return render_xml(XmlElement("domaincheckpoint", children=children))
