@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
-from xml.sax.saxutils import escape
 
 from ..api import VM, BackupBegun
 from ..errors import InvalidInputError, QmpBackupError
@@ -26,8 +25,14 @@ from ..images.pull_copy import CopyResult, pull_copy
 from ..nbd import Extent, NBDClient
 from ..planner import naming
 from ..planner.plan import Step
-from ..request import parse_backup_spec, parse_checkpoint_spec
-from ..request.models import CheckpointSpec
+from ..request import (
+    BackupSpec,
+    CheckpointSpec,
+    DiskBackupSpec,
+    ServerSpec,
+    backup_to_xml,
+    checkpoint_to_xml,
+)
 from ..runner import query_jobs
 from ..state.active import BackupRecord
 from .throwaway import ThrowawayVM, images_equal, make_slides_images, qemu_img, remove_tree
@@ -147,56 +152,6 @@ def rebase(image: Path, parent: Path) -> None:
     qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(parent), "-F", "qcow2", str(image))
 
 
-def attr(value: str | Path) -> str:
-    """``value`` escaped for a double-quoted XML attribute."""
-    return escape(str(value), {'"': "&quot;"})
-
-
-def push_xml(targets: dict[str, tuple[Path, str, bool]], incremental: str | None = None) -> str:
-    """A ``<domainbackup mode="push">`` laid out as on the slides.
-
-    ``targets`` maps each disk to its target file, format and shallow flag.
-    """
-    lines = ['<domainbackup mode="push">']
-    if incremental:
-        lines.append(f"  <incremental>{escape(incremental)}</incremental>")
-    lines.append("  <disks>")
-    for disk, (target, fmt, shallow) in targets.items():
-        lines.append(f'    <disk name="{disk}" type="file">')
-        lines.append(f'      <target file="{attr(target)}"/>')
-        extra = ' shallow="on"' if shallow else ""
-        lines.append(f'      <driver type="{fmt}"{extra}/>')
-        lines.append("    </disk>")
-    lines += ["  </disks>", "</domainbackup>"]
-    return "\n".join(lines) + "\n"
-
-
-def pull_xml(
-    socket: Path, incremental: str | None = None, scratches: dict[str, Path | None] | None = None
-) -> str:
-    """A ``<domainbackup mode="pull">`` laid out as on the slides, served on a unix socket.
-
-    ``scratches`` lists the disks, each with its scratch file or None for the default;
-    without it there is no ``<disks>`` and every disk is backed up.
-    """
-    lines = ['<domainbackup mode="pull">']
-    if incremental:
-        lines.append(f"  <incremental>{escape(incremental)}</incremental>")
-    lines.append(f'  <server transport="unix" socket="{attr(socket)}"/>')
-    if scratches is not None:
-        lines.append("  <disks>")
-        for disk, scratch in scratches.items():
-            if scratch is None:
-                lines.append(f'    <disk name="{disk}"/>')
-                continue
-            lines.append(f'    <disk name="{disk}" type="file">')
-            lines.append(f'      <scratch file="{attr(scratch)}"/>')
-            lines.append("    </disk>")
-        lines.append("  </disks>")
-    lines.append("</domainbackup>")
-    return "\n".join(lines) + "\n"
-
-
 def dirty_extents(uri: str, context: str) -> list[Extent]:
     """The dirty extents of an export, from NBD block status on ``context``."""
     with NBDClient.connect(uri, meta_contexts=[context]) as client:
@@ -219,11 +174,6 @@ def extent_clusters(extents: list[Extent]) -> set[int]:
     return clusters
 
 
-def checkpoint_xml(name: str) -> str:
-    """A ``<domaincheckpoint>`` with only a name, as ``check1.xml`` on the slides."""
-    return f"<domaincheckpoint>\n  <name>{escape(name)}</name>\n</domaincheckpoint>\n"
-
-
 def show_file(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` and print it as ``$ cat`` would."""
     path.write_text(text)
@@ -239,7 +189,8 @@ class Demo:
         self.machine = machine
         self.vm = vm
         self.verbose = verbose
-        self.socket = workdir / "nbd.sock"  # the pull backups' NBD server
+        # The pull backups' NBD server.
+        self.server = ServerSpec(transport="unix", socket=str(workdir / "nbd.sock"))
         # Clusters the guest dirtied since each live checkpoint, per disk.
         self.dirty: dict[str, dict[str, set[int]]] = {}
 
@@ -373,14 +324,18 @@ class Demo:
         header("Part II: full backup, push mode")
         b1, b2 = self.workdir / "Backup1.1.qcow2", self.workdir / "Backup2.full.raw"
         spec_path = self.workdir / "backup_push_full.xml"
-        text = push_xml({"vda": (b1, "qcow2", True), "vdb": (b2, "raw", False)})
-        show_file(spec_path, text)
+        spec = BackupSpec(
+            mode="push",
+            disks=(
+                DiskBackupSpec(name="vda", target=str(b1), format="qcow2", shallow=True),
+                DiskBackupSpec(name="vdb", target=str(b2), format="raw"),
+            ),
+        )
+        show_file(spec_path, backup_to_xml(spec))
         refs = await self.references("full")
         top_layer = allocated_clusters(self.machine.disks[0].path)
         say(f"$ qmpbackup backup-begin {spec_path.name}")
-        begun = await self.vm.backup_begin(
-            parse_backup_spec(text, str(spec_path)), None, self.show_step
-        )
+        begun = await self.vm.backup_begin(spec, None, self.show_step)
         say(f"Backup id {begun.record.id} created")
         say(f"backup used description from '{spec_path.name}'")
         await self.paint_all({"vda": "--CCCC--", "vdb": "--ZZZZ--"}, "right after backup-begin")
@@ -459,16 +414,19 @@ class Demo:
         say(f"-- Backup{{1,2}}.{backup.number}.qcow2: {backup.title} --")
         targets = {disk: folder / f"Backup{NUMBER[disk]}.{backup.number}.qcow2" for disk in DISKS}
         spec_path = folder / f"backup_push_{backup.number}.xml"
-        text = push_xml({d: (t, "qcow2", False) for d, t in targets.items()}, backup.incremental)
-        show_file(spec_path, text)
-        refs, expected, begun = await self.begin_round(folder, backup, spec_path, text)
+        disks = tuple(
+            DiskBackupSpec(name=d, target=str(t), format="qcow2") for d, t in targets.items()
+        )
+        spec = BackupSpec(mode="push", incremental=backup.incremental, disks=disks)
+        show_file(spec_path, backup_to_xml(spec))
+        refs, expected, begun = await self.begin_round(folder, backup, spec_path, spec)
         await self.paint_all(backup.during, "right after backup-begin")
         await self.end_backup(begun.record.id)
         for disk, target in targets.items():
             self.verify(target, refs[disk], disk, backup, expected.get(disk))
 
     async def begin_round(
-        self, folder: Path, backup: Round, spec_path: Path, text: str
+        self, folder: Path, backup: Round, spec_path: Path, spec: BackupSpec
     ) -> tuple[dict[str, Path], dict[str, set[int]], BackupBegun]:
         """Show the round's checkpoint XML, take references, ``backup-begin``.
 
@@ -479,9 +437,8 @@ class Demo:
         command = f"$ qmpbackup backup-begin {spec_path.name}"
         if backup.checkpoint is not None:
             check_path = folder / f"{backup.checkpoint}.xml"
-            check_text = checkpoint_xml(backup.checkpoint)
-            show_file(check_path, check_text)
-            checkpoint = parse_checkpoint_spec(check_text, str(check_path))
+            checkpoint = CheckpointSpec(name=backup.checkpoint)
+            show_file(check_path, checkpoint_to_xml(checkpoint))
             command += f" {check_path.name}"
         refs = await self.references(f"{folder.name}-{backup.number}")
         expected = (
@@ -490,9 +447,7 @@ class Demo:
             else {}
         )
         say(command)
-        begun = await self.vm.backup_begin(
-            parse_backup_spec(text, str(spec_path)), checkpoint, self.show_step
-        )
+        begun = await self.vm.backup_begin(spec, checkpoint, self.show_step)
         if backup.checkpoint is not None:
             self.track(backup.checkpoint)
         say(f"Backup id {begun.record.id} created")
@@ -548,13 +503,15 @@ class Demo:
         qemu_img("create", "-q", "-f", "qcow2", str(scratch), str(size))
         say("(no -b Active2.qcow2 as on the slides: qmpbackup opens the scratch over vdb itself)")
         spec_path = self.workdir / "backup_pull_full.xml"
-        text = pull_xml(self.socket, scratches={"vda": None, "vdb": scratch})
-        show_file(spec_path, text)
+        spec = BackupSpec(
+            mode="pull",
+            server=self.server,
+            disks=(DiskBackupSpec(name="vda"), DiskBackupSpec(name="vdb", scratch=str(scratch))),
+        )
+        show_file(spec_path, backup_to_xml(spec))
         refs = await self.references("pull-full")
         say(f"$ qmpbackup backup-begin {spec_path.name}")
-        begun = await self.vm.backup_begin(
-            parse_backup_spec(text, str(spec_path)), None, self.show_step
-        )
+        begun = await self.vm.backup_begin(spec, None, self.show_step)
         say(f"Backup id {begun.record.id} created")
         say(f"backup used description from '{spec_path.name}'")
         uris = self.show_uris(begun.record)
@@ -600,9 +557,9 @@ class Demo:
         say()
         say(f"-- Backup{{1,2}}.{backup.number}.qcow2: {backup.title} --")
         spec_path = folder / f"backup_pull_{backup.number}.xml"
-        text = pull_xml(self.socket, backup.incremental)
-        show_file(spec_path, text)
-        refs, expected, begun = await self.begin_round(folder, backup, spec_path, text)
+        spec = BackupSpec(mode="pull", incremental=backup.incremental, server=self.server)
+        show_file(spec_path, backup_to_xml(spec))
+        refs, expected, begun = await self.begin_round(folder, backup, spec_path, spec)
         self.show_uris(begun.record)
         await self.paint_all(backup.during, "right after backup-begin")
         targets: dict[str, Path] = {}
