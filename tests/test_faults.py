@@ -12,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -30,6 +31,7 @@ from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.nbd import NBDError
 from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
+from qmpbackup.request import BackupSpec, DiskBackupSpec, backup_to_xml
 from qmpbackup.state.active import ActiveBackupStore
 from qmpbackup.state.checkpoints import CheckpointStore
 
@@ -42,31 +44,34 @@ BAD = 32 * MiB
 
 
 def backup_xml(
-    path: Path, mode: str, disks: dict[str, str], incremental: str | None = None
+    path: Path,
+    mode: Literal["push", "pull"],
+    disks: Mapping[str, Mapping[str, Any]],
+    incremental: str | None = None,
 ) -> Path:
-    """A ``<domainbackup>``; ``disks`` maps a disk to its attributes, then children."""
-    parts = [f"<domainbackup mode='{mode}'>"]
-    if incremental:
-        parts.append(f"<incremental>{incremental}</incremental>")
-    parts.append("<disks>")
-    for name, extra in disks.items():
-        attrs, tag, children = extra.partition("<")
-        body = f">{tag}{children}</disk>" if tag else "/>"
-        parts.append(f"<disk name='{name}'{attrs}{body}")
-    parts.append("</disks></domainbackup>")
-    path.write_text("\n".join(parts) + "\n")
+    """A ``<domainbackup>``; ``disks`` maps a disk to its other fields."""
+    entries = tuple(DiskBackupSpec(name=name, **fields) for name, fields in disks.items())
+    spec = BackupSpec(mode=mode, incremental=incremental, disks=entries)
+    path.write_text(backup_to_xml(spec))
     return path
 
 
-def push_to(path: Path, target: Path, incremental: str | None = None, **more: str) -> Path:
-    """Push vdb alone into a qcow2 ``target`` (``more``: other disks' entries)."""
-    disks = {"vda": " backup='no'", "vdb": f"<target file='{target}'/><driver type='qcow2'/>"}
+def push_to(
+    path: Path, target: Path, incremental: str | None = None, **more: Mapping[str, Any]
+) -> Path:
+    """Push vdb alone into a qcow2 ``target`` (``more``: other disks' fields)."""
+    disks: dict[str, Mapping[str, Any]] = {
+        "vda": {"backup": False},
+        "vdb": {"target": str(target), "format": "qcow2"},
+    }
     return backup_xml(path, "push", {**disks, **more}, incremental)
 
 
-def pull_vdb(path: Path, incremental: str | None = None, vdb: str = "") -> Path:
-    """Pull vdb alone."""
-    return backup_xml(path, "pull", {"vda": " backup='no'", "vdb": vdb}, incremental)
+def pull_vdb(
+    path: Path, incremental: str | None = None, vdb: Mapping[str, Any] | None = None
+) -> Path:
+    """Pull vdb alone (``vdb``: its other fields)."""
+    return backup_xml(path, "pull", {"vda": {"backup": False}, "vdb": vdb or {}}, incremental)
 
 
 async def base_checkpoint(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Path:
@@ -107,7 +112,7 @@ async def next_incremental(
     ``base``, equals vdb at its instant (writes after the instant excluded)."""
     ref = await vm.reference("vdb", tmp_path / "next.raw")
     target = tmp_path / "next.qcow2"
-    others = {d.name: " backup='no'" for d in vm.disks[2:]}
+    others = {d.name: {"backup": False} for d in vm.disks[2:]}
     spec = push_to(tmp_path / "next.xml", target, since, **others)
     begun = await cli.ok("backup-begin", str(spec))
     assert "Backup id 1 created" in begun.out
@@ -379,8 +384,8 @@ async def test_push_target_eio(vm: ThrowawayVM, cli: Cli, tmp_path: Path, eio_fi
         tmp_path / "eio.xml",
         "push",
         {
-            "vda": " backup='no'",
-            "vdb": f" reuse='yes'<target file='{eio_file}'/><driver type='raw'/>",
+            "vda": {"backup": False},
+            "vdb": {"reuse": True, "target": str(eio_file), "format": "raw"},
         },
     )
     await cli.ok("backup-begin", str(spec), "check2")
@@ -490,7 +495,7 @@ async def test_pull_scratch_out_of_space(
     base = await base_checkpoint(vm, cli, tmp_path)
     await vm.write("vdb", 0x58, 0, 8 * MiB)
     tiny = tmpfs("tiny", "1M")
-    spec = pull_vdb(tmp_path / "p.xml", "check1", f"<scratch file='{tiny / 'scratch.qcow2'}'/>")
+    spec = pull_vdb(tmp_path / "p.xml", "check1", {"scratch": str(tiny / "scratch.qcow2")})
     refused = await cli("backup-begin", str(spec), "check2")
     assert one_line_error(refused) == (
         "error: could not format the scratch of vdb as qcow2, its space reserved "
@@ -504,7 +509,7 @@ async def test_pull_scratch_out_of_space(
 
     # vdb's 100 MiB, its qcow2 metadata, and some slack.
     roomy = tmpfs("roomy", "102M")
-    spec = pull_vdb(tmp_path / "p.xml", "check1", f"<scratch file='{roomy / 'scratch.qcow2'}'/>")
+    spec = pull_vdb(tmp_path / "p.xml", "check1", {"scratch": str(roomy / "scratch.qcow2")})
     ref = await vm.reference("vdb", tmp_path / "ref2.raw")
     uri = uris((await cli.ok("backup-begin", str(spec), "check2")).out)["vdb"]
     # SPEC §1: the guest is never disturbed, even when it overwrites the whole disk.

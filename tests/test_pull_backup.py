@@ -7,13 +7,16 @@ import os
 import re
 import stat
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
 from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.nbd import NBDError, TLSConfig
+from qmpbackup.request import BackupSpec, DiskBackupSpec, ServerSpec, backup_to_xml
 
 from .conftest import block_state
 from .support import CLUSTER, Cli, clusters_of
@@ -24,27 +27,14 @@ MiB = 1024 * 1024
 
 def pull_xml(
     path: Path,
-    disks: dict[str, str] | None = None,
+    disks: Mapping[str, Mapping[str, Any]] | None = None,
     incremental: str | None = None,
-    server: str = "",
+    server: ServerSpec | None = None,
 ) -> Path:
-    """A ``<domainbackup mode='pull'>``; ``disks`` maps names to attributes or child elements."""
-    parts = ["<domainbackup mode='pull'>"]
-    if incremental:
-        parts.append(f"<incremental>{incremental}</incremental>")
-    if server:
-        parts.append(server)
-    if disks is not None:
-        parts.append("<disks>")
-        parts += [
-            f"<disk name='{n}'>{extra}</disk>"
-            if extra.startswith("<")
-            else f"<disk name='{n}'{extra}/>"
-            for n, extra in disks.items()
-        ]
-        parts.append("</disks>")
-    parts.append("</domainbackup>")
-    path.write_text("\n".join(parts) + "\n")
+    """A ``<domainbackup mode='pull'>``; ``disks`` maps names to their other fields."""
+    entries = tuple(DiskBackupSpec(name=n, **fields) for n, fields in (disks or {}).items())
+    spec = BackupSpec(mode="pull", incremental=incremental, server=server, disks=entries)
+    path.write_text(backup_to_xml(spec))
     return path
 
 
@@ -129,7 +119,7 @@ async def test_pull_incremental_dirty_extents(vm: ThrowawayVM, cli: Cli, tmp_pat
     scratch = tmp_path / "scratch.qcow2"
     spec = pull_xml(
         tmp_path / "p2.xml",
-        {"vda": f"<scratch file='{scratch}'/>", "vdb": " backup='no'"},
+        {"vda": {"scratch": str(scratch)}, "vdb": {"backup": False}},
         incremental="check1",
     )
     begun = await cli.ok("backup-begin", str(spec), "check2")
@@ -150,15 +140,15 @@ async def test_pull_incremental_dirty_extents(vm: ThrowawayVM, cli: Cli, tmp_pat
 async def test_pull_tcp_auto_port_twice_and_disjoint(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
 ) -> None:
-    tcp = "<server name='localhost'/>"
+    tcp = ServerSpec(name="localhost")
     for round_ in range(2):
-        spec = pull_xml(tmp_path / f"t{round_}.xml", {"vdb": " backup='no'"}, server=tcp)
+        spec = pull_xml(tmp_path / f"t{round_}.xml", {"vdb": {"backup": False}}, server=tcp)
         begun = await cli.ok("backup-begin", str(spec))
         uri = uris(begun.out)["vda"]
         assert re.fullmatch(r"nbd://localhost:\d+/vda", uri), uri
         assert nbd_map(uri)  # readable
         # A second backup of the other disk runs at the same time on the same server.
-        other = pull_xml(tmp_path / f"o{round_}.xml", {"vda": " backup='no'"})
+        other = pull_xml(tmp_path / f"o{round_}.xml", {"vda": {"backup": False}})
         second = await cli.ok("backup-begin", str(other))
         assert "Backup id 2 created" in second.out
         assert uris(second.out)["vdb"] == uri.replace("/vda", "/vdb")
@@ -179,7 +169,7 @@ async def test_pull_shallow_allocation_depth(vm: ThrowawayVM, cli: Cli, tmp_path
     ref = await vm.reference("vda", tmp_path / "ref.raw")
     spec = pull_xml(
         tmp_path / "s.xml",
-        {"vda": "<driver type='qcow2' shallow='on'/>", "vdb": " backup='no'"},
+        {"vda": {"format": "qcow2", "shallow": True}, "vdb": {"backup": False}},
     )
     uri = uris((await cli.ok("backup-begin", str(spec))).out)["vda"]
     await vm.write("vda", 0x99, 0, 4 * MiB)
@@ -224,7 +214,9 @@ async def test_pull_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) ->
     forged = client_dir(other_ca, tmp_path / "forged", "/O=Example/CN=backup-client")
     ref = await vm.reference("vda", tmp_path / "ref.raw")
     spec = pull_xml(
-        tmp_path / "t.xml", {"vdb": " backup='no'"}, server="<server name='localhost' tls='yes'/>"
+        tmp_path / "t.xml",
+        {"vdb": {"backup": False}},
+        server=ServerSpec(name="localhost", tls=True),
     )
     begun = await cli.ok(
         "backup-begin", str(spec), "--tls-dir", str(server),
@@ -261,7 +253,7 @@ async def test_reads_across_saved_clusters_see_the_instant(
     view must split reads so that no reader, ours or anyone's, sees that."""
     await vm.write("vdb", 0x59, MiB, 6 * MiB)
     ref = await vm.reference("vdb", tmp_path / "ref.raw")
-    spec = pull_xml(tmp_path / "p.xml", {"vda": " backup='no'"})
+    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}})
     uri = uris((await cli.ok("backup-begin", str(spec))).out)["vdb"]
     await vm.write("vdb", 0x7A, 3 * MiB + 64 * 1024, 2 * MiB)
     # One read from inside the overwritten clusters to well past them.

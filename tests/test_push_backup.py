@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
+from qmpbackup.request import BackupSpec, DiskBackupSpec, backup_to_xml
 
 from .conftest import block_state
 from .support import Cli, allocated_clusters, clusters_of, qemu_img_info, rebase
@@ -13,21 +15,22 @@ MiB = 1024 * 1024
 
 
 def push_xml(
-    path: Path, disks: dict[str, tuple[Path, str, bool]], incremental: str | None = None
+    path: Path,
+    disks: dict[str, tuple[Path, str, bool]],
+    incremental: str | None = None,
+    skip: Iterable[str] = (),
 ) -> Path:
-    """A ``<domainbackup mode='push'>`` with one target per disk."""
-    parts = ["<domainbackup mode='push'>"]
-    if incremental:
-        parts.append(f"  <incremental>{incremental}</incremental>")
-    parts.append("  <disks>")
-    for name, (target, fmt, shallow) in disks.items():
-        parts.append(f"    <disk name='{name}' type='file'>")
-        parts.append(f"      <target file='{target}'/>")
-        extra = " shallow='on'" if shallow else ""
-        parts.append(f"      <driver type='{fmt}'{extra}/>")
-        parts.append("    </disk>")
-    parts.append("  </disks>\n</domainbackup>")
-    path.write_text("\n".join(parts) + "\n")
+    """A ``<domainbackup mode='push'>`` with one target (file, format, shallow) per disk,
+    then ``skip``'s disks, not backed up."""
+    entries = [
+        DiskBackupSpec.model_validate(
+            {"name": name, "target": str(target), "format": fmt, "shallow": shallow}
+        )
+        for name, (target, fmt, shallow) in disks.items()
+    ]
+    entries += [DiskBackupSpec(name=name, backup=False) for name in skip]
+    spec = BackupSpec(mode="push", incremental=incremental, disks=tuple(entries))
+    path.write_text(backup_to_xml(spec))
     return path
 
 

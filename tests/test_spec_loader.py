@@ -1,4 +1,4 @@
-"""Tests of qmpbackup.request.loader: libvirt XML, YAML and JSON requests."""
+"""Tests of qmpbackup.request.loader and of the XML writer: libvirt XML, YAML and JSON requests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
 
 from qmpbackup.errors import SpecError
 from qmpbackup.request import (
@@ -16,11 +17,16 @@ from qmpbackup.request import (
     CheckpointSpec,
     DiskBackupSpec,
     ServerSpec,
+    backup_to_xml,
+    checkpoint_to_xml,
     load_backup_spec,
     load_checkpoint_spec,
     parse_backup_spec,
     parse_checkpoint_spec,
 )
+from qmpbackup.request.xml import XmlElement, render_xml
+
+from .test_properties import backup_specs, bounded, checkpoint_specs
 
 # The slides' examples, verbatim.
 
@@ -370,6 +376,167 @@ def test_yaml_and_json_files(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text(ALL_FIELDS.model_dump_json())
     assert load_backup_spec(tmp_path / "b.yaml") == ALL_FIELDS
     assert load_backup_spec(tmp_path / "b.json") == ALL_FIELDS
+
+
+# --------------------------------------------------------------------------
+# Written back: the XML writer
+
+
+def test_writer_writes_the_slides_verbatim() -> None:
+    """The writer lays a document out as the slides do, quotes aside."""
+    for text in (SLIDE_PUSH_FULL, SLIDE_PULL_FULL, SLIDE_PULL_INCREMENTAL):
+        assert backup_to_xml(parse_backup_spec(text)) == text
+    assert checkpoint_to_xml(parse_checkpoint_spec(SLIDE_CHECKPOINT)) == SLIDE_CHECKPOINT
+
+
+# Between them, every field of every model, at its default and not.
+WRITTEN_BACKUPS = [
+    BackupSpec(),
+    ALL_FIELDS,
+    BackupSpec(
+        mode="push",
+        incremental="check-2",
+        disks=(
+            DiskBackupSpec(name="vda", target="/b/vda.qcow2", format="qcow2", shallow=True),
+            DiskBackupSpec(name="vdb", backup=False, reuse=True),
+            DiskBackupSpec(name="vdc", target="", reuse=True, format="raw"),
+            DiskBackupSpec(name="vdd", shallow=True),
+        ),
+    ),
+    BackupSpec(mode="pull", server=ServerSpec(transport="unix", socket="/run/nbd.sock")),
+    BackupSpec(mode="pull", server=ServerSpec(transport="unix", name="")),
+    BackupSpec(mode="pull", server=ServerSpec(port=1, tls=False)),
+    BackupSpec(
+        mode="pull",
+        server=ServerSpec(transport="tcp", name="::1", port=65535, tls=True),
+        disks=(
+            DiskBackupSpec(name="vda", backupmode="full", scratch="/s/vda.qcow2", reuse=True),
+            DiskBackupSpec(name="vdb", exportname="b", exportbitmap="b.map", incremental="c0"),
+        ),
+    ),
+    # What XML escapes, and what a parser would change unless it is escaped.
+    BackupSpec(
+        disks=(DiskBackupSpec(name="vda", target="/a b/&<>\"'\n\t\r x/☃.qcow2"),),
+    ),
+    BackupSpec(
+        mode="pull",
+        server=ServerSpec(transport="unix", name="n\r\n", socket=" /s p a c e s \t"),
+        disks=(DiskBackupSpec(name="vda", scratch="]]>&amp;"),),
+    ),
+]
+
+WRITTEN_CHECKPOINTS = [
+    CheckpointSpec(name="check1"),
+    CheckpointSpec(name="c1", description=""),
+    CheckpointSpec(name="c1", description=" two  spaces,\n\ttab, \r\n & <b>'\"]]> ☃ "),
+    CheckpointSpec(
+        name="c1",
+        description="before the upgrade",
+        disks=(
+            CheckpointDiskSpec(name="vda"),
+            CheckpointDiskSpec(name="vdb", checkpoint="bitmap", bitmap="c1"),
+            CheckpointDiskSpec(name="vdc", checkpoint="no"),
+            CheckpointDiskSpec(name="vdd", checkpoint="no", bitmap="stale"),
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("spec", WRITTEN_BACKUPS)
+def test_written_backup_loads_back_equal(spec: BackupSpec) -> None:
+    assert parse_backup_spec(backup_to_xml(spec)) == spec
+
+
+@pytest.mark.parametrize("spec", WRITTEN_CHECKPOINTS)
+def test_written_checkpoint_loads_back_equal(spec: CheckpointSpec) -> None:
+    assert parse_checkpoint_spec(checkpoint_to_xml(spec)) == spec
+
+
+def test_written_fields_are_only_those_set() -> None:
+    """Defaults are left out, but a backup's mode; type="file" comes with a disk's children."""
+    assert backup_to_xml(BackupSpec()) == '<domainbackup mode="push">\n</domainbackup>\n'
+    assert backup_to_xml(ALL_FIELDS) == (
+        '<domainbackup mode="pull">\n'
+        "  <incremental>c1</incremental>\n"
+        '  <server name="backup.example" port="10809" tls="yes"/>\n'
+        "  <disks>\n"
+        '    <disk name="vda" backupmode="incremental" incremental="c0" exportname="vda-export"'
+        ' exportbitmap="vda-bitmap" type="file" reuse="yes">\n'
+        '      <scratch file="/var/tmp/vda.scratch"/>\n'
+        '      <driver type="qcow2" shallow="on"/>\n'
+        "    </disk>\n"
+        '    <disk name="vdb" backup="no"/>\n'
+        '    <disk name="vdc" backupmode="full" type="file">\n'
+        '      <driver type="raw"/>\n'
+        "    </disk>\n"
+        "  </disks>\n"
+        "</domainbackup>\n"
+    )
+    assert checkpoint_to_xml(WRITTEN_CHECKPOINTS[3]) == (
+        "<domaincheckpoint>\n"
+        "  <name>c1</name>\n"
+        "  <description>before the upgrade</description>\n"
+        "  <disks>\n"
+        '    <disk name="vda"/>\n'
+        '    <disk name="vdb" bitmap="c1"/>\n'
+        '    <disk name="vdc" checkpoint="no"/>\n'
+        '    <disk name="vdd" checkpoint="no" bitmap="stale"/>\n'
+        "  </disks>\n"
+        "</domaincheckpoint>\n"
+    )
+
+
+@bounded(60)
+@given(spec=backup_specs())
+def test_any_written_backup_loads_back_equal(spec: BackupSpec) -> None:
+    assert parse_backup_spec(backup_to_xml(spec)) == spec
+
+
+@bounded(60)
+@given(spec=checkpoint_specs())
+def test_any_written_checkpoint_loads_back_equal(spec: CheckpointSpec) -> None:
+    assert parse_checkpoint_spec(checkpoint_to_xml(spec)) == spec
+
+
+def test_writer_refuses_what_xml_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="U\\+0000"):
+        backup_to_xml(BackupSpec(disks=(DiskBackupSpec(name="vda", target="/a\0b"),)))
+    with pytest.raises(ValueError, match="U\\+001B"):
+        checkpoint_to_xml(CheckpointSpec(name="c1", description="\x1b[0m"))
+    with pytest.raises(ValueError, match="text or children"):
+        XmlElement("name", text="c1", children=[])
+
+
+def test_render_xml_in_dumpxml_style() -> None:
+    """Single quotes as libvirt's dumpxml writes them; an empty list of children still
+    opens and closes the element on lines of their own."""
+    document = XmlElement(
+        "domaincheckpoint",
+        children=[
+            XmlElement("name", text="c2"),
+            XmlElement("description", text="a & b\n<c>"),
+            XmlElement("parent", children=[XmlElement("name", text="c1")]),
+            XmlElement("disks", children=[]),
+            XmlElement("disk", {"name": "vda", "bitmap": None, "size": "131072"}),
+            XmlElement("domain", {"q": 'it\'s "x"'}, children=[XmlElement("name", text="f25")]),
+        ],
+    )
+    assert render_xml(document, quote="'") == (
+        "<domaincheckpoint>\n"
+        "  <name>c2</name>\n"
+        "  <description>a &amp; b\n&lt;c&gt;</description>\n"
+        "  <parent>\n"
+        "    <name>c1</name>\n"
+        "  </parent>\n"
+        "  <disks>\n"
+        "  </disks>\n"
+        "  <disk name='vda' size='131072'/>\n"
+        "  <domain q='it&apos;s &quot;x&quot;'>\n"
+        "    <name>f25</name>\n"
+        "  </domain>\n"
+        "</domaincheckpoint>\n"
+    )
+    assert render_xml(XmlElement("x", {"q": 'it\'s "x"'})) == '<x q="it\'s &quot;x&quot;"/>\n'
 
 
 def test_size_limit_is_inclusive() -> None:

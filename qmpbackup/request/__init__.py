@@ -1,4 +1,4 @@
-"""Backup and checkpoint requests: pydantic models and their XML/YAML/JSON loader."""
+"""Backup and checkpoint requests: pydantic models, their XML/YAML/JSON loader, their XML writer."""
 
 from qmpbackup.request.loader import (
     MAX_SPEC_BYTES,
@@ -14,6 +14,7 @@ from qmpbackup.request.models import (
     DiskBackupSpec,
     ServerSpec,
 )
+from qmpbackup.request.xml import backup_to_xml, checkpoint_to_xml
 
 __all__ = [
     "MAX_SPEC_BYTES",
@@ -22,6 +23,8 @@ __all__ = [
     "CheckpointSpec",
     "DiskBackupSpec",
     "ServerSpec",
+    "backup_to_xml",
+    "checkpoint_to_xml",
     "load_backup_spec",
     "load_checkpoint_spec",
     "parse_backup_spec",

@@ -5,13 +5,8 @@ character is ``<`` is XML, one starting with ``{`` is tried as JSON first,
 anything else is YAML.  Every failure raises :class:`~qmpbackup.errors.SpecError`
 with one line naming the document, the field and the problem.
 
-XML follows libvirt's ``<domainbackup>`` and ``<domaincheckpoint>`` formats
-(https://libvirt.org/formatbackup.html, https://libvirt.org/formatcheckpoint.html),
-with one qmpbackup extension: ``<disk reuse='yes'>`` allows writing into an
-existing target or scratch file.  Unknown elements and attributes are refused,
-except the read-only parts of ``virsh checkpoint-dumpxml`` output
-(``<creationTime>``, ``<parent>``, ``<domain>``, ``<disk size=…>``), which are
-ignored so that a dumped checkpoint loads as-is.
+XML is libvirt's ``<domainbackup>`` and ``<domaincheckpoint>``, read by
+:mod:`qmpbackup.request.xml`.
 
 YAML and JSON take the fields of the models in :mod:`qmpbackup.request.models`.
 For a disk, libvirt's nesting ``driver: {type: qcow2, shallow: on}``,
@@ -30,20 +25,19 @@ import datetime
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-from xml.etree.ElementTree import Element, ParseError
-from xml.parsers.expat import ErrorString
+from xml.etree.ElementTree import Element
 
-import defusedxml
-import defusedxml.ElementTree as DefusedET
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from qmpbackup.errors import SpecError
 from qmpbackup.request.models import BackupSpec, CheckpointSpec
+from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
+from qmpbackup.request.xml import backup_from_xml, checkpoint_from_xml, parse_xml
 
 __all__ = [
     "MAX_SPEC_BYTES",
@@ -58,10 +52,6 @@ MAX_SPEC_BYTES = 1 << 20
 
 _M = TypeVar("_M", bound=BaseModel)
 _Data = dict[str, Any]
-
-
-class _Invalid(Exception):
-    """A problem with the document; the message lacks only the origin."""
 
 
 # --------------------------------------------------------------------------
@@ -127,9 +117,9 @@ def _parse(data: str | bytes, origin: str, kind: _Kind[_M]) -> _M:
         if len(data) > MAX_SPEC_BYTES or (
             isinstance(data, str) and len(data.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES
         ):
-            raise _Invalid("document is larger than 1 MiB")
+            raise InvalidDocument("document is larger than 1 MiB")
         is_xml, fields = _load_document(data, kind)
-    except _Invalid as err:
+    except InvalidDocument as err:
         raise SpecError(f"in {origin}: {err}") from None
     try:
         return kind.model.model_validate(fields)
@@ -145,11 +135,11 @@ def _load_document(data: str | bytes, kind: _Kind[Any]) -> tuple[bool, _Data]:
         if body.startswith(b"<"):
             # Bytes keep the XML encoding declaration meaningful.
             skipped = data[: len(data) - len(body)].count(b"\n")
-            return True, kind.from_xml(_parse_xml(body, skipped, kind.root))
+            return True, kind.from_xml(parse_xml(body, skipped, kind.root))
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            raise _Invalid(
+            raise InvalidDocument(
                 f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start})"
             ) from None
     else:
@@ -157,14 +147,14 @@ def _load_document(data: str | bytes, kind: _Kind[Any]) -> tuple[bool, _Data]:
         stripped = text.lstrip(" \t\r\n")
         if stripped.startswith("<"):
             skipped = text[: len(text) - len(stripped)].count("\n")
-            return True, kind.from_xml(_parse_xml(stripped, skipped, kind.root))
+            return True, kind.from_xml(parse_xml(stripped, skipped, kind.root))
     if not text.strip():
-        raise _Invalid("document is empty")
+        raise InvalidDocument("document is empty")
     value = _parse_json_or_yaml(text)
     if value is None:
-        raise _Invalid("document is empty")
+        raise InvalidDocument("document is empty")
     if not isinstance(value, dict):
-        raise _Invalid(f"expected a mapping at the top level, got {_type_name(value)}")
+        raise InvalidDocument(f"expected a mapping at the top level, got {_type_name(value)}")
     return False, kind.from_mapping(value)
 
 
@@ -181,15 +171,15 @@ def _parse_json_or_yaml(text: str) -> Any:
             # A YAML flow mapping also starts with '{': give YAML its chance.
             json_error = f"invalid JSON: {err.msg} (line {err.lineno}, column {err.colno})"
         except RecursionError:
-            raise _Invalid("document is nested too deeply") from None
+            raise InvalidDocument("document is nested too deeply") from None
         except ValueError as err:
             # e.g. an integer longer than Python converts (sys.get_int_max_str_digits)
-            raise _Invalid(f"invalid JSON: {_shorten(str(err), 80)}") from None
+            raise InvalidDocument(f"invalid JSON: {shorten(str(err), 80)}") from None
     try:
         return yaml.load(text, Loader=_YamlLoader)  # safe: _YamlLoader is a SafeLoader
     except yaml.MarkedYAMLError as err:
         if json_error is not None:
-            raise _Invalid(json_error) from None
+            raise InvalidDocument(json_error) from None
         where = ""
         if err.problem_mark is not None:
             mark = err.problem_mark
@@ -198,28 +188,28 @@ def _parse_json_or_yaml(text: str) -> Any:
         if err.problem and err.context and not err.context.startswith("while "):
             # e.g. "expected a single document in the stream" + "but found another document"
             problem = f"{err.context}, {err.problem}"
-        raise _Invalid(f"invalid YAML: {problem}{where}") from None
+        raise InvalidDocument(f"invalid YAML: {problem}{where}") from None
     except yaml.reader.ReaderError as err:
         problem = f"unacceptable character #x{err.character:04x} at offset {err.position}"
-        raise _Invalid(json_error or f"invalid YAML: {problem}") from None
+        raise InvalidDocument(json_error or f"invalid YAML: {problem}") from None
     except yaml.YAMLError as err:
         first_line = str(err).partition("\n")[0]
-        raise _Invalid(json_error or f"invalid YAML: {first_line}") from None
+        raise InvalidDocument(json_error or f"invalid YAML: {first_line}") from None
     except RecursionError:
-        raise _Invalid("document is nested too deeply") from None
-    except _Invalid:
+        raise InvalidDocument("document is nested too deeply") from None
+    except InvalidDocument:
         raise
     except Exception as err:
         # SafeLoader's constructors fail with plain exceptions on bad scalars
         # (2024-13-45, !!int foo, a 5000-digit integer): still the user's input.
-        raise _Invalid(json_error or f"invalid YAML: {_shorten(str(err), 80)}") from None
+        raise InvalidDocument(json_error or f"invalid YAML: {shorten(str(err), 80)}") from None
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise _Invalid(f"key {key!r} is given twice")
+            raise InvalidDocument(f"key {key!r} is given twice")
         result[key] = value
     return result
 
@@ -231,7 +221,7 @@ class _YamlLoader(yaml.SafeLoader):
         # Aliases let a few bytes stand for an exponentially large tree.
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
-            raise _Invalid(f"YAML aliases are not accepted (line {mark.line + 1})")
+            raise InvalidDocument(f"YAML aliases are not accepted (line {mark.line + 1})")
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
@@ -241,11 +231,11 @@ class _YamlLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 # A merge key would override or hide keys as silently as a duplicate.
                 line = key_node.start_mark.line + 1
-                raise _Invalid(f"YAML merge keys ('<<') are not accepted (line {line})")
+                raise InvalidDocument(f"YAML merge keys ('<<') are not accepted (line {line})")
             if isinstance(key_node, yaml.ScalarNode):
                 if key_node.value in seen:
                     line = key_node.start_mark.line + 1
-                    raise _Invalid(f"key {key_node.value!r} is given twice (line {line})")
+                    raise InvalidDocument(f"key {key_node.value!r} is given twice (line {line})")
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
@@ -262,18 +252,18 @@ def _backup_from_mapping(data: _Data) -> _Data:
 
 def _flatten_disk(disk: _Data, index: int) -> _Data:
     """Turn libvirt's ``driver:``/``target:``/``scratch:`` nesting into flat fields."""
-    where = _disk_label(disk, index)
+    where = disk_label(disk, index)
     out = dict(disk)
     driver = out.pop("driver", None)
     if driver is not None:
         if not isinstance(driver, dict):
-            raise _Invalid(f"{where}: driver: expected a mapping, got {_type_name(driver)}")
+            raise InvalidDocument(f"{where}: driver: expected a mapping, got {_type_name(driver)}")
         for key, value in driver.items():
             field = {"type": "format", "shallow": "shallow"}.get(str(key))
             if field is None:
-                raise _Invalid(f"{where}: unknown field 'driver.{key}'")
+                raise InvalidDocument(f"{where}: unknown field 'driver.{key}'")
             if field in out:
-                raise _Invalid(f"{where}: both {field} and driver.{key} are given")
+                raise InvalidDocument(f"{where}: both {field} and driver.{key} are given")
             out[field] = value
     for field in ("target", "scratch"):
         value = out.get(field)
@@ -281,185 +271,10 @@ def _flatten_disk(disk: _Data, index: int) -> _Data:
             if set(value) != {"file"}:
                 extra = sorted(str(k) for k in value if k != "file")
                 if extra:
-                    raise _Invalid(f"{where}: unknown field '{field}.{extra[0]}'")
-                raise _Invalid(f"{where}: {field}.file is missing")
+                    raise InvalidDocument(f"{where}: unknown field '{field}.{extra[0]}'")
+                raise InvalidDocument(f"{where}: {field}.file is missing")
             out[field] = value["file"]
     return out
-
-
-# --------------------------------------------------------------------------
-# XML
-
-
-def _parse_xml(data: str | bytes, skipped_lines: int, root: str) -> Element:
-    try:
-        element: Element = DefusedET.fromstring(
-            data, forbid_dtd=True, forbid_entities=True, forbid_external=True
-        )
-    except ParseError as err:
-        line, column = err.position
-        raise _Invalid(
-            f"invalid XML: {ErrorString(err.code)} "
-            f"(line {line + skipped_lines}, column {column + 1})"
-        ) from None
-    except UnicodeError:
-        # Only a str with lone surrogates gets here; expat never sees it.
-        raise _Invalid("invalid XML: text is not valid Unicode") from None
-    except defusedxml.DTDForbidden:
-        raise _Invalid("XML DOCTYPE declarations are not accepted") from None
-    except defusedxml.EntitiesForbidden:
-        raise _Invalid("XML entity declarations are not accepted") from None
-    except defusedxml.ExternalReferenceForbidden:
-        raise _Invalid("external XML references are not accepted") from None
-    except (LookupError, ValueError) as err:
-        # expat's answer to an unknown or multi-byte declared encoding.
-        raise _Invalid(f"invalid XML: unsupported encoding ({err})") from None
-    if element.tag != root:
-        raise _Invalid(f"root element is <{element.tag}>, expected <{root}>")
-    return element
-
-
-def _attrs(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
-    for name in el.attrib:
-        if name not in allowed:
-            raise _Invalid(f"{where}unknown attribute {name!r} on <{el.tag}>")
-    return dict(el.attrib)
-
-
-def _children(
-    el: Element, allowed: Collection[str], where: str, ignored: Collection[str] = ()
-) -> dict[str, Element]:
-    """Child elements of ``el`` by tag; text between them is refused."""
-    _no_text(el.text, el, where)
-    found: dict[str, Element] = {}
-    for child in el:
-        _no_text(child.tail, el, where)
-        if child.tag in ignored:
-            continue
-        if child.tag not in allowed:
-            raise _Invalid(f"{where}unknown element <{child.tag}> in <{el.tag}>")
-        if child.tag in found and child.tag != "disk":
-            raise _Invalid(f"{where}<{child.tag}> is given twice in <{el.tag}>")
-        found.setdefault(child.tag, child)
-    return found
-
-
-def _no_text(text: str | None, el: Element, where: str) -> None:
-    if text is not None and text.strip():
-        raise _Invalid(f"{where}unexpected text {_shorten(text.strip())!r} in <{el.tag}>")
-
-
-def _text(el: Element, where: str = "") -> str:
-    """Text of a leaf element such as ``<name>``, blanks stripped."""
-    _attrs(el, (), where)
-    if len(el):
-        raise _Invalid(f"{where}unexpected element <{el[0].tag}> in <{el.tag}>")
-    text = (el.text or "").strip()
-    if not text:
-        raise _Invalid(f"{where}<{el.tag}> is empty")
-    return text
-
-
-def _choice(value: str, choices: Mapping[str, bool], label: str) -> bool:
-    # libvirt spells booleans 'yes'/'no', but 'on'/'off' for shallow: keep each strict.
-    if value not in choices:
-        raise _Invalid(f"{label} {value!r} is not one of {', '.join(choices)}")
-    return choices[value]
-
-
-_YES_NO = {"yes": True, "no": False}
-_ON_OFF = {"on": True, "off": False}
-
-
-def _backup_from_xml(root: Element) -> _Data:
-    fields: _Data = dict(_attrs(root, ("mode",), ""))
-    children = _children(root, ("incremental", "server", "disks"), "")
-    if "incremental" in children:
-        fields["incremental"] = _text(children["incremental"])
-    if "server" in children:
-        server = children["server"]
-        _children(server, (), "server: ")
-        attrs: _Data = dict(_attrs(server, ("transport", "name", "port", "socket", "tls"), ""))
-        if "tls" in attrs:
-            attrs["tls"] = _choice(attrs["tls"], _YES_NO, "server tls")
-        fields["server"] = attrs
-    if "disks" in children:
-        disks = children["disks"]
-        _attrs(disks, (), "")
-        _children(disks, ("disk",), "")
-        fields["disks"] = [_backup_disk(disk, i) for i, disk in enumerate(disks)]
-    return fields
-
-
-def _backup_disk(el: Element, index: int) -> _Data:
-    where = _disk_label(el.attrib, index) + ": "
-    allowed = (
-        "name",
-        "backup",
-        "backupmode",
-        "incremental",
-        "exportname",
-        "exportbitmap",
-        "type",
-        "reuse",
-    )
-    disk: _Data = dict(_attrs(el, allowed, where))
-    for flag in ("backup", "reuse"):
-        if flag in disk:
-            disk[flag] = _choice(disk[flag], _YES_NO, where + flag)
-    children = _children(el, ("target", "scratch", "driver"), where)
-    for tag in ("target", "scratch"):
-        if tag in children:
-            file = _leaf(children[tag], ("file",), where).get("file")
-            if file is not None:
-                disk[tag] = file
-    if "driver" in children:
-        driver = _leaf(children["driver"], ("type", "shallow"), where)
-        if "type" in driver:
-            disk["format"] = driver["type"]
-        if "shallow" in driver:
-            disk["shallow"] = _choice(driver["shallow"], _ON_OFF, where + "driver shallow")
-    return disk
-
-
-def _leaf(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
-    """Attributes of an element that has neither children nor text."""
-    _children(el, (), where)
-    return _attrs(el, allowed, where)
-
-
-# Read-only parts of `virsh checkpoint-dumpxml` output: ignoring them lets a
-# dumped checkpoint be fed back; none of them changes what gets created.
-_CHECKPOINT_IGNORED = ("creationTime", "parent", "domain")
-
-
-def _checkpoint_from_xml(root: Element) -> _Data:
-    _attrs(root, (), "")
-    children = _children(root, ("name", "description", "disks"), "", _CHECKPOINT_IGNORED)
-    fields: _Data = {}
-    if "name" in children:
-        fields["name"] = _text(children["name"])
-    if "description" in children:
-        description = children["description"]
-        _attrs(description, (), "")
-        if len(description):
-            raise _Invalid(f"unexpected element <{description[0].tag}> in <description>")
-        # Kept verbatim: it is free text, and libvirt keeps it so.
-        fields["description"] = description.text or ""
-    if "disks" in children:
-        disks = children["disks"]
-        _attrs(disks, (), "")
-        _children(disks, ("disk",), "")
-        fields["disks"] = [_checkpoint_disk(disk, i) for i, disk in enumerate(disks)]
-    return fields
-
-
-def _checkpoint_disk(el: Element, index: int) -> _Data:
-    where = _disk_label(el.attrib, index) + ": "
-    # 'size' is what `checkpoint-dumpxml --size` reports; it is an output only.
-    attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size"), where)
-    attrs.pop("size", None)
-    return dict(attrs)
 
 
 # --------------------------------------------------------------------------
@@ -486,7 +301,7 @@ def _describe(error: ErrorDetails, fields: _Data, kind: _Kind[Any], is_xml: bool
         if field == "name" or not isinstance(disk, dict):
             prefix = f"disk #{loc[1] + 1}: "
         else:
-            prefix = _disk_label(disk, loc[1]) + ": "
+            prefix = disk_label(disk, loc[1]) + ": "
         if field:
             label = _XML_DISK_LABELS.get(field, field) if is_xml else field
     elif loc and loc[0] == "server" and len(loc) >= 2:
@@ -537,22 +352,13 @@ def _problem(error: ErrorDetails, label: str) -> str:
     return f"{shown}: {msg}" if label else msg
 
 
-def _disk_label(disk: Mapping[str, Any], index: int) -> str:
-    name = disk.get("name")
-    return f"disk {name!r}" if isinstance(name, str) and name else f"disk #{index + 1}"
-
-
 def _show(value: Any) -> str:
     # Never repr containers: they can be huge; a scalar says enough.
     if isinstance(value, str):
-        return repr(_shorten(value))
+        return repr(shorten(value))
     if value is None or isinstance(value, bool | int | float):
         return repr(value)
     return _type_name(value)
-
-
-def _shorten(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _type_name(value: Any) -> str:
@@ -573,12 +379,12 @@ def _type_name(value: Any) -> str:
 
 
 _BACKUP: _Kind[BackupSpec] = _Kind(
-    BackupSpec, "domainbackup", _backup_from_xml, _backup_from_mapping, {}
+    BackupSpec, "domainbackup", backup_from_xml, _backup_from_mapping, {}
 )
 _CHECKPOINT: _Kind[CheckpointSpec] = _Kind(
     CheckpointSpec,
     "domaincheckpoint",
-    _checkpoint_from_xml,
+    checkpoint_from_xml,
     lambda data: data,
     {"name": "checkpoint name"},
 )

@@ -1,0 +1,378 @@
+"""libvirt's XML, read and written: ``<domainbackup>`` and ``<domaincheckpoint>``.
+
+The formats are libvirt's (https://libvirt.org/formatbackup.html,
+https://libvirt.org/formatcheckpoint.html), with one qmpbackup extension:
+``<disk reuse='yes'>`` allows writing into an existing target or scratch file.
+
+Reading turns a document into the plain fields of a model; the loader
+(:mod:`qmpbackup.request.loader`) validates them, so that its messages speak
+the document's vocabulary.  Unknown elements and attributes are refused, except
+the read-only parts of ``virsh checkpoint-dumpxml`` output (``<creationTime>``,
+``<parent>``, ``<domain>``, ``<disk size=…>``), which are ignored so that a
+dumped checkpoint loads as-is.  Documents are parsed with defusedxml; any
+DOCTYPE is refused (so no entity expansion).
+
+Writing turns a model into a document that loads back as an equal model, laid
+out as libvirt's documentation and the slides write it; :func:`render_xml` is
+the element writer underneath.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from xml.etree.ElementTree import Element, ParseError
+from xml.parsers.expat import ErrorString
+
+import defusedxml
+import defusedxml.ElementTree as DefusedET
+
+from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
+from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
+
+__all__ = [
+    "Quote",
+    "XmlElement",
+    "backup_from_xml",
+    "backup_to_xml",
+    "checkpoint_from_xml",
+    "checkpoint_to_xml",
+    "parse_xml",
+    "render_xml",
+]
+
+_Data = dict[str, Any]
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+def parse_xml(data: str | bytes, skipped_lines: int, root: str) -> Element:
+    """Parse a document whose root element must be ``root``.
+
+    ``skipped_lines`` (blank lines cut from the front) keeps error lines true.
+    Raises InvalidDocument.
+    """
+    try:
+        element: Element = DefusedET.fromstring(
+            data, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except ParseError as err:
+        line, column = err.position
+        raise InvalidDocument(
+            f"invalid XML: {ErrorString(err.code)} "
+            f"(line {line + skipped_lines}, column {column + 1})"
+        ) from None
+    except UnicodeError:
+        # Only a str with lone surrogates gets here; expat never sees it.
+        raise InvalidDocument("invalid XML: text is not valid Unicode") from None
+    except defusedxml.DTDForbidden:
+        raise InvalidDocument("XML DOCTYPE declarations are not accepted") from None
+    except defusedxml.EntitiesForbidden:
+        raise InvalidDocument("XML entity declarations are not accepted") from None
+    except defusedxml.ExternalReferenceForbidden:
+        raise InvalidDocument("external XML references are not accepted") from None
+    except (LookupError, ValueError) as err:
+        # expat's answer to an unknown or multi-byte declared encoding.
+        raise InvalidDocument(f"invalid XML: unsupported encoding ({err})") from None
+    if element.tag != root:
+        raise InvalidDocument(f"root element is <{element.tag}>, expected <{root}>")
+    return element
+
+
+def _attrs(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
+    for name in el.attrib:
+        if name not in allowed:
+            raise InvalidDocument(f"{where}unknown attribute {name!r} on <{el.tag}>")
+    return dict(el.attrib)
+
+
+def _children(
+    el: Element, allowed: Collection[str], where: str, ignored: Collection[str] = ()
+) -> dict[str, Element]:
+    """Child elements of ``el`` by tag; text between them is refused."""
+    _no_text(el.text, el, where)
+    found: dict[str, Element] = {}
+    for child in el:
+        _no_text(child.tail, el, where)
+        if child.tag in ignored:
+            continue
+        if child.tag not in allowed:
+            raise InvalidDocument(f"{where}unknown element <{child.tag}> in <{el.tag}>")
+        if child.tag in found and child.tag != "disk":
+            raise InvalidDocument(f"{where}<{child.tag}> is given twice in <{el.tag}>")
+        found.setdefault(child.tag, child)
+    return found
+
+
+def _no_text(text: str | None, el: Element, where: str) -> None:
+    if text is not None and text.strip():
+        raise InvalidDocument(f"{where}unexpected text {shorten(text.strip())!r} in <{el.tag}>")
+
+
+def _text(el: Element, where: str = "") -> str:
+    """Text of a leaf element such as ``<name>``, blanks stripped."""
+    _attrs(el, (), where)
+    if len(el):
+        raise InvalidDocument(f"{where}unexpected element <{el[0].tag}> in <{el.tag}>")
+    text = (el.text or "").strip()
+    if not text:
+        raise InvalidDocument(f"{where}<{el.tag}> is empty")
+    return text
+
+
+def _choice(value: str, choices: Mapping[str, bool], label: str) -> bool:
+    # libvirt spells booleans 'yes'/'no', but 'on'/'off' for shallow: keep each strict.
+    if value not in choices:
+        raise InvalidDocument(f"{label} {value!r} is not one of {', '.join(choices)}")
+    return choices[value]
+
+
+_YES_NO = {"yes": True, "no": False}
+_ON_OFF = {"on": True, "off": False}
+
+
+def backup_from_xml(root: Element) -> _Data:
+    """The fields of a :class:`BackupSpec` from a parsed ``<domainbackup>``.
+
+    Raises InvalidDocument for what the format does not allow.
+    """
+    fields: _Data = dict(_attrs(root, ("mode",), ""))
+    children = _children(root, ("incremental", "server", "disks"), "")
+    if "incremental" in children:
+        fields["incremental"] = _text(children["incremental"])
+    if "server" in children:
+        server = children["server"]
+        _children(server, (), "server: ")
+        attrs: _Data = dict(_attrs(server, ("transport", "name", "port", "socket", "tls"), ""))
+        if "tls" in attrs:
+            attrs["tls"] = _choice(attrs["tls"], _YES_NO, "server tls")
+        fields["server"] = attrs
+    if "disks" in children:
+        disks = children["disks"]
+        _attrs(disks, (), "")
+        _children(disks, ("disk",), "")
+        fields["disks"] = [_backup_disk(disk, i) for i, disk in enumerate(disks)]
+    return fields
+
+
+def _backup_disk(el: Element, index: int) -> _Data:
+    where = disk_label(el.attrib, index) + ": "
+    allowed = (
+        "name",
+        "backup",
+        "backupmode",
+        "incremental",
+        "exportname",
+        "exportbitmap",
+        "type",
+        "reuse",
+    )
+    disk: _Data = dict(_attrs(el, allowed, where))
+    for flag in ("backup", "reuse"):
+        if flag in disk:
+            disk[flag] = _choice(disk[flag], _YES_NO, where + flag)
+    children = _children(el, ("target", "scratch", "driver"), where)
+    for tag in ("target", "scratch"):
+        if tag in children:
+            file = _leaf(children[tag], ("file",), where).get("file")
+            if file is not None:
+                disk[tag] = file
+    if "driver" in children:
+        driver = _leaf(children["driver"], ("type", "shallow"), where)
+        if "type" in driver:
+            disk["format"] = driver["type"]
+        if "shallow" in driver:
+            disk["shallow"] = _choice(driver["shallow"], _ON_OFF, where + "driver shallow")
+    return disk
+
+
+def _leaf(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
+    """Attributes of an element that has neither children nor text."""
+    _children(el, (), where)
+    return _attrs(el, allowed, where)
+
+
+# Read-only parts of `virsh checkpoint-dumpxml` output: ignoring them lets a
+# dumped checkpoint be fed back; none of them changes what gets created.
+_CHECKPOINT_IGNORED = ("creationTime", "parent", "domain")
+
+
+def checkpoint_from_xml(root: Element) -> _Data:
+    """The fields of a :class:`CheckpointSpec` from a parsed ``<domaincheckpoint>``.
+
+    Raises InvalidDocument for what the format does not allow.
+    """
+    _attrs(root, (), "")
+    children = _children(root, ("name", "description", "disks"), "", _CHECKPOINT_IGNORED)
+    fields: _Data = {}
+    if "name" in children:
+        fields["name"] = _text(children["name"])
+    if "description" in children:
+        description = children["description"]
+        _attrs(description, (), "")
+        if len(description):
+            raise InvalidDocument(f"unexpected element <{description[0].tag}> in <description>")
+        # Kept verbatim: it is free text, and libvirt keeps it so.
+        fields["description"] = description.text or ""
+    if "disks" in children:
+        disks = children["disks"]
+        _attrs(disks, (), "")
+        _children(disks, ("disk",), "")
+        fields["disks"] = [_checkpoint_disk(disk, i) for i, disk in enumerate(disks)]
+    return fields
+
+
+def _checkpoint_disk(el: Element, index: int) -> _Data:
+    where = disk_label(el.attrib, index) + ": "
+    # 'size' is what `checkpoint-dumpxml --size` reports; it is an output only.
+    attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size"), where)
+    attrs.pop("size", None)
+    return dict(attrs)
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+Quote = Literal['"', "'"]
+"""How attribute values are quoted: libvirt's documentation writes ``"``, its dumpxml ``'``."""
+
+
+@dataclass(frozen=True)
+class XmlElement:
+    """An element to write: its tag, its attributes in order, and text or children.
+
+    An attribute whose value is None is left out.  With ``children`` None the
+    element is a leaf, ``<tag/>`` or ``<tag>text</tag>``; with a sequence, even
+    an empty one, its start and end tags stand on lines of their own.
+    """
+
+    tag: str
+    attrs: Mapping[str, str | None] = field(default_factory=dict)
+    text: str | None = None
+    children: Sequence[XmlElement] | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and self.children is not None:
+            raise ValueError(f"<{self.tag}> takes text or children, not both")
+
+
+def render_xml(element: XmlElement, quote: Quote = '"') -> str:
+    """``element`` as a document: an element a line, two spaces a level, a final newline.
+
+    Raises ValueError for a character that XML 1.0 cannot carry (a NUL, say).
+    """
+    lines: list[str] = []
+    _render(element, quote, "", lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render(element: XmlElement, quote: Quote, indent: str, lines: list[str]) -> None:
+    table = _ATTR_ESCAPES[quote]
+    attrs = "".join(
+        f" {name}={quote}{_escape(value, table)}{quote}"
+        for name, value in element.attrs.items()
+        if value is not None
+    )
+    head = f"{indent}<{element.tag}{attrs}"
+    if element.children is not None:
+        lines.append(head + ">")
+        for child in element.children:
+            _render(child, quote, indent + "  ", lines)
+        lines.append(f"{indent}</{element.tag}>")
+    elif element.text is not None:
+        lines.append(f"{head}>{_escape(element.text, _TEXT_ESCAPES)}</{element.tag}>")
+    else:
+        lines.append(head + "/>")
+
+
+# A parser turns a raw carriage return into a newline, and a raw newline or
+# tab in an attribute into a space: references keep them as they were.
+_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord("\r"): "&#13;"}
+_DOUBLE_QUOTED = {**_TEXT_ESCAPES, ord('"'): "&quot;", ord("\n"): "&#10;", ord("\t"): "&#9;"}
+_ATTR_ESCAPES: dict[Quote, dict[int, str]] = {
+    '"': _DOUBLE_QUOTED,
+    "'": {**_DOUBLE_QUOTED, ord("'"): "&apos;"},
+}
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escape(value: str, table: Mapping[int, str]) -> str:
+    bad = _NOT_XML.search(value)
+    if bad is not None:
+        raise ValueError(f"character U+{ord(bad.group()):04X} cannot be written in XML")
+    return value.translate(table)
+
+
+def backup_to_xml(spec: BackupSpec) -> str:
+    """``spec`` as a ``<domainbackup>`` document that loads back as an equal model.
+
+    Fields at their default are left out, but ``mode``; a disk says
+    ``type="file"`` when it has a target, a scratch or a driver.  Raises
+    ValueError for a character that XML 1.0 cannot carry (in a path, say).
+    """
+    children: list[XmlElement] = []
+    if spec.incremental is not None:
+        children.append(XmlElement("incremental", text=spec.incremental))
+    if spec.server is not None:
+        children.append(_server_element(spec.server))
+    if spec.disks:
+        children.append(XmlElement("disks", children=[_disk_element(d) for d in spec.disks]))
+    return render_xml(XmlElement("domainbackup", {"mode": spec.mode}, children=children))
+
+
+def _server_element(server: ServerSpec) -> XmlElement:
+    attrs = {
+        "transport": None if server.transport == "tcp" else server.transport,
+        "name": server.name,
+        "port": None if server.port is None else str(server.port),
+        "socket": server.socket,
+        "tls": "yes" if server.tls else None,
+    }
+    return XmlElement("server", attrs)
+
+
+def _disk_element(disk: DiskBackupSpec) -> XmlElement:
+    files = {"target": disk.target, "scratch": disk.scratch}
+    children = [XmlElement(tag, {"file": file}) for tag, file in files.items() if file is not None]
+    if disk.format is not None or disk.shallow:
+        shallow = "on" if disk.shallow else None
+        children.append(XmlElement("driver", {"type": disk.format, "shallow": shallow}))
+    attrs = {
+        "name": disk.name,
+        "backup": None if disk.backup else "no",
+        "backupmode": disk.backupmode,
+        "incremental": disk.incremental,
+        "exportname": disk.exportname,
+        "exportbitmap": disk.exportbitmap,
+        "type": disk.type if children else None,
+        "reuse": "yes" if disk.reuse else None,
+    }
+    return XmlElement("disk", attrs, children=children or None)
+
+
+def checkpoint_to_xml(spec: CheckpointSpec) -> str:
+    """``spec`` as a ``<domaincheckpoint>`` document that loads back as an equal model.
+
+    Fields at their default are left out.  Raises ValueError for a character
+    that XML 1.0 cannot carry (in the description, say).
+    """
+    children = [XmlElement("name", text=spec.name)]
+    if spec.description is not None:
+        children.append(XmlElement("description", text=spec.description))
+    if spec.disks:
+        disks = [
+            XmlElement(
+                "disk",
+                {
+                    "name": disk.name,
+                    "checkpoint": None if disk.checkpoint == "bitmap" else disk.checkpoint,
+                    "bitmap": disk.bitmap,
+                },
+            )
+            for disk in spec.disks
+        ]
+        children.append(XmlElement("disks", children=disks))
+    return render_xml(XmlElement("domaincheckpoint", children=children))
