@@ -130,6 +130,178 @@ def _zero_runs(data: memoryview, align: int) -> list[tuple[int, int, bool]]:
     return runs
 
 
+# (request, buffer) from a source reader when a read is complete; (length, error) from the
+# sink when a store is.
+_Event = tuple[Request, memoryview] | tuple[int, NBDError | None]
+
+
+class _Copy:
+    """One run of copy_ranges: the buffer pool, the reads and stores in flight, the bytes
+    copied and the first failure.
+
+    After a failure no more reads are issued; what is in flight is drained, then the
+    failure is raised. This is the hot path of pull backups: the methods keep in locals
+    what they look up more than once.
+    """
+
+    __slots__ = (
+        "allocated",
+        "block",
+        "chunks",
+        "copied",
+        "events",
+        "exhausted",
+        "failure",
+        "free",
+        "on_progress",
+        "pool_size",
+        "put",
+        "reads",
+        "sink",
+        "src",
+        "step",
+        "stores",
+    )
+
+    def __init__(
+        self,
+        src: NBDClient,
+        sink: Sink,
+        chunks: Iterator[tuple[int, int]],
+        step: int,
+        block: int,
+        pool_size: int,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        self.src = src
+        self.sink = sink
+        self.chunks = chunks
+        self.step = step  # the size of a pooled buffer
+        self.block = block
+        self.pool_size = pool_size
+        self.on_progress = on_progress
+        self.free: list[memoryview] = []
+        self.allocated = 0
+        self.reads = self.stores = self.copied = 0
+        self.failure: BaseException | None = None
+        self.exhausted = False
+        self.events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        self.put = self.events.put
+
+    def run(self) -> int:
+        """Issue reads and handle completions until nothing is in flight; return the bytes
+        copied, or raise the first failure."""
+        get = self.events.get
+        issue_reads, read_complete = self._issue_reads, self._read_complete
+        store_complete = self._store_complete
+        issue_reads()
+        while self.reads or self.stores:
+            event = get()
+            if isinstance(event[0], Request):
+                req, buf = event
+                read_complete(req, buf)
+                # Only a completed read frees a buffer, so only now can another read start.
+                issue_reads()
+            else:
+                length, error = event
+                store_complete(length, error)
+        failure = self.failure
+        if failure is not None:
+            if isinstance(failure, NBDError):
+                raise NBDError(str(failure))
+            raise failure
+        return self.copied
+
+    def _issue_reads(self) -> None:
+        """Keep the source connections busy: a read for every free buffer, and for every
+        one the pool may still allocate, until the ranges run out or something failed."""
+        free, step = self.free, self.step
+        while (
+            self.failure is None
+            and not self.exhausted
+            and (free or self.allocated < self.pool_size)
+        ):
+            try:
+                chunk = next(self.chunks, None)
+            except NBDError as exc:
+                self.failure = exc
+                return
+            if chunk is None:
+                self.exhausted = True
+                return
+            offset, length = chunk
+            if length > step:
+                buf = memoryview(bytearray(length))  # the first request only; not pooled
+            elif free:
+                buf = free.pop()
+            else:
+                buf = memoryview(bytearray(step))
+                self.allocated += 1
+            src = self.src
+            try:
+                src.read_connection().submit(
+                    p.CMD_READ,
+                    offset,
+                    length,
+                    flags=src.read_flags,
+                    buf=buf[:length],
+                    callback=self._read_callback(buf),
+                )
+            except NBDError as exc:
+                self.failure = exc
+                if len(buf) == step:
+                    free.append(buf)
+                return
+            self.reads += 1
+
+    def _read_callback(self, buf: memoryview) -> Callable[[Request], None]:
+        """What a source reader calls when the read into ``buf`` is complete."""
+        put = self.put
+        return lambda req: put((req, buf))
+
+    def _store_callback(self, length: int) -> Done:
+        """What the sink calls when it has stored ``length`` bytes (or failed to)."""
+        put = self.put
+        return lambda error: put((length, error))
+
+    def _read_complete(self, req: Request, buf: memoryview) -> None:
+        """Hand a completed read to the sink, zero runs as ``sink.zero``, and give its
+        buffer back to the pool (the sink does not keep the data)."""
+        self.reads -= 1
+        if self.failure is None and req.error is not None:
+            self.failure = req.error
+        if self.failure is None:
+            sink, offset, stored = self.sink, req.offset, self._store_callback
+            data = buf[: req.length]
+            try:
+                # A read made only of holes is zero without looking at it.
+                runs = [(0, req.length, True)] if not req.data else _zero_runs(data, self.block)
+                for start, length, zero in runs:
+                    done = stored(length)
+                    if zero:
+                        sink.zero(offset + start, length, done)
+                    else:
+                        sink.write(offset + start, data[start : start + length], done)
+                    self.stores += 1
+            except NBDError as exc:
+                self.failure = exc
+        if len(buf) == self.step:
+            self.free.append(buf)
+
+    def _store_complete(self, length: int, error: NBDError | None) -> None:
+        """Count a completed store and report progress, or record its error."""
+        self.stores -= 1
+        if error is not None:
+            self.failure = self.failure or error
+        elif self.failure is None:
+            self.copied += length
+            if self.on_progress is not None:
+                try:
+                    self.on_progress(self.copied)
+                except BaseException as exc:
+                    self.failure = exc
+
+
 def copy_ranges(
     src: NBDClient,
     sink: Sink,
@@ -159,94 +331,4 @@ def copy_ranges(
     first = min(largest, _FIRST_REQUEST)
     first = max(step, first - first % step)
     chunks = _chunks(ranges, step, first, min(src.size, sink.size))
-    pool_size = in_flight * src.connections
-    free: list[memoryview] = []
-    allocated = 0
-    # (request, buffer) from source readers when a read is complete; (length, error) from
-    # the sink when a store is.
-    events: queue.SimpleQueue[tuple[Request, memoryview] | tuple[int, NBDError | None]]
-    events = queue.SimpleQueue()
-    reads = stores = copied = 0
-    failure: BaseException | None = None
-    exhausted = False
-
-    def read_done(buf: memoryview) -> Callable[[Request], None]:
-        return lambda req: events.put((req, buf))
-
-    def stored(length: int) -> Done:
-        return lambda error: events.put((length, error))
-
-    while True:
-        while failure is None and not exhausted and (free or allocated < pool_size):
-            try:
-                chunk = next(chunks, None)
-            except NBDError as exc:
-                failure = exc
-                break
-            if chunk is None:
-                exhausted = True
-                break
-            offset, length = chunk
-            if length > step:
-                buf = memoryview(bytearray(length))  # the first request only; not pooled
-            elif free:
-                buf = free.pop()
-            else:
-                buf = memoryview(bytearray(step))
-                allocated += 1
-            try:
-                src.read_connection().submit(
-                    p.CMD_READ,
-                    offset,
-                    length,
-                    flags=src.read_flags,
-                    buf=buf[:length],
-                    callback=read_done(buf),
-                )
-            except NBDError as exc:
-                failure = exc
-                if len(buf) == step:
-                    free.append(buf)
-                break
-            reads += 1
-        if reads == 0 and stores == 0:
-            break
-        event = events.get()
-        if isinstance(event[0], Request):
-            reads -= 1
-            req, buf = event
-            if failure is None and req.error is not None:
-                failure = req.error
-            if failure is None:
-                data = buf[: req.length]
-                try:
-                    # A read made only of holes is zero without looking at it.
-                    runs = [(0, req.length, True)] if not req.data else _zero_runs(data, block)
-                    for start, length, zero in runs:
-                        done = stored(length)
-                        if zero:
-                            sink.zero(req.offset + start, length, done)
-                        else:
-                            sink.write(req.offset + start, data[start : start + length], done)
-                        stores += 1
-                except NBDError as exc:
-                    failure = exc
-            if len(buf) == step:
-                free.append(buf)
-        else:
-            stores -= 1
-            length, error = event
-            if error is not None:
-                failure = failure or error
-            elif failure is None:
-                copied += length
-                if on_progress is not None:
-                    try:
-                        on_progress(copied)
-                    except BaseException as exc:
-                        failure = exc
-    if failure is not None:
-        if isinstance(failure, NBDError):
-            raise NBDError(str(failure))
-        raise failure
-    return copied
+    return _Copy(src, sink, chunks, step, block, in_flight * src.connections, on_progress).run()
