@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from . import observe
-from .errors import JobFailedError, LeftoversError
+from .errors import JobFailedError
 from .planner import (
     BackupPlan,
     PullOptions,
@@ -39,24 +38,23 @@ from .planner import (
     plan_checkpoint_size,
 )
 from .planner.naming import size_bitmap
-from .planner.plan import Plan, Step
-from .planner.recover import RecoverPlan, plan_recover
+from .planner.plan import Plan
+from .planner.recover import RecoverPlan
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover
 from .qmp.jobs import JobState, query_jobs, wait_job
 from .qmp.session import Address, QMPSession, describe_address, parse_address
+from .recovery import Recovery
 from .request.models import BackupSpec, CheckpointSpec
 from .results import BackupBegun, BackupEnded, JobInfo, VMInfo
-from .runner import check_plan, run_plan
+from .runner import StepCallback, check_plan, run_journaled
 from .state.active import ActiveBackup, ActiveBackupStore
 from .state.checkpoints import Checkpoint, CheckpointStore, find_checkpoint
 from .state.directory import default_state_root, locked, state_key
-from .state.journal import Journal, read_journals
+from .state.journal import Journal
 
 log = structlog.get_logger("qmpbackup.api")
-
-StepCallback = Callable[[int, Step], None]
 
 
 class VM:
@@ -81,6 +79,9 @@ class VM:
         self.capabilities = capabilities or Capabilities.from_schema(schema)
         self._checkpoints = CheckpointStore(state_dir)
         self._active = ActiveBackupStore(state_dir)
+        self._recovery = Recovery(
+            session, schema, self.capabilities, state_dir, self._checkpoints, self._active
+        )
 
     @classmethod
     async def connect(cls, address: Address | str, state_dir: Path | str | None = None) -> VM:
@@ -200,9 +201,9 @@ class VM:
         with locked(self.state_dir):
             graph = None
             if recover:
-                await self._recover_locked(on_step)
+                await self._recovery.run(on_step)
             else:
-                graph = await self._refuse_leftovers()
+                graph = await self._recovery.refuse_leftovers()
             # _run checks the plan against the schema before sending it.
             planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":
@@ -222,12 +223,10 @@ class VM:
         return BackupBegun(record=record, checkpoint=planned.checkpoint)
 
     async def _run(self, plan: Plan, operation: str, on_step: StepCallback | None) -> Journal:
-        """Check and send ``plan``, journaled; the caller closes the journal ``done`` once
-        it has saved its own state, so that ``recover`` sees a run killed in between."""
-        check_plan(plan, self.schema)
-        journal = Journal(self.state_dir, operation)
-        await run_plan(self.session, plan, journal, on_step)
-        return journal
+        """:func:`~qmpbackup.runner.run_journaled` in this VM's state directory."""
+        return await run_journaled(
+            self.session, self.schema, plan, self.state_dir, operation, on_step
+        )
 
     async def _jobs_of(self, backup: ActiveBackup) -> dict[str, JobState]:
         jobs = await query_jobs(self.session)
@@ -300,62 +299,13 @@ class VM:
 
     async def plan_recover(self) -> RecoverPlan:
         """What ``recover`` would clean, checked against the schema, nothing sent."""
-        return (await self._plan_recover())[0]
-
-    async def _plan_recover(self) -> tuple[RecoverPlan, BlockGraph]:
-        active = self._active.load_all()
-        inventory, graph = await observe.inventory(self.session, self.capabilities)
-        planned = plan_recover(
-            inventory,
-            active,
-            self.checkpoints(),
-            read_journals(self.state_dir),
-            dead_owners=frozenset(
-                r.id
-                for r in active
-                if r.owner_pid is not None and not observe.process_alive(r.owner_pid)
-            ),
-            scratch_files=observe.scratch_files(self.state_dir),
-        )
-        check_plan(planned.plan, self.schema)
-        return planned, graph
+        return (await self._recovery.plan())[0]
 
     async def recover(self, on_step: StepCallback | None = None) -> RecoverPlan:
         """Clean everything a crashed or killed run left in QEMU and in the state
         directory; live backups are left alone. Idempotent: returns what was found."""
         with locked(self.state_dir):
-            return await self._recover_locked(on_step)
-
-    async def _recover_locked(self, on_step: StepCallback | None) -> RecoverPlan:
-        planned = await self.plan_recover()
-        if planned.plan.steps:
-            (await self._run(planned.plan, "recover", on_step)).close("done")
-        for path in planned.remove_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        for name, disks in planned.damaged.items():
-            if name not in planned.broken_checkpoints:
-                self._checkpoints.uncover(name, list(disks))
-        if planned.drop_checkpoints or planned.broken_checkpoints:
-            self._checkpoints.forget([*planned.drop_checkpoints, *planned.broken_checkpoints])
-        for backup_id in planned.stale_records:
-            self._active.delete(backup_id)
-        for journal in planned.journals:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(journal)
-        log.info("recover.done", found=planned.summary())
-        return planned
-
-    async def _refuse_leftovers(self) -> BlockGraph:
-        """LeftoversError if an earlier run left anything; else the block graph."""
-        planned, graph = await self._plan_recover()
-        if planned.leftovers:
-            found = planned.summary()
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise LeftoversError(
-                f"an earlier run left leftovers: {found[0]}{more}; run 'qmpbackup recover' first"
-            )
-        return graph
+            return await self._recovery.run(on_step)
 
     # -- checkpoints --------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 The planner looks nothing up; these functions do, just before it plans.  Each
 returns plain data (:class:`~qmpbackup.planner.facts.BackupFacts`, an
-:class:`~qmpbackup.planner.recover.Inventory`) that the pure planner takes.
+:class:`~qmpbackup.planner.facts.Inventory`) that the pure planner takes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .planner.disks import DiskChoice
-from .planner.facts import BackupFacts
-from .planner.recover import Inventory
+from .planner.facts import BackupFacts, Inventory
 from .qapi.capabilities import Capabilities
 from .qmp.graph import BlockGraph, graph_from_replies, query_graph_replies
 from .qmp.jobs import query_jobs

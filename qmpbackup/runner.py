@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -81,7 +82,16 @@ async def run_plan(
     another step; the ones in flight finish, then everything done is undone.
     """
     if journal is not None:
-        journal.plan(plan)
+        journal.plan(
+            [
+                {
+                    "command": step.command.to_qmp(),
+                    "undo": [u.to_qmp() for u in step.undo],
+                    "created_files": list(step.created_files),
+                }
+                for step in plan.steps
+            ]
+        )
     run = _Run(session, plan, journal, on_step, [None] * len(plan.steps))
     for segment in plan.segments():
         lanes: dict[str | None, list[int]] = {}
@@ -98,6 +108,26 @@ async def run_plan(
         # The caller closes the journal once it has saved its own state.
         journal.write("sent")
     return run.replies
+
+
+async def run_journaled(
+    session: QMPSession,
+    schema: QAPISchema,
+    plan: Plan,
+    state_dir: Path,
+    operation: str,
+    on_step: StepCallback | None = None,
+) -> Journal:
+    """Check ``plan`` against ``schema``, then send it with a journal in ``state_dir``.
+
+    The caller closes the journal ``done`` once it has saved its own state, so that
+    ``recover`` sees a run killed in between.  Raises SchemaMismatchError before
+    anything is sent, else what :func:`run_plan` raises.
+    """
+    check_plan(plan, schema)
+    journal = Journal(state_dir, operation)
+    await run_plan(session, plan, journal, on_step)
+    return journal
 
 
 @dataclass

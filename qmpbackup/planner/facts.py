@@ -1,8 +1,8 @@
-"""What the backup planner is given besides the graph and the checkpoints.
+"""What the planner is given besides the graph and the checkpoints.
 
 Facts are what the caller observed (files, jobs, exports, host probes, the
-capabilities of this QEMU); options are what the user chose besides the
-request.  The planner looks nothing up itself.
+capabilities of this QEMU, and for recovery an inventory of QEMU); options are
+what the user chose besides the request.  The planner looks nothing up itself.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict
 
 from ..qapi.capabilities import Capabilities
+from ..qmp.jobs import JobState
 from ..state.active import NbdServer
 
 
@@ -43,3 +44,19 @@ class PullOptions(BaseModel):
 
     tls_dir: str | None = None
     tls_allow: tuple[str, ...] = ()
+
+
+class Inventory(BaseModel):
+    """What QEMU holds now, as far as recovery cares."""
+
+    model_config = ConfigDict(frozen=True)
+
+    jobs: Mapping[str, JobState]
+    exports: tuple[str, ...]
+    nodes: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...]  # (parent node, child node)
+    bitmaps: tuple[tuple[str, str], ...]  # (node, bitmap)
+    objects: tuple[str, ...]
+    # (disk, node, bitmap) of each bitmap QEMU reports inconsistent in a disk's chain.
+    inconsistent: tuple[tuple[str, str, str], ...] = ()
+    disk_of: Mapping[str, str] = {}  # format node -> the disk whose chain holds it

@@ -29,7 +29,7 @@ backup needs no bitmap.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -45,6 +45,7 @@ from ..qmp.jobs import JobState
 from ..state.active import ActiveBackup
 from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
+from .facts import Inventory
 from .naming import PREFIX
 from .plan import Plan, Step
 from .pull import stop_server
@@ -54,20 +55,6 @@ _CHECKPOINT_OPERATIONS = ("backup-begin", "checkpoint-create")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-
-class Inventory(_Frozen):
-    """What QEMU holds now, as far as recovery cares."""
-
-    jobs: Mapping[str, JobState]
-    exports: tuple[str, ...]
-    nodes: tuple[str, ...]
-    edges: tuple[tuple[str, str], ...]  # (parent node, child node)
-    bitmaps: tuple[tuple[str, str], ...]  # (node, bitmap)
-    objects: tuple[str, ...]
-    # (disk, node, bitmap) of each bitmap QEMU reports inconsistent in a disk's chain.
-    inconsistent: tuple[tuple[str, str, str], ...] = ()
-    disk_of: Mapping[str, str] = {}  # format node -> the disk whose chain holds it
 
 
 class RecoverPlan(_Frozen):
@@ -185,6 +172,151 @@ def _journal_sent(journal: JournalState, execute: str) -> bool:
     return any(s.get("command", {}).get("execute") == execute for s in journal.sent_steps())
 
 
+def _job_steps(jobs: Mapping[str, JobState], ours: Callable[[str], bool]) -> list[Step]:
+    """Cancel (if still running) and dismiss every job of ours."""
+    steps: list[Step] = []
+    for job_id, job in sorted(jobs.items()):
+        if not ours(job_id):
+            continue
+        if job.status not in ("concluded", "null"):
+            steps.append(
+                Step(
+                    command=JobCancel(id=job_id),
+                    reason=f"cancel job {job_id}",
+                    await_job=job_id,
+                    job_may_fail=True,
+                    may_fail=True,
+                )
+            )
+        steps.append(
+            Step(command=JobDismiss(id=job_id), reason=f"dismiss job {job_id}", may_fail=True)
+        )
+    return steps
+
+
+def _qemu_cleanup(
+    inventory: Inventory,
+    ours: Callable[[str], bool],
+    stale: Sequence[ActiveBackup],
+    live: Sequence[ActiveBackup],
+    open_journals: Sequence[JournalState],
+) -> tuple[list[Step], set[str]]:
+    """Steps removing every export, server, object, node, job and temporary bitmap of
+    ours, in the block graph's order; and the nodes they remove."""
+    steps = [
+        Step(
+            command=BlockExportDel(id=export, mode="hard"),
+            reason=f"delete export {export}",
+            await_export_deleted=export,
+            may_fail=True,
+        )
+        for export in inventory.exports
+        if ours(export)
+    ]
+    server_in_use = any(r.server is not None for r in live)
+    started = any(r.server is not None for r in stale) or any(
+        _journal_sent(j, "nbd-server-start") for j in open_journals
+    )
+    steps += stop_server(
+        started and not server_in_use,
+        [o for o in inventory.objects if ours(o)],
+        "stop the NBD server qmpbackup started",
+    )
+    our_nodes = [n for n in inventory.nodes if ours(n)]
+    ordered = _topological(our_nodes, inventory.edges)
+
+    def delete(node: str) -> Step:
+        return Step(
+            command=BlockdevDel(node_name=node), reason=f"delete node {node}", may_fail=True
+        )
+
+    # Views sit on the fleecing job's filter node: they go before the job.
+    views = [n for n in ordered if n.endswith(("-view", "-access"))]
+    steps += [delete(n) for n in views] + _job_steps(inventory.jobs, ours)
+    steps += [delete(n) for n in ordered if n not in views]
+    removed_nodes = set(our_nodes)
+    steps += [
+        Step(
+            command=BlockDirtyBitmapRemove(node=node, name=name),
+            reason=f"remove temporary bitmap {name} from {node}",
+            may_fail=True,
+        )
+        for node, name in inventory.bitmaps
+        if ours(name) and node not in removed_nodes
+    ]
+    return steps, removed_nodes
+
+
+def _checkpoint_cleanup(
+    inventory: Inventory,
+    records: Sequence[ActiveBackup],
+    stale: Sequence[ActiveBackup],
+    checkpoints: Sequence[Checkpoint],
+    open_journals: Sequence[JournalState],
+    removed_nodes: set[str],
+) -> tuple[set[str], list[Step]]:
+    """The checkpoints to drop (made by a backup that never completed) and the steps
+    removing their bitmaps and those of checkpoints whose creation was cut."""
+    known = {c.name for c in checkpoints}
+    recorded = {r.checkpoint for r in records if r.checkpoint}
+    drop: set[str] = {r.checkpoint for r in stale if r.checkpoint}
+    orphan_bitmaps: set[tuple[str, str]] = set()
+    for journal in open_journals:
+        if journal.operation not in _CHECKPOINT_OPERATIONS:
+            continue
+        for node, name in _journal_checkpoints(journal):
+            if journal.operation == "backup-begin" and name in known and name not in recorded:
+                drop.add(name)  # metadata saved, record not: the backup never began
+            elif name not in known:
+                orphan_bitmaps.add((node, name))
+    for node, name in inventory.bitmaps:
+        if name in drop:
+            orphan_bitmaps.add((node, name))
+    present = set(inventory.bitmaps)
+    steps = [
+        Step(
+            command=BlockDirtyBitmapRemove(node=node, name=name),
+            reason=f"remove bitmap {name} from {node}: "
+            + (
+                "its backup did not complete"
+                if name in drop
+                else "its checkpoint was never completed"
+            ),
+            may_fail=True,
+        )
+        for node, name in sorted(orphan_bitmaps)
+        if (node, name) in present and node not in removed_nodes
+    ]
+    return drop, steps
+
+
+def _leftover_files(
+    inventory: Inventory,
+    stale: Sequence[ActiveBackup],
+    open_journals: Sequence[JournalState],
+    scratch_files: Sequence[str],
+) -> tuple[list[str], list[str]]:
+    """Files to remove (scratches, copies that can never finish, files a cut plan made)
+    and files to keep (copies that may have finished)."""
+    files: list[str] = []
+    kept: list[str] = []
+    for record in stale:
+        for disk in record.disks:
+            state = inventory.jobs.get(disk.job_id)
+            if record.mode == "pull" or (
+                state is not None and (state.error or state.status != "concluded")
+            ):
+                files += disk.created_files  # a scratch, or a copy that will never finish
+            else:
+                # The copy may have finished before QEMU restarted or its owner died:
+                # maybe a whole backup, so it stays (outside any checkpoint chain).
+                kept += disk.created_files
+    for journal in open_journals:
+        for step in journal.sent_steps():
+            files += step.get("created_files", ())
+    return files + list(scratch_files), kept
+
+
 def plan_recover(
     inventory: Inventory,
     records: Sequence[ActiveBackup],
@@ -202,124 +334,22 @@ def plan_recover(
         return name.startswith(PREFIX) and not name.startswith(live_prefixes)
 
     open_journals = [j for j in journals if j.ended is None]
-    steps: list[Step] = []
-    for export in inventory.exports:
-        if ours(export):
-            steps.append(
-                Step(
-                    command=BlockExportDel(id=export, mode="hard"),
-                    reason=f"delete export {export}",
-                    await_export_deleted=export,
-                    may_fail=True,
-                )
-            )
-    server_in_use = any(r.server is not None for r in live)
-    started = any(r.server is not None for r in stale) or any(
-        _journal_sent(j, "nbd-server-start") for j in open_journals
+    steps, removed_nodes = _qemu_cleanup(inventory, ours, stale, live, open_journals)
+    drop, checkpoint_steps = _checkpoint_cleanup(
+        inventory, records, stale, checkpoints, open_journals, removed_nodes
     )
-    steps += stop_server(
-        started and not server_in_use,
-        [o for o in inventory.objects if ours(o)],
-        "stop the NBD server qmpbackup started",
-    )
-    our_nodes = [n for n in inventory.nodes if ours(n)]
-    ordered = _topological(our_nodes, inventory.edges)
-    # Views sit on the fleecing job's filter node: they go before the job.
-    views = [n for n in ordered if n.endswith(("-view", "-access"))]
-    steps += [
-        Step(command=BlockdevDel(node_name=n), reason=f"delete node {n}", may_fail=True)
-        for n in views
-    ]
-    for job_id, job in sorted(inventory.jobs.items()):
-        if not ours(job_id):
-            continue
-        if job.status not in ("concluded", "null"):
-            steps.append(
-                Step(
-                    command=JobCancel(id=job_id),
-                    reason=f"cancel job {job_id}",
-                    await_job=job_id,
-                    job_may_fail=True,
-                    may_fail=True,
-                )
-            )
-        steps.append(
-            Step(command=JobDismiss(id=job_id), reason=f"dismiss job {job_id}", may_fail=True)
-        )
-    steps += [
-        Step(command=BlockdevDel(node_name=n), reason=f"delete node {n}", may_fail=True)
-        for n in ordered
-        if n not in views
-    ]
-    removed_nodes = set(our_nodes)
-    steps += [
-        Step(
-            command=BlockDirtyBitmapRemove(node=node, name=name),
-            reason=f"remove temporary bitmap {name} from {node}",
-            may_fail=True,
-        )
-        for node, name in inventory.bitmaps
-        if ours(name) and node not in removed_nodes
-    ]
-
-    known = {c.name for c in checkpoints}
-    recorded = {r.checkpoint for r in records if r.checkpoint}
-    drop: set[str] = {r.checkpoint for r in stale if r.checkpoint}
-    orphan_bitmaps: set[tuple[str, str]] = set()
-    for journal in open_journals:
-        if journal.operation not in _CHECKPOINT_OPERATIONS:
-            continue
-        for node, name in _journal_checkpoints(journal):
-            if journal.operation == "backup-begin" and name in known and name not in recorded:
-                drop.add(name)  # metadata saved, record not: the backup never began
-            elif name not in known:
-                orphan_bitmaps.add((node, name))
-    for node, name in inventory.bitmaps:
-        if name in drop:
-            orphan_bitmaps.add((node, name))
-    present = set(inventory.bitmaps)
-    steps += [
-        Step(
-            command=BlockDirtyBitmapRemove(node=node, name=name),
-            reason=f"remove bitmap {name} from {node}: "
-            + (
-                "its backup did not complete"
-                if name in drop
-                else "its checkpoint was never completed"
-            ),
-            may_fail=True,
-        )
-        for node, name in sorted(orphan_bitmaps)
-        if (node, name) in present and node not in removed_nodes
-    ]
+    steps += checkpoint_steps
     damaged, broken, repairs = _repair_checkpoints(
         inventory, [c for c in checkpoints if c.name not in drop], removed_nodes
     )
     steps += repairs
-
-    files: list[str] = []
-    kept: list[str] = []
-    for record in stale:
-        for disk in record.disks:
-            state = inventory.jobs.get(disk.job_id)
-            if record.mode == "pull" or (
-                state is not None and (state.error or state.status != "concluded")
-            ):
-                files += disk.created_files  # a scratch, or a copy that will never finish
-            else:
-                # The copy may have finished before QEMU restarted or its owner died:
-                # maybe a whole backup, so it stays (outside any checkpoint chain).
-                kept += disk.created_files
-    for journal in open_journals:
-        for step in journal.sent_steps():
-            files += step.get("created_files", ())
+    files, kept = _leftover_files(inventory, stale, open_journals, scratch_files)
     live_files = {f for r in live for d in r.disks for f in d.created_files}
-    files += [f for f in scratch_files if f not in live_files]
     return RecoverPlan(
         plan=Plan(steps=tuple(steps)),
         stale_records=tuple(r.id for r in stale),
         live_records=tuple(r.id for r in live),
-        drop_checkpoints=tuple(sorted(drop & known)),
+        drop_checkpoints=tuple(sorted(drop & {c.name for c in checkpoints})),
         remove_files=tuple(dict.fromkeys(f for f in files if f not in live_files)),
         kept_files=tuple(dict.fromkeys(kept)),
         journals=tuple(str(j.path) for j in journals),

@@ -21,9 +21,6 @@ next run chains to the last complete backup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,6 @@ import structlog
 
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
-from ..images.pull_copy import pull_copy
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
@@ -52,11 +48,11 @@ from .prune import unneeded_checkpoints
 from .records import BackupEntry, DiskRequest
 from .records import BackupRecord as RepositoryRecord
 from .repository import Repository
+from .transfer import follow_jobs, read_exports
 
 log = structlog.get_logger("qmpbackup.backup")
 
 CHECKPOINT_NAME = "backup-{id}"
-_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,10 +63,6 @@ class RepositoryBackup:
     record: RepositoryRecord
     decisions: tuple[LevelDecision, ...]
     released: tuple[str, ...]
-
-
-class CopyInterrupted(QmpBackupError):
-    """The copy was stopped because the backup is being abandoned."""
 
 
 def _chosen_disks(graph: BlockGraph, names: Sequence[str] | None) -> list[str]:
@@ -117,85 +109,6 @@ def _backup_spec(
             )
         )
     return BackupSpec(mode=mode, disks=tuple(disks))
-
-
-async def _follow_jobs(vm: VM, job: BackupBegun, emit: EventSink) -> dict[str, int]:
-    """Wait for QEMU's jobs, reporting their progress; bytes written per disk."""
-    waiter = asyncio.ensure_future(vm.wait_backup(job.record.id))
-    try:
-        while True:
-            info = await vm.job_info(job.record.id)
-            emit(BackupEvent("progress", done=info.processed, total=info.total))
-            if waiter.done():
-                break
-            await asyncio.wait({waiter}, timeout=_POLL)
-        waiter.result()
-    finally:
-        if not waiter.done():
-            waiter.cancel()
-            with contextlib.suppress(BaseException):
-                await waiter
-    return {d.disk: d.total for d in info.disks}
-
-
-async def _read_exports(
-    entry: BackupEntry,
-    job: BackupBegun,
-    levels: dict[str, LevelDecision],
-    emit: EventSink,
-) -> dict[str, int]:
-    """Copy each export with the built-in client; bytes written per disk."""
-    loop = asyncio.get_running_loop()
-    cancel = threading.Event()
-    totals: dict[str, int] = {}
-    done: dict[str, int] = {}
-
-    def report() -> None:
-        emit(BackupEvent("progress", done=sum(done.values()), total=sum(totals.values())))
-
-    def started(disk: str, total: int) -> None:
-        totals[disk] = total
-        loop.call_soon_threadsafe(report)
-
-    def progressed(disk: str, copied: int) -> None:
-        if cancel.is_set():
-            raise CopyInterrupted("copy stopped")
-        done[disk] = copied
-        loop.call_soon_threadsafe(report)
-
-    written: dict[str, int] = {}
-    for disk_job in job.record.disks:
-        disk = disk_job.disk
-        target = entry.target(disk)
-        incremental = levels[disk].level != "full"
-        assert disk_job.uri is not None
-        copy = functools.partial(
-            pull_copy,
-            disk_job.uri,
-            target.image,
-            fmt="qcow2",
-            backing=target.image.parent / target.backing if target.backing else None,
-            bitmap=disk_job.export_bitmap if incremental else None,
-            on_progress=functools.partial(progressed, disk),
-            on_start=functools.partial(started, disk),
-        )
-        future = loop.run_in_executor(None, copy)
-        try:
-            result = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # The thread cannot be cancelled: stop it at its next request and wait,
-            # so that nothing writes into the repository once we have left.
-            cancel.set()
-            with contextlib.suppress(BaseException):
-                await future
-            raise
-        except CopyInterrupted:
-            raise
-        except QmpBackupError as exc:
-            raise QmpBackupError(f"could not copy {disk} into {target.image}: {exc}") from exc
-        written[disk] = result.data_bytes + result.zero_bytes
-    report()
-    return written
 
 
 def _seal(repo: Repository, entry: BackupEntry, decision: LevelDecision, mode: Mode) -> int:
@@ -289,10 +202,10 @@ class _OneShot:
         )
         self.emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {self.checkpoint}"))
         if self.mode == "push":
-            written = await _follow_jobs(self.vm, self.job, self.emit)
+            written = await follow_jobs(self.vm, self.job, self.emit)
         else:
             levels = {d.disk: d for d in self.decisions}
-            written = await _read_exports(entry, self.job, levels, self.emit)
+            written = await read_exports(entry, self.job, levels, self.emit)
         ended = await self.vm.backup_end(self.job.record.id)
         self.job = None
         if ended.outcome != "completed":

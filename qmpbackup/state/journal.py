@@ -15,11 +15,10 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from ..planner.plan import Plan
 
 
 class Journal:
@@ -58,19 +57,10 @@ class Journal:
             raise
         group.set_result(None)
 
-    def plan(self, plan: Plan) -> None:
-        """Record the whole plan, with undos, before its first step."""
-        self.write(
-            "plan",
-            steps=[
-                {
-                    "command": step.command.to_qmp(),
-                    "undo": [u.to_qmp() for u in step.undo],
-                    "created_files": list(step.created_files),
-                }
-                for step in plan.steps
-            ],
-        )
+    def plan(self, steps: Sequence[Mapping[str, Any]]) -> None:
+        """Record the whole plan before its first step: per step, its ``command``, its
+        ``undo`` commands and its ``created_files``, as QMP messages and paths."""
+        self.write("plan", steps=list(steps))
 
     def close(self, outcome: str) -> None:
         """Record the outcome; a closed journal needs no recovery, and a ``done`` one is
