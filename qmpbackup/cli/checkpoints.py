@@ -1,0 +1,64 @@
+"""The CLI's checkpoint commands: ``checkpoint-create``, ``checkpoint-create-as``,
+``checkpoint-list``, ``checkpoint-dumpxml`` and ``checkpoint-delete``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..api import VM
+from ..errors import InvalidInputError
+from ..request import load_checkpoint_spec
+from ..request.models import CheckpointSpec, check_name
+from .text import checkpoint_tree, out, step_printer
+
+
+async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
+    spec = load_checkpoint_spec(args.file)
+    checkpoint = await vm.checkpoint_create(spec, step_printer(args))
+    out(f"Domain checkpoint {checkpoint.name} created from '{args.file}'")
+    return 0
+
+
+async def cmd_checkpoint_create_as(args: argparse.Namespace, vm: VM) -> int:
+    try:
+        spec = CheckpointSpec(
+            name=check_name(args.name, "checkpoint"), description=args.description
+        )
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from exc
+    checkpoint = await vm.checkpoint_create(spec, step_printer(args))
+    out(f"Domain checkpoint {checkpoint.name} created")
+    return 0
+
+
+async def cmd_checkpoint_list(args: argparse.Namespace, vm: VM) -> int:
+    checkpoints = vm.checkpoints()
+    if args.name:
+        for checkpoint in checkpoints:
+            out(checkpoint.name)
+    elif args.tree:
+        for line in checkpoint_tree(checkpoints):
+            out(line)
+    else:
+        out(f" {'Name':<20} {'Creation Time':<26} Parent")
+        out("-" * 60)
+        for c in checkpoints:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(c.creation_time))
+            out(f" {c.name:<20} {stamp:<26} {c.parent or ''}")
+    return 0
+
+
+async def cmd_checkpoint_dumpxml(args: argparse.Namespace, vm: VM) -> int:
+    sys.stdout.write(await vm.checkpoint_xml(args.name, args.size))
+    return 0
+
+
+async def cmd_checkpoint_delete(args: argparse.Namespace, vm: VM) -> int:
+    names = await vm.checkpoint_delete(
+        args.name, args.children, args.metadata_only, step_printer(args)
+    )
+    for name in names:
+        out(f"Domain checkpoint {name} deleted")
+    return 0

@@ -1,0 +1,157 @@
+"""The argument parser of ``qmpbackup``: global options, and each command with its handler."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from .. import __version__
+from ..api import VM
+from . import backups, checkpoints, repository
+
+Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
+OfflineHandler = Callable[[argparse.Namespace], Awaitable[int]]
+Adder = Callable[[str, Handler, str], argparse.ArgumentParser]
+OfflineAdder = Callable[[str, OfflineHandler, str], argparse.ArgumentParser]
+
+
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-dir", help="x509 folder for tls='yes': ca-cert.pem, server-cert.pem, server-key.pem"
+    )
+    parser.add_argument(
+        "--tls-allow",
+        action="append",
+        metavar="DN",
+        help="client certificate name allowed in, as QEMU renders it (repeatable)",
+    )
+
+
+def _backup_job_commands(add: Adder) -> None:
+    p = add("backup-begin", backups.cmd_backup_begin, "start a push or pull backup")
+    p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
+    p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
+    _tls_arguments(p)
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+    p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
+    p = add("backup-end", backups.cmd_backup_end, "end a backup job")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--abort", action="store_true", help="cancel a copy still running")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+    p = add("jobinfo", backups.cmd_jobinfo, "state of the backup job")
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--json", action="store_true")
+
+
+def _checkpoint_commands(add: Adder) -> None:
+    p = add(
+        "checkpoint-create",
+        checkpoints.cmd_checkpoint_create,
+        "create a checkpoint from a description",
+    )
+    p.add_argument("file")
+    p.add_argument("--show-steps", action="store_true")
+    p = add(
+        "checkpoint-create-as", checkpoints.cmd_checkpoint_create_as, "create a checkpoint by name"
+    )
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.add_argument("--show-steps", action="store_true")
+    p = add("checkpoint-list", checkpoints.cmd_checkpoint_list, "list checkpoints, oldest first")
+    p.add_argument("--name", action="store_true", help="names only")
+    p.add_argument("--tree", action="store_true", help="as a tree")
+    p = add("checkpoint-dumpxml", checkpoints.cmd_checkpoint_dumpxml, "<domaincheckpoint> XML")
+    p.add_argument("name")
+    p.add_argument("--size", action="store_true", help="bytes dirtied since the checkpoint")
+    p = add("checkpoint-delete", checkpoints.cmd_checkpoint_delete, "delete a checkpoint")
+    p.add_argument("name")
+    p.add_argument("--children", action="store_true")
+    p.add_argument("--metadata-only", action="store_true")
+    p.add_argument("--show-steps", action="store_true")
+
+
+def _vm_commands(add: Adder) -> None:
+    p = add(
+        "plan", backups.cmd_plan, "print the QMP sequence backup-begin would send, send nothing"
+    )
+    p.add_argument("spec")
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
+    p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
+    _tls_arguments(p)
+    p = add("backup", backups.cmd_backup, "one-shot backup into a repository")
+    p.add_argument("--repo", type=Path, required=True, help="repository folder")
+    p.add_argument(
+        "--level",
+        choices=["full", "inc", "diff", "auto"],
+        default="auto",
+        help="auto: incremental where the disk's chain is valid, else full (default)",
+    )
+    p.add_argument("--mode", choices=["push", "pull"], default="push")
+    p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
+    p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
+    p = add("recover", backups.cmd_recover, "clean what a crashed or killed run left")
+    p.add_argument("--dry-run", action="store_true", help="say what would be cleaned, send nothing")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
+
+
+def _repository_commands(add: OfflineAdder) -> None:
+    vm_help = "VM folder in the repository (default: its only one)"
+    p = add("restore", repository.cmd_restore, "a standalone image of a disk at a backup")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help=vm_help)
+    p.add_argument("--disk", required=True)
+    p.add_argument("--out", type=Path, required=True, help="new image file (never overwritten)")
+    p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
+    p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    p = add("verify", repository.cmd_verify, "check a repository's files, chains and digests")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help=vm_help)
+    p.add_argument("--backup", help="only this backup and the chain it needs")
+    p = add("prune", repository.cmd_prune, "keep the newest N backups, merging older ones away")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help=vm_help)
+    p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
+    p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``qmpbackup``: each command's ``handler`` (run with a
+    connected VM) or ``offline`` handler (run on a repository alone) is in its defaults."""
+    parser = argparse.ArgumentParser(
+        prog="qmpbackup", description="libvirt's backup API for bare QEMU, over QMP"
+    )
+    parser.add_argument("--version", action="version", version=f"qmpbackup {__version__}")
+    parser.add_argument(
+        "--qmp", default=os.environ.get("QMPBACKUP_QMP"), help="QMP socket or HOST:PORT"
+    )
+    parser.add_argument("--state-dir", type=Path, help="state directory (default: per VM)")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug log and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler, offline=None)
+        return p
+
+    def add_offline(name: str, handler: OfflineHandler, help_text: str) -> argparse.ArgumentParser:
+        """A command on a repository alone: no QEMU needed."""
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=None, offline=handler)
+        return p
+
+    _backup_job_commands(add)
+    _checkpoint_commands(add)
+    _vm_commands(add)
+    _repository_commands(add_offline)
+    p = add("info", backups.cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.set_defaults(handler=None, offline=None)
+    return parser

@@ -1,0 +1,67 @@
+"""The CLI's commands on a repository alone, no QEMU needed: ``restore``, ``verify`` and
+``prune`` (which, given ``--qmp``, also deletes the checkpoints no backup needs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..api import VM
+from ..errors import QmpBackupError
+from ..repo.backup import release_checkpoints
+from ..repo.prune import prune
+from ..repo.repository import Repository
+from ..repo.restore import restore
+from ..repo.verify import verify
+from .progress import human_size
+from .text import out
+
+
+def _repository(args: argparse.Namespace) -> Repository:
+    return Repository.open(args.repo, args.vm)
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    result = restore(_repository(args), args.disk, args.out, args.backup, args.format)
+    out(
+        f"Disk {result.disk} of backup {result.backup_id} restored to {result.out} "
+        f"({result.fmt}, {human_size(result.virtual_size)}, "
+        f"{result.blocks_checked} blocks match the recorded digests)"
+    )
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    report = verify(_repository(args), args.backup)
+    for problem in report.problems:
+        out(str(problem))
+    errors = sum(p.severity == "error" for p in report.problems)
+    if errors:
+        raise QmpBackupError(f"verify found {errors} errors (listed above)")
+    out(
+        f"{report.backups} backups verified: {report.files} files checked, "
+        f"{report.blocks_read} blocks read"
+    )
+    return 0
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    repo = _repository(args)
+    result = prune(repo, args.keep, dry_run=args.dry_run)
+    would = "would be " if args.dry_run else ""
+    for backup_id in result.removed:
+        out(f"Backup {backup_id} {would}removed")
+    for backup_id in result.rebased:
+        out(f"Backup {backup_id} {would}made a standalone base")
+    if args.dry_run or not result.released:
+        return 0
+    if not args.qmp:
+        names = ", ".join(result.released)
+        out(f"Checkpoints no backup needs any more: {names} (pass --qmp to delete them)")
+        return 0
+    vm = await VM.connect(args.qmp, args.state_dir)
+    try:
+        for name in await release_checkpoints(vm, result.released):
+            out(f"Domain checkpoint {name} deleted")
+    finally:
+        await vm.close()
+    return 0
