@@ -1,5 +1,6 @@
-"""The public async API: one QEMU reached over QMP (:class:`VM`), everything the CLI does
-with a VM, as typed coroutines.
+"""The public async API: :class:`VM`, one QEMU reached over QMP, and what can be done to it.
+
+Everything the CLI does with a VM is a typed coroutine here.
 
 Typical use::
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpbackup.images.qemu_nbd import serve_image
 from qmpbackup.nbd import NBDClient
 from qmpbackup.repo.digests import (
     DEFAULT_BLOCK_SIZE,
@@ -20,7 +21,6 @@ from qmpbackup.repo.digests import (
     digest_all,
     digest_image,
     resized_blocks,
-    serve_image,
     zero_digest,
 )
 

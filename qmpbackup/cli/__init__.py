@@ -1,2 +1,5 @@
-"""The ``qmpbackup`` command line: argument parsing and printing, over the API and the
-repository functions."""
+"""The ``qmpbackup`` command line: parsing and printing over the API and the repository.
+
+Each command calls only the public API (:mod:`qmpbackup.api`) and the repository's
+functions (:mod:`qmpbackup.repo`).
+"""

@@ -1,5 +1,8 @@
-"""The CLI's commands on backup jobs of a running VM: ``backup-begin``, ``backup-end``,
-``jobinfo``, ``plan``, the one-shot ``backup``, ``recover`` and ``info``."""
+"""The CLI's commands on a running VM's backups.
+
+``backup-begin``, ``backup-end``, ``jobinfo``, ``plan``, the one-shot ``backup``,
+``recover`` and ``info``.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The CLI's checkpoint commands: ``checkpoint-create``, ``checkpoint-create-as``,
-``checkpoint-list``, ``checkpoint-dumpxml`` and ``checkpoint-delete``."""
+"""The CLI's checkpoint commands.
+
+``checkpoint-create``, ``checkpoint-create-as``, ``checkpoint-list``,
+``checkpoint-dumpxml`` and ``checkpoint-delete``.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Rendering a repository backup's events: a progress bar on a terminal, plain lines
-elsewhere, JSON lines with ``--log-format json``."""
+"""Rendering a repository backup's events: a bar, plain lines, or JSON lines.
+
+A progress bar on a terminal, plain lines elsewhere, JSON lines with
+``--log-format json``.
+"""
 
 from __future__ import annotations
 

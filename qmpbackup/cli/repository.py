@@ -1,5 +1,8 @@
-"""The CLI's commands on a repository alone, no QEMU needed: ``restore``, ``verify`` and
-``prune`` (which, given ``--qmp``, also deletes the checkpoints no backup needs)."""
+"""The CLI's commands on a repository alone, no QEMU needed.
+
+``restore``, ``verify`` and ``prune`` (which, given ``--qmp``, also deletes the
+checkpoints no backup needs any more).
+"""
 
 from __future__ import annotations
 

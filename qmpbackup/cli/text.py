@@ -1,5 +1,7 @@
-"""What the CLI prints: its lines, the QMP steps it shows, and the texts of ``jobinfo``,
-``info`` and the checkpoint tree."""
+"""What the CLI prints: its lines, the QMP steps it shows, and its tables and trees.
+
+The texts of ``jobinfo``, ``info`` and ``checkpoint-list --tree``.
+"""
 
 from __future__ import annotations
 

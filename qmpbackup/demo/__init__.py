@@ -1,0 +1,1 @@
+"""The throwaway QEMU of the demo and the tests, and the demo walking the slides with it."""

@@ -1,5 +1,8 @@
-"""Part IV's chain of backups, the same in push and in pull mode: its rounds, how
-a round begins, and how its backups and the chains they make are checked."""
+"""Part IV's chain of backups, the same in push and in pull mode.
+
+Its rounds, how a round begins, and how its backups and the chains they make
+are checked.
+"""
 
 from __future__ import annotations
 

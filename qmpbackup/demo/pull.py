@@ -1,6 +1,8 @@
-"""The demo's pull sections: Part III's full pull backup, read by ``qemu-img`` and
-by the built-in NBD client, and Part IV's pull chain, read with dirty-bitmap
-block status."""
+"""The demo's pull sections: Part III's full pull backup and Part IV's pull chain.
+
+The full backup is read by ``qemu-img`` and by the built-in NBD client, the
+chain with dirty-bitmap block status.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The demo's sections up to pull mode: setup, Part II's full push backup, and
-Part IV's checkpoint size and push chain."""
+"""The demo's sections up to pull mode: setup, Part II, and Part IV in push mode.
+
+Part II is the full push backup; Part IV measures a checkpoint, then walks the
+push chain.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The demo's stage (:class:`Demo`): the throwaway QEMU, the API connected to it,
-what the guest has dirtied, and the actions every section takes."""
+"""The demo's stage (:class:`Demo`): what every section of the demo works with.
+
+The throwaway QEMU, the API connected to it, what the guest has dirtied, and
+the actions every section takes.
+"""
 
 from __future__ import annotations
 

@@ -1,13 +1,18 @@
-"""Starting and stopping the helper processes qmpbackup runs (qemu-nbd, qemu-storage-daemon)."""
+"""``qemu-nbd`` serving a local image read-only on a unix socket, and stopping it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .qemu_img import ImageError
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int:
@@ -45,3 +50,25 @@ def wait_listening(
         if time.monotonic() > deadline:
             raise RuntimeError("did not start listening in time")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
+    """Serve a local image (with its backing chain) read-only with ``qemu-nbd`` on a unix
+    socket; yield the ``nbd+unix://`` URI.  Raises ImageError if qemu-nbd cannot start."""
+    with tempfile.TemporaryDirectory(prefix="qmpbackup-digest-") as tmp:
+        sock = os.path.join(tmp, "nbd.sock")
+        log = Path(tmp) / "qemu-nbd.log"
+        argv = ["qemu-nbd", "-r", "-t", "-e", "4", "-f", fmt, "-k", sock, "-x", "disk"]
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                [*argv, str(Path(path).absolute())], stdout=subprocess.DEVNULL, stderr=err
+            )
+        try:
+            try:
+                wait_listening(proc, sock, lambda: log.read_text().strip())
+            except RuntimeError as exc:
+                raise ImageError(f"qemu-nbd: {exc}") from None
+            yield f"nbd+unix:///disk?socket={sock}"
+        finally:
+            stop_process(proc)

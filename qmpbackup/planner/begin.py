@@ -1,5 +1,7 @@
-"""The plan of ``backup-begin``: every disk prepared by its mode, then one transaction that
-sets the point in time of all of them (and creates the checkpoint made with the backup).
+"""The plan of ``backup-begin``: each disk prepared by its mode, then one transaction.
+
+The transaction sets the point in time of all the disks (and creates the
+checkpoint made with the backup).
 
 A mode is a module with a refusal check per disk, a planner per disk and,
 optionally, steps shared by all disks (pull: the NBD server); adding a mode

@@ -1,5 +1,4 @@
-"""Plans for creating, deleting and measuring checkpoints, and the checkpoint a backup
-creates."""
+"""Plans for checkpoints: created on their own or with a backup, deleted, measured."""
 
 from __future__ import annotations
 

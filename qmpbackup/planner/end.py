@@ -1,5 +1,4 @@
-"""The plan of ``backup-end``: a backup's exports, jobs, nodes and temporary bitmaps removed,
-and how it ended."""
+"""The plan of ``backup-end``: what a backup made in QEMU removed, and how it ended."""
 
 from __future__ import annotations
 

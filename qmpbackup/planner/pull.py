@@ -1,5 +1,9 @@
-"""Pull mode: a fleecing scratch per disk, its point-in-time view exported over QEMU's NBD
-server, and that server's start and stop."""
+"""Pull mode: fleecing scratches, point-in-time views over NBD, and the NBD server.
+
+Each disk gets a fleecing scratch and its point-in-time view, exported over
+QEMU's one NBD server; the server's start and its stop (used by ``backup-end``
+and ``recover``) are here too.
+"""
 
 from __future__ import annotations
 

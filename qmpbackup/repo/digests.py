@@ -14,10 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
 import struct
-import subprocess
-import tempfile
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ from pathlib import Path
 
 from ..errors import QmpBackupError
 from ..files import atomic_write_bytes
-from ..images.qemu_nbd import stop_process, wait_listening
+from ..images.qemu_nbd import serve_image
 from ..nbd import NBDClient
 
 DIGEST_SIZE = 32
@@ -246,28 +243,6 @@ def digest_client(
         for k in range(n):
             result[first + k] = block_digest(view[k * block_size : (k + 1) * block_size])
     return result
-
-
-@contextlib.contextmanager
-def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
-    """Serve a local image (with its backing chain) read-only with ``qemu-nbd`` on a unix
-    socket; yield the ``nbd+unix://`` URI."""
-    with tempfile.TemporaryDirectory(prefix="qmpbackup-digest-") as tmp:
-        sock = os.path.join(tmp, "nbd.sock")
-        log = Path(tmp) / "qemu-nbd.log"
-        argv = ["qemu-nbd", "-r", "-t", "-e", "4", "-f", fmt, "-k", sock, "-x", "disk"]
-        with log.open("w") as err:
-            proc = subprocess.Popen(
-                [*argv, str(Path(path).absolute())], stdout=subprocess.DEVNULL, stderr=err
-            )
-        try:
-            try:
-                wait_listening(proc, sock, lambda: log.read_text().strip())
-            except RuntimeError as exc:
-                raise DigestError(f"qemu-nbd: {exc}") from None
-            yield f"nbd+unix:///disk?socket={sock}"
-        finally:
-            stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
-"""What a repository backup reports while it runs: :class:`BackupEvent` values, given to
-an :class:`EventSink` (the CLI renders them: :mod:`qmpbackup.cli.progress`)."""
+"""What a repository backup reports while it runs: :class:`BackupEvent` values.
+
+They go to an :class:`EventSink`; the CLI renders them (:mod:`qmpbackup.cli.progress`).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""A backup's data on its way into the repository: QEMU's push jobs followed, or pull
-exports read with the built-in NBD client, with progress reported as events."""
+"""A backup's data on its way into the repository, with progress reported as events.
+
+Push: QEMU's jobs are followed; pull: the exports are read with the built-in
+NBD client into the repository's new images.
+"""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ class ContentChecks:
         if wanted:
             try:
                 got = digest_image(item.image, item.disk.virtual_size, wanted, block_size=bs)
-            except (DigestError, NBDError) as exc:
+            except (DigestError, ImageError, NBDError) as exc:
                 self.report(item, item.image, f"cannot read through the chain: {one_line(exc)}")
                 item.unproven = set(range(count))
                 return

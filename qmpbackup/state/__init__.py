@@ -1,0 +1,1 @@
+"""The per-VM state directory: checkpoint metadata, backups in progress, journals, its lock."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnknownCheckpointError
+from ..request.xml import XmlElement, render_xml
 from .store import JsonStore
 
 
@@ -48,31 +49,24 @@ class Checkpoint(BaseModel):
         return next((d for d in self.disks if d.name == name), None)
 
     def to_xml(self, sizes: dict[str, int] | None = None, domain: str | None = None) -> str:
-        """libvirt ``<domaincheckpoint>`` XML, with per-disk sizes when given."""
-        from xml.sax.saxutils import escape
-
-        def attr(value: str) -> str:
-            return "'" + escape(value, {"'": "&apos;", '"': "&quot;"}) + "'"
-
-        lines = ["<domaincheckpoint>", f"  <name>{escape(self.name)}</name>"]
+        """libvirt ``<domaincheckpoint>`` XML (as ``virsh checkpoint-dumpxml`` writes it),
+        with per-disk sizes when given."""
+        children = [XmlElement("name", text=self.name)]
         if self.description:
-            lines.append(f"  <description>{escape(self.description)}</description>")
+            children.append(XmlElement("description", text=self.description))
         if self.parent:
-            lines.append(f"  <parent>\n    <name>{escape(self.parent)}</name>\n  </parent>")
-        lines.append(f"  <creationTime>{self.creation_time}</creationTime>")
-        lines.append("  <disks>")
+            children.append(XmlElement("parent", children=[XmlElement("name", text=self.parent)]))
+        children.append(XmlElement("creationTime", text=str(self.creation_time)))
+        disks = []
         for disk in self.disks:
-            attrs = f"name={attr(disk.name)} checkpoint={attr(disk.checkpoint)}"
-            if disk.checkpoint == "bitmap" and disk.bitmap:
-                attrs += f" bitmap={attr(disk.bitmap)}"
-                if sizes is not None and disk.name in sizes:
-                    attrs += f" size='{sizes[disk.name]}'"
-            lines.append(f"    <disk {attrs}/>")
-        lines.append("  </disks>")
+            bitmap = disk.bitmap if disk.checkpoint == "bitmap" and disk.bitmap else None
+            size = sizes.get(disk.name) if bitmap and sizes is not None else None
+            attrs = {"name": disk.name, "checkpoint": disk.checkpoint, "bitmap": bitmap}
+            disks.append(XmlElement("disk", {**attrs, "size": None if size is None else str(size)}))
+        children.append(XmlElement("disks", children=disks))
         if domain:
-            lines.append(f"  <domain>\n    <name>{escape(domain)}</name>\n  </domain>")
-        lines.append("</domaincheckpoint>")
-        return "\n".join(lines) + "\n"
+            children.append(XmlElement("domain", children=[XmlElement("name", text=domain)]))
+        return render_xml(XmlElement("domaincheckpoint", children=children), quote="'")
 
 
 def order_oldest_first(checkpoints: Iterable[Checkpoint]) -> list[Checkpoint]:

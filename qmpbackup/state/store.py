@@ -1,5 +1,4 @@
-"""One JSON file per item in a folder of the state directory: how checkpoints and live
-backups are kept.
+"""One JSON file per item: how the state directory keeps checkpoints and live backups.
 
 Each save is atomic (temporary name, fsync, rename, fsync of the folder), so a
 crash leaves the old item or the new one, never half of one.
