@@ -149,8 +149,9 @@ def choose_disks(
                 f"{scratch_dir}/{naming.fleece_node(backup_id, name)}.qcow2"
             )
         else:
-            default = f"{graph.image_path(graph.top_node(name))}.{suffix}"
-            target = (entry.target if entry else None) or default
+            target = (entry.target if entry else None) or (
+                f"{graph.image_path(graph.top_node(name))}.{suffix}"
+            )
         choices.append(
             DiskChoice(
                 disk=name,
