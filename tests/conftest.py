@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,31 @@ from qmpbackup.logconfig import configure_logging
 from .support import Cli
 
 configure_logging("console", verbose=False)
+
+
+@functools.cache
+def qemu_version() -> str:
+    """The first line of ``qemu-system-x86_64 --version`` of the QEMU in PATH."""
+    if shutil.which("qemu-system-x86_64") is None:
+        return "no qemu-system-x86_64 in PATH"
+    out = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    return out.splitlines()[0] if out else "qemu-system-x86_64 printed no version"
+
+
+def pytest_report_header() -> str:
+    """Which QEMU the suite runs on (the suite runs once per end of the supported range)."""
+    return f"QEMU: {qemu_version()}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """A failed test's report says which QEMU it ran on."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        report.sections.append(("QEMU", qemu_version()))
+    return report
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -56,6 +57,7 @@ from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "fixtures" / "qemu-7.2" / "graphs"
+QEMU_10 = ROOT / "fixtures" / "qemu-10.0"
 GOLDEN = ROOT / "fixtures" / "plans"
 SCHEMA = ROOT / "fixtures" / "qemu-7.2" / "query-qmp-schema.json"
 VERSION = ROOT / "fixtures" / "qemu-7.2" / "query-version.json"
@@ -485,11 +487,17 @@ def _golden_text(result: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fixture_graph_loads(scenario: str) -> None:
-    """Every recorded scenario yields vda and vdb with a two-layer chain."""
+    """Every recorded scenario yields vda and vdb with a two-layer chain, on QEMU 7.2 and
+    10.0 alike (the same disks, chains and bitmaps, from each QEMU's own replies)."""
     found = graph(scenario)
     assert set(found.disks) == {"vda", "vdb"}
     for disk in found.disks.values():
         assert len(disk.chain) == 2, disk
+    newer = _graph_10(scenario)
+    assert newer.disks == found.disks
+    assert {n: [b.name for b in node.bitmaps] for n, node in newer.nodes.items()} == {
+        n: [b.name for b in node.bitmaps] for n, node in found.nodes.items()
+    }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -799,3 +807,38 @@ def test_pull_view_needs_read_splitting() -> None:
         )
     pushed = plan_backup_begin(slides_push(), graph("slides"), [], facts(capabilities=older))
     assert pushed.plan == plan_backup_begin(slides_push(), graph("slides"), [], facts()).plan
+
+
+# -- the other end of the supported range: QEMU 10.0 ----------------------------------
+
+
+def _graph_10(scenario: str) -> BlockGraph:
+    """The block graph of ``scenario`` from QEMU 10.0's own replies."""
+    return graph_from_replies(json.loads((QEMU_10 / "graphs" / f"{scenario}.json").read_text()))
+
+
+@cache
+def _schema_10() -> QAPISchema:
+    return QAPISchema.from_introspection(
+        json.loads((QEMU_10 / "query-qmp-schema.json").read_text(encoding="utf-8"))
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_plan_on_qemu_10(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every golden case planned for QEMU 10.0 (its graphs, its capabilities) passes 10.0's
+    own schema check and equals the 7.2 golden plan but for the capabilities recorded:
+    nothing 10.0 adds changes a plan yet."""
+    version = json.loads((QEMU_10 / "query-version.json").read_text(encoding="utf-8"))
+    newer = Capabilities.from_schema(_schema_10(), version)
+    assert newer.version.startswith("10.0.")
+    monkeypatch.setattr(sys.modules[__name__], "capabilities", lambda: newer)
+    monkeypatch.setattr(sys.modules[__name__], "graph", _graph_10)
+    result, plans = CASES[case]()
+    for plan in plans:
+        check_plan(plan, _schema_10())
+    expected = json.loads((GOLDEN / f"{case}.json").read_text(encoding="utf-8"))
+    if "capabilities" in expected:
+        assert result.pop("capabilities") == newer.model_dump(mode="json")
+        expected.pop("capabilities")
+    assert result == expected
