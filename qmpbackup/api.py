@@ -179,6 +179,7 @@ class VM:
             now=now,
             state_dir=self.state_dir,
             capabilities=self.capabilities,
+            options=options,
         )
         return plan_backup_begin(spec, graph, checkpoints, facts, checkpoint, options, choices)
 

@@ -75,6 +75,11 @@ class JobFailedError(QmpBackupError):
     """A QEMU job concluded with an error."""
 
 
+class ScratchFullError(QmpBackupError):
+    """A pull backup's scratch ran out of the room it was given: the backup ends, so that
+    the guest's writes never fail for it."""
+
+
 class BackupActiveError(QmpBackupError):
     """A backup job is still copying and --abort was not given."""
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .planner.disks import DiskChoice
-from .planner.facts import BackupFacts, Inventory
+from .planner.facts import BackupFacts, Inventory, PullOptions
 from .qapi.capabilities import Capabilities
 from .qmp.graph import BlockGraph, graph_from_replies, query_graph_replies
 from .qmp.jobs import query_jobs
@@ -50,6 +50,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def free_bytes(folder: str) -> int:
+    """Bytes an unprivileged writer can still put in ``folder`` (or in its nearest existing
+    parent, for a folder not made yet)."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
 def find_free_port(host: str) -> int:
     """A TCP port nothing listens on at ``host`` now, for the NBD server."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -68,9 +78,11 @@ async def backup_facts(
     now: int,
     state_dir: Path,
     capabilities: Capabilities,
+    options: PullOptions | None = None,
 ) -> BackupFacts:
     """What a ``backup-begin`` of ``choices`` needs to know besides the graph: the files
-    they name, the backups ``active`` now, QEMU's jobs, the NBD server, the host's probes.
+    they name, the backups ``active`` now, QEMU's jobs, the NBD server, the host's probes
+    (and, for bounded pull scratches, the free space of their folders).
 
     Host probes (O_DIRECT, a free port) are made only when QEMU runs on this host,
     reached over a unix socket.
@@ -81,6 +93,7 @@ async def backup_facts(
     if spec.mode == "pull" and running is None and wanted is not None and not wanted.port:
         free_port = find_free_port(wanted.name or "localhost")
     local = isinstance(session.address, str)
+    bounded = spec.mode == "pull" and options is not None and options.scratch_reserve
     return BackupFacts(
         backup_id=backup_id,
         now=now,
@@ -98,6 +111,11 @@ async def backup_facts(
             for folder in {os.path.dirname(c.target) for c in choices}
             if spec.mode == "push" and local and direct_io_works(folder)
         ),
+        free_space={
+            folder: free_bytes(folder)
+            for folder in {os.path.dirname(c.target) for c in choices}
+            if bounded
+        },
     )
 
 

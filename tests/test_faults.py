@@ -400,29 +400,6 @@ async def test_push_target_eio(vm: ThrowawayVM, cli: Cli, tmp_path: Path, eio_fi
     await next_incremental(vm, cli, tmp_path, "check1", base)
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """Mounts a tmpfs of a given size under ``tmp_path``; unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounts: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
-        )
-        mounts.append(path)
-        return path
-
-    try:
-        yield mount
-    finally:
-        for path in mounts:
-            subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 async def test_push_target_out_of_space(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path, tmpfs: Callable[[str, str], Path]
 ) -> None:

@@ -412,6 +412,22 @@ def pull_tls_auto_port() -> Result:
     return begin_json(planned), [planned.plan]
 
 
+def pull_bounded_scratch() -> Result:
+    """A pull backup whose scratches grow with the guest's overwrites (the one-shot
+    backup's): a reserve file beside each, and a write threshold at its share of the
+    folder's free space."""
+    planned = plan_backup_begin(
+        BackupSpec(mode="pull", incremental="check1"),
+        graph("slides-check1"),
+        [CHECK1],
+        facts(free_space={"/state/scratch": 10 << 30}, **UNIX_FACTS),
+        CheckpointSpec(name="check2"),
+        PullOptions(scratch_reserve=64 << 20),
+    )
+    assert all(d.write_threshold == (10 << 30) // 2 - (64 << 20) for d in planned.record.disks)
+    return begin_json(planned), [planned.plan]
+
+
 def pull_joins_running_server() -> Result:
     """A second pull backup of vdb while backup 1 serves vda: no second server."""
     running = NbdServer(transport="tcp", host="localhost", port=10809)
@@ -454,6 +470,7 @@ CASES: dict[str, Callable[[], Result]] = {
     "pull-incremental-check1-new-check2": pull_incremental_check1_new_check2,
     "pull-tls-auto-port": pull_tls_auto_port,
     "pull-joins-running-server": pull_joins_running_server,
+    "pull-bounded-scratch": pull_bounded_scratch,
     "pull-end-completed": pull_end_completed,
     "pull-end-aborted-shared-server": pull_end_aborted_shared_server,
     "push-full": push_full,
@@ -791,6 +808,31 @@ def test_plans_differ_exactly_by_the_capabilities_of_their_qemu() -> None:
         if spec.mode == "push":
             with pytest.raises(SchemaMismatchError, match="x-perf"):
                 check_plan(new.plan, stripped)
+
+
+def test_bounded_scratch_needs_room_beside_its_reserve() -> None:
+    """A bounded scratch is refused, before anything is sent, where its folder cannot hold
+    the reserves and a little room for each scratch; the whole-disk reservation is not in
+    such a plan, and is in the default one."""
+    spec = BackupSpec(mode="pull")
+    options = PullOptions(scratch_reserve=48 << 20)
+    with pytest.raises(PlanError, match=r"/state/scratch has 100663296 bytes free: too little"):
+        plan_backup_begin(
+            spec,
+            graph("slides"),
+            [],
+            facts(free_space={"/state/scratch": 96 << 20}, **UNIX_FACTS),
+            None,
+            options,
+        )
+    roomy = facts(free_space={"/state/scratch": 1 << 30}, **UNIX_FACTS)
+    bounded = json.dumps(
+        plan_backup_begin(spec, graph("slides"), [], roomy, None, options).plan.commands()
+    )
+    default = json.dumps(plan_backup_begin(spec, graph("slides"), [], roomy).plan.commands())
+    assert "falloc" in default and "block-set-write-threshold" not in default
+    assert '"size": 50331648, "preallocation": "falloc"}' in bounded  # the reserve file
+    assert bounded.count("falloc") == 2 and bounded.count("block-set-write-threshold") == 2
 
 
 def test_pull_view_needs_read_splitting() -> None:

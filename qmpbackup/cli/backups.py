@@ -121,6 +121,7 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         disks=args.disk,
         on_event=_event_sink(args),
         recover=args.recover,
+        scratch_reserve=args.scratch_reserve,
     )
     return 0
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .. import __version__
 from ..api import VM
+from ..repo.backup import DEFAULT_SCRATCH_RESERVE
 from . import backups, checkpoints, repository
 
 Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
@@ -27,6 +29,14 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DN",
         help="client certificate name allowed in, as QEMU renders it (repeatable)",
     )
+
+
+def _size(text: str) -> int:
+    """A size in bytes, or with a K, M, G or T suffix (powers of 1024)."""
+    found = re.fullmatch(r"([0-9]+)([KMGT]?)", text.strip().upper())
+    if found is None or int(found[1]) == 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (say 256M or 1G)")
+    return int(found[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[found[2]]
 
 
 def _backup_job_commands(add: Adder) -> None:
@@ -92,6 +102,14 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--mode", choices=["push", "pull"], default="push")
     p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    p.add_argument(
+        "--scratch-reserve",
+        type=_size,
+        default=DEFAULT_SCRATCH_RESERVE,
+        metavar="SIZE",
+        help="pull: room kept free beside each scratch, which otherwise grows with what the "
+        "guest overwrites; a scratch that fills up ends the backup (default 256M)",
+    )
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
     p = add("recover", backups.cmd_recover, "clean what a crashed or killed run left")
     p.add_argument("--dry-run", action="store_true", help="say what would be cleaned, send nothing")

@@ -151,7 +151,14 @@ def plan_backup_begin(
         if mode.plan_server is not None
         else (None, [])
     )
-    context = DiskContext(graph=graph, checkpoints=checkpoints, facts=facts, server=server)
+    context = DiskContext(
+        graph=graph,
+        checkpoints=checkpoints,
+        facts=facts,
+        choices=choices,
+        options=options or PullOptions(),
+        server=server,
+    )
     pieces = [mode.plan_disk(context, c) for c in choices]
     steps = _laned(pieces, "before")
     steps.append(_transaction(graph, checkpoint, pieces))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..qapi.capabilities import Capabilities
 from ..qmp.jobs import JobState
@@ -35,15 +35,27 @@ class BackupFacts(BaseModel):
     export_names: frozenset[str] = frozenset()
     # Folders of push targets where QEMU can write with O_DIRECT (probed by the caller).
     direct_io_dirs: frozenset[str] = frozenset()
+    # Free bytes of each folder holding a pull scratch (observed for bounded scratches).
+    free_space: Mapping[str, int] = {}
 
 
 class PullOptions(BaseModel):
-    """What the user gives besides the spec for a pull backup: where TLS material lives."""
+    """What the user gives besides the spec for a pull backup: where TLS material lives,
+    and how much room the fleecing scratches take.
+
+    ``scratch_reserve`` None: each scratch reserves its disk's whole size when it is made,
+    so it can never fill up (QEMU's copy-before-write would fail the guest's write).
+    A number of bytes: each scratch grows only with what the guest overwrites, that many
+    bytes are kept free beside it in a reserve file, and a write threshold on the scratch
+    raises ``BLOCK_WRITE_THRESHOLD`` while the reserve is still there; whoever begins such
+    a backup must watch for it and end the backup (the one-shot ``backup`` does).
+    """
 
     model_config = ConfigDict(frozen=True)
 
     tls_dir: str | None = None
     tls_allow: tuple[str, ...] = ()
+    scratch_reserve: int | None = Field(default=None, gt=0)
 
 
 class Inventory(BaseModel):

@@ -7,6 +7,7 @@ and ``recover``) are here too.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable
 
 from ..errors import InvalidInputError, PlanError
@@ -23,6 +24,7 @@ from ..qapi.commands import (
     BlockdevDel,
     BlockExportAddNbd,
     BlockExportDel,
+    BlockSetWriteThreshold,
     CreateFileOptions,
     CreateQcow2Options,
     InetAddress,
@@ -52,12 +54,64 @@ def refuse_disk(choice: DiskChoice, facts: BackupFacts) -> None:
         raise PlanError(f"QEMU already exports {choice.export!r}: choose another exportname")
 
 
-def _scratch_steps(context: DiskContext, choice: DiskChoice, source: str) -> list[Step]:
-    """Create (unless it exists) and open the scratch, over the disk as its backing."""
+# Room a bounded scratch needs at the least besides its reserve: its qcow2 header and
+# tables, and a little of what the guest overwrites.
+MIN_SCRATCH_ROOM = 1 << 20
+
+
+def reserve_file(scratch: str) -> str:
+    """The reserve file kept beside a bounded scratch."""
+    return f"{scratch}.reserve"
+
+
+def _write_threshold(context: DiskContext, choice: DiskChoice, reserve: int) -> int:
+    """How far a bounded scratch may grow before ``BLOCK_WRITE_THRESHOLD``: its share of
+    its folder's free space once every scratch there has its reserve.
+
+    Raises PlanError when that share is too small to begin.
+    """
+    folder = posixpath.dirname(choice.target)
+    made = [
+        c
+        for c in context.choices
+        if posixpath.dirname(c.target) == folder and c.target not in context.facts.existing_files
+    ]
+    free = context.facts.free_space.get(folder, 0)
+    share = (free - len(made) * reserve) // max(len(made), 1)
+    if share < MIN_SCRATCH_ROOM:
+        raise PlanError(
+            f"{folder} has {free} bytes free: too little for the scratch of {choice.disk} and "
+            f"a reserve of {reserve} bytes beside each of its {len(made)} scratch(es)"
+        )
+    return share
+
+
+def _reserve_steps(context: DiskContext, choice: DiskChoice, reserve: int) -> list[Step]:
+    """Create the reserve file of a bounded scratch: its room kept free on the disk until a
+    full scratch needs it (whoever watches the threshold removes it then)."""
+    return create_steps(
+        BlockdevCreate(
+            job_id=naming.create_job_id(context.facts.backup_id, choice.disk, "reserve"),
+            options=CreateFileOptions(
+                filename=reserve_file(choice.target), size=reserve, preallocation="falloc"
+            ),
+        ),
+        f"keep {reserve} bytes free beside the scratch of {choice.disk}, for when it fills",
+        (reserve_file(choice.target),),
+    )
+
+
+def _scratch_steps(
+    context: DiskContext, choice: DiskChoice, source: str
+) -> tuple[list[Step], int | None]:
+    """Create (unless it exists) and open the scratch, over the disk as its backing; and
+    the write threshold set on a bounded scratch."""
     backup_id, disk = context.facts.backup_id, choice.disk
     file_node = naming.target_file_node(backup_id, disk)
     exists = choice.target in context.facts.existing_files
-    steps: list[Step] = []
+    reserve = None if exists else context.options.scratch_reserve
+    threshold = None if reserve is None else _write_threshold(context, choice, reserve)
+    steps: list[Step] = [] if reserve is None else _reserve_steps(context, choice, reserve)
     if not exists:
         steps += create_steps(
             BlockdevCreate(
@@ -74,21 +128,34 @@ def _scratch_steps(context: DiskContext, choice: DiskChoice, source: str) -> lis
             undo=(BlockdevDel(node_name=file_node),),
         )
     )
+    if threshold is not None:
+        steps.append(
+            Step(
+                command=BlockSetWriteThreshold(node_name=file_node, write_threshold=threshold),
+                reason=f"raise BLOCK_WRITE_THRESHOLD once the scratch of {disk} passes "
+                f"{threshold} bytes, while its reserve is still free",
+            )
+        )
     if not exists:
+        if reserve is None:
+            # Reserve room for every cluster the guest could overwrite: a full scratch
+            # would fail the guest's writes (copy-before-write's default
+            # on-cbw-error=break-guest-write, which blockdev-backup cannot change), so a
+            # lack of space must fail here instead.
+            qcow2 = CreateQcow2Options(
+                file=file_node,
+                size=context.graph.top_node(disk).virtual_size,
+                preallocation="falloc",
+            )
+            what = f"format the scratch of {disk} as qcow2, its space reserved"
+        else:
+            qcow2 = CreateQcow2Options(
+                file=file_node, size=context.graph.top_node(disk).virtual_size
+            )
+            what = f"format the scratch of {disk} as qcow2, growing with what the guest overwrites"
         steps += create_steps(
-            BlockdevCreate(
-                job_id=naming.create_job_id(backup_id, disk, "qcow2"),
-                # Reserve room for every cluster the guest could overwrite: a
-                # full scratch would fail the guest's writes (copy-before-write's
-                # default on-cbw-error=break-guest-write, which blockdev-backup
-                # cannot change), so a lack of space must fail here instead.
-                options=CreateQcow2Options(
-                    file=file_node,
-                    size=context.graph.top_node(disk).virtual_size,
-                    preallocation="falloc",
-                ),
-            ),
-            f"format the scratch of {disk} as qcow2, its space reserved",
+            BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "qcow2"), options=qcow2),
+            what,
         )
     fleece = naming.fleece_node(backup_id, disk)
     steps.append(
@@ -98,7 +165,7 @@ def _scratch_steps(context: DiskContext, choice: DiskChoice, source: str) -> lis
             undo=(BlockdevDel(node_name=fleece),),
         )
     )
-    return steps
+    return steps, threshold
 
 
 def _view_steps(context: DiskContext, disk: str) -> tuple[list[Step], tuple[str, ...]]:
@@ -147,9 +214,9 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
     job = naming.job_id(facts.backup_id, disk)
     fleece = naming.fleece_node(facts.backup_id, disk)
     export_id = naming.export_id(facts.backup_id, disk)
+    before, threshold = _scratch_steps(context, choice, source)
     pieces = DiskPieces(
-        job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"),
-        before=_scratch_steps(context, choice, source),
+        job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"), before=before
     )
     bitmaps: tuple[BitmapRef, ...] | None = None
     temporaries: tuple[tuple[str, str], ...] = ()
@@ -188,6 +255,9 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
             undo=(BlockExportDel(id=export_id, mode="hard"),),
         )
     )
+    created: tuple[str, ...] = (choice.target,)
+    if threshold is not None:
+        created += (reserve_file(choice.target),)
     pieces.job = pieces.job.model_copy(
         update={
             "incremental": choice.incremental,
@@ -196,7 +266,9 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
             "view_nodes": view_nodes,
             "target_nodes": (fleece, naming.target_file_node(facts.backup_id, disk)),
             "temporary_bitmaps": temporaries,
-            "created_files": () if choice.target in facts.existing_files else (choice.target,),
+            "created_files": () if choice.target in facts.existing_files else created,
+            "reserve_file": None if threshold is None else reserve_file(choice.target),
+            "write_threshold": threshold,
             "export": choice.export,
             "export_id": export_id,
             "export_bitmap": choice.export_bitmap,

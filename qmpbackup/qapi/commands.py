@@ -126,6 +126,7 @@ class CreateFileOptions(QAPIModel):
     driver: Literal["file"] = "file"
     filename: str
     size: int = Field(ge=0)
+    preallocation: Literal["off", "falloc", "full"] | None = None
 
 
 class CreateQcow2Options(QAPIModel):
@@ -138,6 +139,15 @@ class CreateQcow2Options(QAPIModel):
     backing_fmt: str | None = None
     cluster_size: int | None = None
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
+
+
+class BlockSetWriteThreshold(QMPCommand):
+    """``block-set-write-threshold``: one ``BLOCK_WRITE_THRESHOLD`` event once a write
+    reaches past ``write_threshold`` bytes of the node (0 disarms it)."""
+
+    execute: ClassVar[str] = "block-set-write-threshold"
+    node_name: str
+    write_threshold: int = Field(ge=0)
 
 
 class BlockdevCreate(QMPCommand):

@@ -30,6 +30,7 @@ import structlog
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
+from ..planner.facts import PullOptions
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
@@ -53,6 +54,9 @@ from .transfer import follow_jobs, read_exports
 log = structlog.get_logger("qmpbackup.backup")
 
 CHECKPOINT_NAME = "backup-{id}"
+# Bytes kept free beside each pull scratch of a one-shot backup, for the guest's writes
+# that land while a scratch that filled its room is being let go of.
+DEFAULT_SCRATCH_RESERVE = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -184,8 +188,10 @@ class _OneShot:
         decisions: Sequence[LevelDecision],
         mode: Mode,
         emit: EventSink,
+        scratch_reserve: int,
     ) -> None:
         self.vm, self.repo, self.entry, self.mode, self.emit = vm, repo, entry, mode, emit
+        self.scratch_reserve = scratch_reserve
         self.decisions = decisions
         self.job: BackupBegun | None = None  # begun in QEMU and not ended yet
         assert entry.record.checkpoint is not None
@@ -197,6 +203,9 @@ class _OneShot:
         self.job = await self.vm.backup_begin(
             _backup_spec(graph, entry, self.decisions, self.mode),
             CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
+            # This process watches its scratches while it reads them: they need not
+            # reserve their disks' whole size.
+            options=PullOptions(scratch_reserve=self.scratch_reserve),
             owned=True,
             recover=recover,
         )
@@ -205,7 +214,7 @@ class _OneShot:
             written = await follow_jobs(self.vm, self.job, self.emit)
         else:
             levels = {d.disk: d for d in self.decisions}
-            written = await read_exports(entry, self.job, levels, self.emit)
+            written = await read_exports(self.vm, entry, self.job, levels, self.emit)
         ended = await self.vm.backup_end(self.job.record.id)
         self.job = None
         if ended.outcome != "completed":
@@ -284,10 +293,15 @@ async def backup_to_repository(
     disks: Sequence[str] | None = None,
     on_event: EventSink | None = None,
     recover: bool = False,
+    scratch_reserve: int = DEFAULT_SCRATCH_RESERVE,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
     decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
     no backup of the repository needs any more are deleted.
+
+    A pull backup's scratches grow with what the guest overwrites, ``scratch_reserve``
+    bytes kept free beside each; one that fills its room ends the backup
+    (ScratchFullError) before the guest's writes could fail.
 
     On failure or cancellation the backup job is aborted and the repository is left as
     it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
@@ -303,7 +317,7 @@ async def backup_to_repository(
         entry = repo.begin_backup(
             _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
         )
-        run = _OneShot(vm, repo, entry, decisions, mode, emit)
+        run = _OneShot(vm, repo, entry, decisions, mode, emit, scratch_reserve)
         try:
             record = await run.run(graph, recover)
         except BaseException as exc:

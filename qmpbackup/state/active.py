@@ -54,6 +54,10 @@ class DiskJob(BaseModel):
     view_nodes: tuple[str, ...] = ()
     temporary_bitmaps: tuple[tuple[str, str], ...] = ()
     created_files: tuple[str, ...] = ()
+    # A bounded pull scratch: the file holding its reserve, and the write threshold
+    # set on the scratch's file node (target_nodes[-1]).
+    reserve_file: str | None = None
+    write_threshold: int | None = None
     export: str | None = None
     export_id: str | None = None
     export_bitmap: str | None = None
