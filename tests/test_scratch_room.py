@@ -18,20 +18,10 @@ from qmpbackup.repo.backup import backup_to_repository
 from qmpbackup.repo.events import BackupEvent
 from qmpbackup.repo.repository import Repository
 
-from .conftest import block_state
+from .test_pull_backup import assert_clean
 
 MiB = 1 << 20
 TiB = 1 << 40
-
-
-async def assert_nothing_left(vm: ThrowawayVM, state_dir: Path) -> None:
-    """No qmpbackup- node, job or export in QEMU; no scratch or reserve file left."""
-    state = await block_state(vm)
-    assert "qmpbackup-" not in str(state), state
-    assert state["jobs"] == []
-    assert await vm.session.execute("query-block-exports") == []
-    scratch = state_dir / "scratch"
-    assert not scratch.exists() or not list(scratch.iterdir())
 
 
 async def test_pull_of_a_disk_far_larger_than_the_free_space(
@@ -55,7 +45,7 @@ async def test_pull_of_a_disk_far_larger_than_the_free_space(
             await vm.write("vda", 0x77, TiB // 2 + 5 * MiB, 3 * MiB)
             ref = await vm.reference("vda", tmp_path / "ref.raw")
             inc = await backup_to_repository(api, repo_root, mode="pull", scratch_reserve=16 * MiB)
-        await assert_nothing_left(vm, state_dir)
+        await assert_clean(vm, state_dir)
     assert [d.level for d in full.decisions] == ["full"]
     assert [d.level for d in inc.decisions] == ["inc"]
     repo = Repository.open(repo_root)
@@ -107,4 +97,4 @@ async def test_a_full_scratch_ends_the_backup_not_the_guests_writes(
         assert "the backup is abandoned, and the guest's writes went on" in str(raised.value)
         assert api.checkpoints() == []
     assert Repository.open(tmp_path / "repo").backups(complete_only=False) == []
-    await assert_nothing_left(vm, state_dir)
+    await assert_clean(vm, state_dir)
