@@ -76,8 +76,11 @@ class VM:
         self.name = name
         #: Names this VM in state and repository folders: its name, UUID or QMP address.
         self.key = key or state_key(name, None, "default")
-        #: What this QEMU offers that plans depend on, read once from its schema.
-        self.capabilities = capabilities or Capabilities.from_schema(schema)
+        #: What this QEMU offers that plans depend on, read once from its schema (and
+        #: what a probe of its behaviour found, once one has run).
+        self.capabilities = observe.remembered_capabilities(
+            state_dir, capabilities or Capabilities.from_schema(schema)
+        )
         self._checkpoints = CheckpointStore(state_dir)
         self._active = ActiveBackupStore(state_dir)
         self._recovery = Recovery(
@@ -206,6 +209,11 @@ class VM:
                 await self._recovery.run(on_step)
             else:
                 graph = await self._recovery.refuse_leftovers()
+            if spec.mode == "pull":
+                running = next((r.server for r in self.active_backups() if r.server), None)
+                self.capabilities = await observe.probed_capabilities(
+                    self.session, self.schema, self.state_dir, self.capabilities, running, on_step
+                )
             # _run checks the plan against the schema before sending it.
             planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":

@@ -7,20 +7,27 @@ returns plain data (:class:`~qmpbackup.planner.facts.BackupFacts`, an
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import QmpBackupError
+from .nbd import NBDClient
 from .planner.disks import DiskChoice
 from .planner.facts import BackupFacts, Inventory, PullOptions
+from .planner.probe import READ, WRITE, ProbePlan, plan_snapshot_probe
 from .qapi.capabilities import Capabilities
+from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, graph_from_replies, query_graph_replies
 from .qmp.jobs import query_jobs
 from .qmp.session import QMPSession
 from .request.models import BackupSpec
-from .state.active import ActiveBackup
+from .runner import StepCallback, rollback, run_journaled
+from .state.active import ActiveBackup, NbdServer
+from .state.probes import ProbeResults
 
 
 def direct_io_works(folder: str) -> bool:
@@ -166,3 +173,68 @@ def scratch_files(state_dir: Path) -> list[str]:
     """The files in the state directory's scratch folder (pull scratches qmpbackup made)."""
     scratch = state_dir / "scratch"
     return sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else []
+
+
+async def probe_snapshot_overread(
+    session: QMPSession,
+    schema: QAPISchema,
+    state_dir: Path,
+    running: NbdServer | None,
+    on_step: StepCallback | None = None,
+) -> bool:
+    """Whether this QEMU's snapshot-access answers a read that starts in clusters
+    copy-before-write saved and runs past them with new data: a tiny fleecing is made
+    (:mod:`qmpbackup.planner.probe`), written through and read across over NBD, and
+    undone. Raises what :func:`~qmpbackup.runner.run_plan` raises, and NBDError."""
+    folder = state_dir / "probe"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    planned = plan_snapshot_probe(str(folder), running)
+    journal = await run_journaled(session, schema, planned.plan, state_dir, "probe", on_step)
+    try:
+        return await asyncio.to_thread(_reads_past_saved_clusters, planned)
+    finally:
+        await rollback(session, list(planned.plan.steps))
+        journal.close("done")
+
+
+def _reads_past_saved_clusters(planned: ProbePlan) -> bool:
+    """Write as a guest through the filter, then read across what it saved."""
+    offset, length = WRITE
+    with NBDClient.connect(planned.writable) as guest:
+        guest.pwrite(b"\x5a" * length, offset)
+        guest.flush()
+        if guest.pread(length, offset) != b"\x5a" * length:
+            raise QmpBackupError("the snapshot-access probe could not write its source")
+    offset, length = READ
+    with NBDClient.connect(planned.view) as reader:
+        return reader.pread(length, offset) != bytes(length)
+
+
+async def probed_capabilities(
+    session: QMPSession,
+    schema: QAPISchema,
+    state_dir: Path,
+    capabilities: Capabilities,
+    running: NbdServer | None,
+    on_step: StepCallback | None = None,
+) -> Capabilities:
+    """``capabilities`` with what the snapshot-access probe finds on this QEMU build: run
+    once per build, then remembered in the state directory."""
+    results = ProbeResults(state_dir)
+    found = results.get(capabilities.version, OVERREAD_PROBE)
+    if found is None:
+        found = await probe_snapshot_overread(session, schema, state_dir, running, on_step)
+        if capabilities.version:
+            results.remember(capabilities.version, OVERREAD_PROBE, found)
+    return capabilities.model_copy(update={"snapshot_overread": found})
+
+
+def remembered_capabilities(state_dir: Path, capabilities: Capabilities) -> Capabilities:
+    """``capabilities`` with what an earlier probe of this QEMU build found, if one ran."""
+    found = ProbeResults(state_dir).get(capabilities.version, OVERREAD_PROBE)
+    if found is None:
+        return capabilities
+    return capabilities.model_copy(update={"snapshot_overread": found})
+
+
+OVERREAD_PROBE = "snapshot_overread"

@@ -780,7 +780,10 @@ async def test_killed_mid_plan(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Non
     await vm.write("vdb", 0x58, 0, 4 * MiB)
     spec = pull_vdb(tmp_path / "p.xml", "check1")
     proc = await spawn(cli, "backup-begin", str(spec), "check2", "--show-steps")
-    sent = await read_until(proc.stdout, '"nbd-server-start"')
+    # The first pull begin on this QEMU probes snapshot-access with a server of its own:
+    # the backup's server is the one started after the transaction.
+    sent = await read_until(proc.stdout, '"transaction"')
+    sent += await read_until(proc.stdout, '"nbd-server-start"')
     proc.send_signal(signal.SIGKILL)
     assert await proc.wait() == -signal.SIGKILL
     assert any('"transaction"' in line for line in sent)

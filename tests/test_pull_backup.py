@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
@@ -18,7 +19,7 @@ from qmpbackup.images.pull_copy import pull_copy
 from qmpbackup.nbd import NBDError, TLSConfig
 from qmpbackup.request import BackupSpec, DiskBackupSpec, ServerSpec, backup_to_xml
 
-from .conftest import block_state
+from .conftest import block_state, qemu_version
 from .support import CLUSTER, Cli, clusters_of
 from .x509 import client_dir, make_ca, server_dir
 
@@ -266,3 +267,30 @@ async def test_reads_across_saved_clusters_see_the_instant(
     copy = await asyncio.to_thread(pull_copy, uri, tmp_path / "vdb.qcow2")
     assert images_equal(copy.image, ref)
     await cli.ok("backup-end", "1")
+
+
+async def test_a_probe_decides_whether_the_view_splits_reads(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    """The first pull backup-begin probes this QEMU's snapshot-access (a tiny fleecing,
+    written through and read across, then undone) and remembers what it found: QEMU 7.2
+    reads past saved clusters, so its view splits reads; 10.0 does not, so it exports
+    snapshot-access itself (``test_reads_across_saved_clusters_see_the_instant`` proves
+    either view reads the instant). The probe leaves nothing behind."""
+    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}})
+    await cli.ok("backup-begin", str(spec))
+    probes = json.loads((cli.state_dir / "probes.json").read_text())
+    (build,) = probes
+    found = probes[build]["snapshot_overread"]
+    major = int(qemu_version().split()[3].split(".")[0])
+    assert found is (major < 8), (build, found)
+    named = await vm.session.execute("query-named-block-nodes", {"flat": True})
+    nodes = [n["node-name"] for n in named]
+    assert ("qmpbackup-1-vdb-view" in nodes) is found
+    assert "qmpbackup-1-vdb-access" in nodes
+    assert not [n for n in nodes if "probe" in n]
+    assert not (cli.state_dir / "probe").exists() or not list((cli.state_dir / "probe").iterdir())
+    info = (await cli.ok("info")).out
+    assert f"  {'yes' if found else 'no '}  snapshot-access reads past saved clusters" in info
+    await cli.ok("backup-end", "1")
+    await assert_clean(vm, cli.state_dir)

@@ -169,24 +169,30 @@ def _scratch_steps(
 
 
 def _view_steps(context: DiskContext, disk: str) -> tuple[list[Step], tuple[str, ...]]:
-    """Steps opening the point-in-time view over the job's filter; its nodes, top first."""
+    """Steps opening the point-in-time view over the job's filter; its nodes, top first.
+
+    Where snapshot-access may answer a read with data past what copy-before-write saved
+    (:attr:`~qmpbackup.qapi.capabilities.Capabilities.snapshot_overread`), the view is
+    a read-splitting node over it; elsewhere snapshot-access itself.
+    """
+    backup_id = context.facts.backup_id
+    access = naming.access_node(backup_id, disk)
+    open_access = Step(
+        command=BlockdevAddSnapshotAccess(node_name=access, file=naming.cbw_node(backup_id, disk)),
+        reason=f"open the point-in-time view of {disk}",
+        undo=(BlockdevDel(node_name=access),),
+    )
+    if not context.facts.capabilities.snapshot_overread:
+        return [open_access], (access,)
     if not context.facts.capabilities.read_splitting:
         raise PlanError(
             "this QEMU's blkdebug driver takes no align and max-transfer, so reads of the "
             "point-in-time view cannot be kept within copy-before-write clusters: "
             "pull mode is not offered"
         )
-    backup_id = context.facts.backup_id
-    access = naming.access_node(backup_id, disk)
     view = naming.view_node(backup_id, disk)
     steps = [
-        Step(
-            command=BlockdevAddSnapshotAccess(
-                node_name=access, file=naming.cbw_node(backup_id, disk)
-            ),
-            reason=f"open the point-in-time view of {disk}",
-            undo=(BlockdevDel(node_name=access),),
-        ),
+        open_access,
         # QEMU 7.2's snapshot-access answers a read that starts in clusters already saved
         # by copy-before-write and runs past them with the guest's new data. Reads of at
         # most one copy cluster, aligned to it, never do; the block layer splits them here.

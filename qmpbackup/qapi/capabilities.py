@@ -65,6 +65,11 @@ class Capabilities(BaseModel):
     block_export: bool
     #: ``x-debug-query-block-graph`` names child nodes (discovery needs it behind filters).
     debug_block_graph: bool
+    #: Not in any schema: whether snapshot-access answers a read that starts in clusters
+    #: copy-before-write saved and runs past them with the guest's new data (QEMU 7.2
+    #: does, 10.0 does not). A probe of this QEMU's behaviour sets it; until one has,
+    #: it is assumed, so that the pull view splits reads (see ``read_splitting``).
+    snapshot_overread: bool = True
 
     @classmethod
     def from_schema(
@@ -83,7 +88,12 @@ class Capabilities(BaseModel):
 
     def labels(self) -> dict[str, bool]:
         """Each capability as ``info`` shows it: a label and whether this QEMU has it."""
-        return {label: getattr(self, field) for field, (label, _, _) in _PATHS.items()}
+        found = {label: getattr(self, field) for field, (label, _, _) in _PATHS.items()}
+        found[OVERREAD_LABEL] = self.snapshot_overread
+        return found
+
+
+OVERREAD_LABEL = "snapshot-access reads past saved clusters (probed, or assumed)"
 
 
 def describe_version(reply: Mapping[str, Any]) -> str:

@@ -317,7 +317,7 @@ class NbdServerStop(QMPCommand):
 
 
 class BlockExportAddNbd(QMPCommand):
-    """``block-export-add`` of type ``nbd``, read-only."""
+    """``block-export-add`` of type ``nbd`` (read-only unless ``writable``)."""
 
     execute: ClassVar[str] = "block-export-add"
     type: Literal["nbd"] = "nbd"
