@@ -196,6 +196,34 @@ def test_unix_handshake_size_and_reads(tmp_path: Path) -> None:
             c.pread(2, SIZE - 1)
 
 
+def test_extended_headers_where_the_server_has_them(tmp_path: Path) -> None:
+    """A server that offers extended headers (QEMU 8.2 and later) gets them, and one block
+    status request covers a whole 64 GiB export; an older one structured replies, with
+    requests of at most 4 GiB. Reads, writes and extents are the same either way."""
+    image = qcow2(tmp_path / "big.qcow2", size=64 << 30)
+    qemu_io(image, "write -P 0x42 40G 64k")
+    version = run("qemu-nbd", "--version").split()[1].split(".")
+    offered = (int(version[0]), int(version[1])) >= (8, 2)
+    with (
+        qemu_nbd(tmp_path, image) as uri,
+        NBDClient.connect(uri, meta_contexts=["base:allocation"]) as c,
+    ):
+        assert c.extended_headers is offered
+        first = c.block_status(0, c.size, "base:allocation")
+        assert first[0].offset == 0
+        assert (first[-1].end > 1 << 32) is offered
+        holes = list(c.extents("base:allocation"))
+        assert [(e.offset, e.length, e.flags & 1) for e in holes] == [
+            (0, 40 << 30, 1),
+            (40 << 30, 64 * KiB, 0),
+            ((40 << 30) + 64 * KiB, (24 << 30) - 64 * KiB, 1),
+        ]
+        assert c.pread(64 * KiB, 40 << 30) == b"\x42" * (64 * KiB)
+        c.pwrite(b"\x17" * 4096, 63 << 30)
+        c.flush()
+        assert c.pread(4096, 63 << 30) == b"\x17" * 4096
+
+
 def test_tcp_handshake(tmp_path: Path) -> None:
     image = qcow2(tmp_path / "a.qcow2")
     qemu_io(image, "write -P 0x5a 0 4k")

@@ -46,6 +46,9 @@ class NBDClient:
         self.read_only = info.read_only
         self.can_multi_conn = bool(info.flags & p.FLAG_CAN_MULTI_CONN)
         self.contexts: tuple[str, ...] = tuple(info.contexts)
+        #: The server took extended headers: 64-bit lengths, block status over the whole
+        #: export in one request.
+        self.extended_headers = info.extended
         self.min_block = info.min_block
         self.preferred_block = info.preferred_block
         self.max_block = info.max_block
@@ -221,8 +224,11 @@ class NBDClient:
                 f"nbd: block status range {offset}+{length} is outside export "
                 f"{self.export!r} of {self.size} bytes"
             )
-        length = min(length, self.size - offset, _MAX_STATUS_LENGTH)
         conn = self.read_connection()
+        # With extended headers one request may cover the rest of the export.
+        if not conn.info.extended:
+            length = min(length, _MAX_STATUS_LENGTH)
+        length = min(length, self.size - offset)
         req = conn.submit(
             p.CMD_BLOCK_STATUS,
             offset,

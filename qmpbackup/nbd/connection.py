@@ -103,6 +103,7 @@ class Connection:
         self._send_error: BaseException | None = None
         self._closing = False
         self._head = bytearray(p.REPLY_HEAD.size)
+        self._tail = bytearray(p.EXTENDED_REPLY_TAIL.size)
         self._word = bytearray(8)
         self._payload = bytearray(4096)
         self._reader = threading.Thread(
@@ -140,7 +141,7 @@ class Connection:
                 self._slots.release()
                 raise NBDError(str(self._error or f"nbd: connection to {self.server} is closed"))
             self._pending[handle] = req
-        header = p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+        header = self._header(flags, cmd, handle, offset, length)
         try:
             with self._send_lock:
                 self.stream.sendall(header)
@@ -163,7 +164,7 @@ class Connection:
         if healthy:
             try:
                 with self._send_lock:
-                    self.stream.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_DISC, 0, 0, 0))
+                    self.stream.sendall(self._header(0, p.CMD_DISC, 0, 0, 0))
                     if isinstance(self.stream, TLSStream):
                         self.stream.unwrap()
             except (OSError, ValueError):
@@ -173,9 +174,18 @@ class Connection:
         self._reader.join()
         self.stream.close()
 
+    def _header(self, flags: int, cmd: int, handle: int, offset: int, length: int) -> bytes:
+        if self.info.extended:
+            return p.EXTENDED_REQUEST.pack(
+                p.EXTENDED_REQUEST_MAGIC, flags, cmd, handle, offset, length
+            )
+        return p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
     def _run(self) -> None:
         head = memoryview(self._head)
+        tail = memoryview(self._tail)
         structured = self.info.structured
+        extended = self.info.extended
         try:
             while True:
                 recv_exact(self.stream, head)
@@ -192,8 +202,16 @@ class Connection:
                         recv_exact(self.stream, req.buf)
                         req.data = True
                     self._complete(req)
-                elif magic == p.STRUCTURED_REPLY_MAGIC and structured:
+                elif magic == p.STRUCTURED_REPLY_MAGIC and structured and not extended:
                     (length,) = p.U32.unpack(self._read_word(4))
+                    self._chunk(req, word & 0xFFFF, length)
+                    if (word >> 16) & p.REPLY_FLAG_DONE:
+                        self._complete(req)
+                elif magic == p.EXTENDED_REPLY_MAGIC and extended:
+                    recv_exact(self.stream, tail)
+                    offset, length = p.EXTENDED_REPLY_TAIL.unpack_from(self._tail)
+                    if offset != req.offset:
+                        raise _ProtocolError(f"reply for offset {offset}, not {req.offset}")
                     self._chunk(req, word & 0xFFFF, length)
                     if (word >> 16) & p.REPLY_FLAG_DONE:
                         self._complete(req)
@@ -226,6 +244,15 @@ class Connection:
             body = self._read_payload(length)
             if p.U32.unpack_from(body)[0] == req.context_id:
                 req.extents = list(p.DESCRIPTOR.iter_unpack(body[4:]))
+        elif rtype == p.REPLY_TYPE_BLOCK_STATUS_EXT:
+            if req.cmd != p.CMD_BLOCK_STATUS or length < 24 or (length - 8) % 16:
+                raise _ProtocolError("unexpected extended block status chunk")
+            body = self._read_payload(length)
+            context_id, count = p.U32.unpack_from(body)[0], p.U32.unpack_from(body, 4)[0]
+            if count != (length - 8) // 16:
+                raise _ProtocolError("extended block status chunk counts wrong")
+            if context_id == req.context_id:
+                req.extents = list(p.EXTENDED_DESCRIPTOR.iter_unpack(body[8:]))
         elif rtype == p.REPLY_TYPE_NONE:
             if length:
                 raise _ProtocolError("NONE chunk with a payload")

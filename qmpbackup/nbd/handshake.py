@@ -19,6 +19,7 @@ _OPTION_NAMES = {
     p.OPT_STARTTLS: "STARTTLS",
     p.OPT_GO: "GO",
     p.OPT_STRUCTURED_REPLY: "STRUCTURED_REPLY",
+    p.OPT_EXTENDED_HEADERS: "EXTENDED_HEADERS",
     p.OPT_SET_META_CONTEXT: "SET_META_CONTEXT",
     p.OPT_EXPORT_NAME: "EXPORT_NAME",
 }
@@ -35,6 +36,8 @@ class ExportInfo:
     preferred_block: int
     max_block: int
     structured: bool
+    # 64-bit request and reply headers (NBD_OPT_EXTENDED_HEADERS); implies structured.
+    extended: bool
     # Context name to the id this server chose on this connection.
     contexts: Mapping[str, int]
 
@@ -133,27 +136,35 @@ def negotiate(
         tls_stream.handshake()
         stream = opts.stream = tls_stream
 
-    opts.send(p.OPT_STRUCTURED_REPLY)
-    try:
-        rtype, payload = opts.reply(p.OPT_STRUCTURED_REPLY)
-    except ConnectionError:
-        if tls is None:
-            raise
-        # With TLS 1.3 the server checks our certificate after our side of the handshake.
-        raise NBDError(
-            f"nbd: TLS with {server} failed: the server hung up after the handshake "
-            "(client certificate missing or not accepted?)"
-        ) from None
-    if rtype == p.REP_ERR_TLS_REQD:
-        raise opts.refused(p.OPT_STRUCTURED_REPLY, rtype, payload)
-    structured = rtype == p.REP_ACK
+    # Extended headers where the server has them (QEMU 8.2 and later): block status over
+    # a whole huge disk in one request. Else structured replies, else simple ones.
+    extended = _ask(opts, p.OPT_EXTENDED_HEADERS, tls is not None)
+    structured = extended or _ask(opts, p.OPT_STRUCTURED_REPLY, tls is not None)
 
     contexts: dict[str, int] = {}
     if meta_contexts and structured:
         contexts = _set_meta_contexts(opts, meta_contexts)
 
-    info = _go(opts, structured, contexts, no_zeroes)
+    info = _go(opts, structured, extended, contexts, no_zeroes)
     return stream, info
+
+
+def _ask(opts: _Options, option: int, tls: bool) -> bool:
+    """Ask for a transmission-phase feature without payload; whether the server took it."""
+    opts.send(option)
+    try:
+        rtype, payload = opts.reply(option)
+    except ConnectionError:
+        if not tls:
+            raise
+        # With TLS 1.3 the server checks our certificate after our side of the handshake.
+        raise NBDError(
+            f"nbd: TLS with {opts.server} failed: the server hung up after the handshake "
+            "(client certificate missing or not accepted?)"
+        ) from None
+    if rtype == p.REP_ERR_TLS_REQD:
+        raise opts.refused(option, rtype, payload)
+    return rtype == p.REP_ACK
 
 
 def _set_meta_contexts(opts: _Options, queries: Sequence[str]) -> dict[str, int]:
@@ -174,7 +185,11 @@ def _set_meta_contexts(opts: _Options, queries: Sequence[str]) -> dict[str, int]
 
 
 def _go(
-    opts: _Options, structured: bool, contexts: Mapping[str, int], no_zeroes: bool
+    opts: _Options,
+    structured: bool,
+    extended: bool,
+    contexts: Mapping[str, int],
+    no_zeroes: bool,
 ) -> ExportInfo:
     opts.send(p.OPT_GO, _name(opts.export) + p.U16.pack(1) + p.U16.pack(p.INFO_BLOCK_SIZE))
     size: int | None = None
@@ -207,6 +222,7 @@ def _go(
         preferred_block=blocks[1],
         max_block=blocks[2],
         structured=structured,
+        extended=extended,
         contexts=dict(contexts),
     )
 

@@ -1,4 +1,5 @@
-"""Wire constants and structures of the NBD protocol (fixed newstyle, structured replies).
+"""Wire constants and structures of the NBD protocol (fixed newstyle, structured replies,
+extended headers).
 
 Names follow the protocol document (``NBD_OPT_GO`` is :data:`OPT_GO`, and so on).
 """
@@ -30,6 +31,7 @@ OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
 OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
+OPT_EXTENDED_HEADERS = 11
 
 REP_ACK = 1
 REP_SERVER = 2
@@ -81,6 +83,9 @@ FLAG_SEND_FAST_ZERO = 1 << 11
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
+# Extended headers (NBD_OPT_EXTENDED_HEADERS): 64-bit lengths both ways.
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -114,6 +119,7 @@ REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_BLOCK_STATUS_EXT = 6
 REPLY_TYPE_ERROR_BIT = 1 << 15
 REPLY_TYPE_ERROR = REPLY_TYPE_ERROR_BIT | 1
 REPLY_TYPE_ERROR_OFFSET = REPLY_TYPE_ERROR_BIT | 2
@@ -148,15 +154,19 @@ EXPORT_NAME_REPLY = struct.Struct(">QH")
 INFO_EXPORT_BODY = struct.Struct(">HQH")
 INFO_BLOCK_SIZE_BODY = struct.Struct(">HIII")
 REQUEST = struct.Struct(">IHHQQI")
+EXTENDED_REQUEST = struct.Struct(">IHHQQQ")
 # Simple and structured replies share their first 16 bytes: magic, a 32-bit word (error, or
 # flags and type) and the handle; a structured reply then carries a 32-bit length.
 REPLY_HEAD = struct.Struct(">IIQ")
+# An extended reply goes on with the request's offset and a 64-bit payload length.
+EXTENDED_REPLY_TAIL = struct.Struct(">QQ")
 U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 ERROR_BODY = struct.Struct(">IH")
 HOLE_BODY = struct.Struct(">QI")
 DESCRIPTOR = struct.Struct(">II")
+EXTENDED_DESCRIPTOR = struct.Struct(">QQ")
 
 
 def errno_name(code: int) -> str:
