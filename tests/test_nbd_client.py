@@ -197,9 +197,9 @@ def test_unix_handshake_size_and_reads(tmp_path: Path) -> None:
 
 
 def test_extended_headers_where_the_server_has_them(tmp_path: Path) -> None:
-    """A server that offers extended headers (QEMU 8.2 and later) gets them, and one block
-    status request covers a whole 64 GiB export; an older one structured replies, with
-    requests of at most 4 GiB. Reads, writes and extents are the same either way."""
+    """A server that offers extended headers (QEMU 8.2 and later) gets them, an older one
+    structured replies; block status asks at most 4 GiB a request either way (larger ones
+    measured slower), and reads, writes and extents are the same."""
     image = qcow2(tmp_path / "big.qcow2", size=64 << 30)
     qemu_io(image, "write -P 0x42 40G 64k")
     version = run("qemu-nbd", "--version").split()[1].split(".")
@@ -211,7 +211,7 @@ def test_extended_headers_where_the_server_has_them(tmp_path: Path) -> None:
         assert c.extended_headers is offered
         first = c.block_status(0, c.size, "base:allocation")
         assert first[0].offset == 0
-        assert (first[-1].end > 1 << 32) is offered
+        assert first[-1].end <= 1 << 32
         holes = list(c.extents("base:allocation"))
         assert [(e.offset, e.length, e.flags & 1) for e in holes] == [
             (0, 40 << 30, 1),

@@ -224,11 +224,12 @@ class NBDClient:
                 f"nbd: block status range {offset}+{length} is outside export "
                 f"{self.export!r} of {self.size} bytes"
             )
+        # At most 4 GiB a request, extended headers or not: QEMU 10.0 answers base:allocation
+        # of a snapshot-access view far slower over larger requests (a 4 TiB pull
+        # incremental's allocation sweep: 1.9 s in 4 GiB requests, 2.8 s in 64 GiB ones,
+        # 12 s in 1 TiB ones, 45 s in one request; scripts/bench --only huge).
+        length = min(length, self.size - offset, _MAX_STATUS_LENGTH)
         conn = self.read_connection()
-        # With extended headers one request may cover the rest of the export.
-        if not conn.info.extended:
-            length = min(length, _MAX_STATUS_LENGTH)
-        length = min(length, self.size - offset)
         req = conn.submit(
             p.CMD_BLOCK_STATUS,
             offset,
