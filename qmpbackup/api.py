@@ -50,9 +50,9 @@ from .recovery import Recovery
 from .request.models import BackupSpec, CheckpointSpec
 from .results import BackupBegun, BackupEnded, JobInfo, VMInfo
 from .runner import StepCallback, check_plan, run_journaled
-from .state.active import ActiveBackup, ActiveBackupStore
+from .state.active import ActiveBackup, ActiveBackupStore, running_server
 from .state.checkpoints import Checkpoint, CheckpointStore, find_checkpoint
-from .state.directory import default_state_root, locked, state_key
+from .state.directory import default_state_root, locked, scratch_folder, state_key
 from .state.journal import Journal
 
 log = structlog.get_logger("qmpbackup.api")
@@ -171,7 +171,7 @@ class VM:
         now = int(time.time())
         backup_id = self._active.next_id()
         checkpoints = self.checkpoints()
-        scratch_dir = str(self.state_dir / "scratch")
+        scratch_dir = str(scratch_folder(self.state_dir))
         choices = choose_disks(spec, graph, checkpoints, checkpoint, now, scratch_dir, backup_id)
         facts = await observe.backup_facts(
             self.session,
@@ -210,14 +210,14 @@ class VM:
             else:
                 graph = await self._recovery.refuse_leftovers()
             if spec.mode == "pull":
-                running = next((r.server for r in self.active_backups() if r.server), None)
+                running = running_server(self.active_backups())
                 self.capabilities = await observe.probed_capabilities(
                     self.session, self.schema, self.state_dir, self.capabilities, running, on_step
                 )
             # _run checks the plan against the schema before sending it.
             planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":
-                (self.state_dir / "scratch").mkdir(mode=0o700, exist_ok=True)
+                scratch_folder(self.state_dir).mkdir(mode=0o700, exist_ok=True)
             journal = await self._run(planned.plan, "backup-begin", on_step)
             server = planned.record.server
             if server is not None and server.socket and os.path.exists(server.socket):

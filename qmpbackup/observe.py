@@ -26,7 +26,8 @@ from .qmp.jobs import query_jobs
 from .qmp.session import QMPSession
 from .request.models import BackupSpec
 from .runner import StepCallback, rollback, run_journaled
-from .state.active import ActiveBackup, NbdServer
+from .state.active import ActiveBackup, NbdServer, running_server
+from .state.directory import scratch_folder
 from .state.probes import ProbeResults
 
 
@@ -94,7 +95,7 @@ async def backup_facts(
     Host probes (O_DIRECT, a free port) are made only when QEMU runs on this host,
     reached over a unix socket.
     """
-    running = next((r.server for r in active if r.server is not None), None)
+    running = running_server(active)
     wanted = spec.server
     free_port = None
     if spec.mode == "pull" and running is None and wanted is not None and not wanted.port:
@@ -108,7 +109,7 @@ async def backup_facts(
         existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
         busy_disks={d.disk: r.id for r in active for d in r.disks},
         job_ids=frozenset(await query_jobs(session)),
-        scratch_dir=str(state_dir / "scratch"),
+        scratch_dir=str(scratch_folder(state_dir)),
         default_socket=str(state_dir / "nbd.sock"),
         free_port=free_port,
         running_server=running,
@@ -171,7 +172,7 @@ async def inventory(
 
 def scratch_files(state_dir: Path) -> list[str]:
     """The files in the state directory's scratch folder (pull scratches qmpbackup made)."""
-    scratch = state_dir / "scratch"
+    scratch = scratch_folder(state_dir)
     return sorted(str(p) for p in scratch.iterdir()) if scratch.is_dir() else []
 
 

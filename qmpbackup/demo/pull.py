@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..request import BackupSpec, DiskBackupSpec, backup_to_xml
+from ..state.directory import scratch_folder
 from .chain import ROUNDS, Round, begin_round, check_chains, verify
 from .show import MiB, check, header, image_info, picture, say, show_file
 from .stage import DISKS, NUMBER, Demo
@@ -57,7 +58,7 @@ async def pull_full(demo: Demo) -> None:
         check(not images_equal(backup, now[disk]), "the guest's later writes are not in it")
     await demo.end_pull(begun.record.id)
     check(scratch.exists(), f"{scratch.name} is still there: qmpbackup did not create it")
-    made = sorted(p.name for p in (demo.vm.state_dir / "scratch").iterdir())
+    made = sorted(p.name for p in scratch_folder(demo.vm.state_dir).iterdir())
     left = f": {', '.join(made)} left" if made else ""
     check(not made, f"the scratch qmpbackup created for vda is gone{left}")
     say(f"$ rm {scratch.name}")

@@ -7,6 +7,7 @@ finished backup in a repository is another thing: :mod:`qmpbackup.repo.records`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +84,11 @@ class ActiveBackup(BaseModel):
     def job_ids(self) -> list[str]:
         """Every QEMU job id of this backup."""
         return [d.job_id for d in self.disks]
+
+
+def running_server(active: Iterable[ActiveBackup]) -> NbdServer | None:
+    """The NBD server the backups in progress export through (QEMU runs at most one)."""
+    return next((b.server for b in active if b.server is not None), None)
 
 
 class ActiveBackupStore:

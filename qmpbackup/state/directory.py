@@ -30,6 +30,11 @@ def state_key(vm_name: str | None, uuid: str | None, address: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", raw).strip("._") or "default"
 
 
+def scratch_folder(state_dir: Path) -> Path:
+    """Where pull scratches go that the request names no file for."""
+    return state_dir / "scratch"
+
+
 def locked(state_dir: Path) -> AbstractContextManager[None]:
     """Hold the state directory's lock: one qmpbackup run changes a VM at a time.
 
