@@ -4,6 +4,8 @@ The client connects to the proxy's socket; the proxy relays each connection to
 QEMU's.  When the client sends the command ``cut`` matches, the proxy closes
 both sides: ``before`` QEMU sees the command, or ``after`` QEMU ran it but
 before its reply reaches the client (the client cannot know it happened).
+With ``hold``, the command never reaches QEMU and the connection stays open: the
+client waits for a reply forever, a fixed place to kill it at.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class QmpCutter:
     ``cut`` accepts.  ``cut_seen`` is set once that happened."""
 
     def __init__(
-        self, listen: Path, upstream: Path, cut: Match, when: Literal["before", "after"]
+        self, listen: Path, upstream: Path, cut: Match, when: Literal["before", "after", "hold"]
     ) -> None:
         self.listen = listen
         self.upstream = upstream
@@ -73,6 +75,11 @@ class QmpCutter:
                 for message in _messages(buffer):
                     if not self.cut_seen.is_set() and self.cut(message):
                         self.cut_seen.set()
+                        if self.when == "hold":
+                            while await client_r.read(65536):
+                                pass
+                            done.set()
+                            return
                         if self.when == "before":
                             done.set()
                             return

@@ -35,6 +35,7 @@ from qmpbackup.request import BackupSpec, DiskBackupSpec, backup_to_xml
 from qmpbackup.state.active import ActiveBackupStore
 from qmpbackup.state.checkpoints import CheckpointStore
 
+from .qmp_cutter import QmpCutter
 from .support import CLUSTER, Cli, CliResult, rebase
 from .test_pull_backup import uris
 
@@ -167,7 +168,7 @@ def only_line(result: CliResult) -> bool:
 async def spawn(cli: Cli, *args: str) -> asyncio.subprocess.Process:
     """Start ``qmpbackup`` as ``cli`` runs it, with pipes, without waiting for it."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qmpbackup", "--qmp", str(cli.vm.qmp_path),
+        sys.executable, "-m", "qmpbackup", "--qmp", str(cli.qmp or cli.vm.qmp_path),
         "--state-dir", str(cli.state_dir), *args,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, limit=1 << 24,
     )  # fmt: skip
@@ -779,14 +780,21 @@ async def test_killed_mid_plan(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> Non
     base = await base_checkpoint(vm, cli, tmp_path)
     await vm.write("vdb", 0x58, 0, 4 * MiB)
     spec = pull_vdb(tmp_path / "p.xml", "check1")
-    proc = await spawn(cli, "backup-begin", str(spec), "check2", "--show-steps")
-    # The first pull begin on this QEMU probes snapshot-access with a server of its own:
-    # the backup's server is the one started after the transaction.
-    sent = await read_until(proc.stdout, '"transaction"')
-    sent += await read_until(proc.stdout, '"nbd-server-start"')
-    proc.send_signal(signal.SIGKILL)
-    assert await proc.wait() == -signal.SIGKILL
-    assert any('"transaction"' in line for line in sent)
+    proxy = tmp_path / "hold.sock"
+    ran: list[str] = []
+
+    def after_transaction(message: dict[str, Any]) -> bool:
+        # The first pull begin on this QEMU probes snapshot-access with a server of its
+        # own: the backup's server is the one started after the transaction.
+        ran.append(message.get("execute", ""))
+        return "transaction" in ran and message.get("execute") == "nbd-server-start"
+
+    # The run waits for a reply that never comes: killed at a fixed step, not a race.
+    async with QmpCutter(proxy, vm.qmp_path, after_transaction, "hold") as cutter:
+        proc = await spawn(Cli(vm, cli.state_dir, qmp=proxy), "backup-begin", str(spec), "check2")
+        await asyncio.wait_for(cutter.cut_seen.wait(), 60)
+        proc.send_signal(signal.SIGKILL)
+        assert await proc.wait() == -signal.SIGKILL
     # What the killed run left: its job and nodes, check2's bitmap, no record, no metadata.
     jobs = await vm.session.execute("query-jobs")
     assert [(j["id"], j["status"]) for j in jobs] == [("qmpbackup-1-vdb", "running")]
