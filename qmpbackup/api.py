@@ -249,9 +249,9 @@ class VM:
         """
         backup = self._active.load(backup_id)
         states = {j: await wait_job(self.session, j) for j in backup.job_ids()}
-        failed = {j: s.error for j, s in states.items() if s.error}
+        failed = [(d, states[d.job_id].error) for d in backup.disks if states[d.job_id].error]
         if failed:
-            detail = "; ".join(f"{j}: {e}" for j, e in failed.items())
+            detail = "; ".join(f"{d.disk} ({d.target or d.job_id}): {e}" for d, e in failed)
             raise JobFailedError(f"backup id {backup.id} failed: {detail}")
         return states
 

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from qmpbackup.repo.digests import Digests, digest_all
+from qmpbackup.repo.digests import Digests
+from qmpbackup.repo.digests_nbd import digest_all
 from qmpbackup.repo.records import BackupRecord, DiskRequest
 from qmpbackup.repo.repository import Repository
 from qmpbackup.request.models import Level
@@ -62,7 +63,8 @@ def add_backup(
         backing = ["-b", target.backing, "-F", "qcow2"] if target.backing else []
         qemu_img("create", "-q", "-f", "qcow2", *backing, str(target.image), str(SIZE))
         write(target.image, disks[target.name][1])
-        digest_all(target.image).save(target.digests)
+        block = entry.record.disk(target.name).digest_block_size  # type: ignore[union-attr]
+        digest_all(target.image, block_size=block, algorithm="blake3").save(target.digests)
     return repo.commit(entry)
 
 
@@ -101,9 +103,9 @@ def same_content(image: Path, expected: Path, fmt: str = "qcow2") -> bool:
 def edit_digest(path: Path, block: int, digest: bytes = b"\x5a" * 32) -> None:
     """Replace the digest of ``block`` in the digests file ``path``."""
     old = Digests.load(path)
-    blocks = list(old.blocks)
+    blocks = dict(old.items())
     blocks[block] = digest
-    Digests(old.block_size, old.size, tuple(blocks)).save(path)
+    Digests.from_map(old.block_size, old.size, old.algorithm, blocks).save(path)
 
 
 def snapshot(root: Path) -> dict[str, str]:

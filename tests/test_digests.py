@@ -12,20 +12,38 @@ import pytest
 from qmpbackup.images.qemu_nbd import serve_image
 from qmpbackup.nbd import NBDClient
 from qmpbackup.repo.digests import (
-    DEFAULT_BLOCK_SIZE,
+    Algorithm,
     DigestError,
     Digests,
     changed_blocks,
     compare,
     derive,
-    digest_all,
-    digest_image,
     resized_blocks,
     zero_digest,
 )
+from qmpbackup.repo.digests_nbd import digest_all as nbd_digest_all
+from qmpbackup.repo.digests_nbd import digest_image as nbd_digest_image
 
 MiB = 1 << 20
 SIZE = 6 * MiB + 300 * 1024  # the last block is short
+# Format 1's geometry: these tests read through qemu-nbd, as format 1 records are.
+ALGORITHM: Algorithm = "blake2b"
+
+
+def digest_all(source: Path | str, block_size: int = MiB) -> Digests:
+    return nbd_digest_all(source, block_size=block_size, algorithm=ALGORITHM)
+
+
+def digest_image(
+    source: Path | str, blocks: object = None, block_size: int = MiB
+) -> dict[int, bytes]:
+    return nbd_digest_image(
+        source,
+        None,
+        blocks,
+        block_size=block_size,
+        algorithm=ALGORITHM,  # type: ignore[arg-type]
+    )
 
 
 def qemu_img(*args: str) -> str:
@@ -67,9 +85,10 @@ def base(tmp_path: Path) -> Path:
 
 def test_digests_equal_hashlib_over_raw(base: Path, tmp_path: Path) -> None:
     digests = digest_all(base)
-    assert digests.size == SIZE and digests.block_size == DEFAULT_BLOCK_SIZE
-    assert list(digests.blocks) == raw_digests(base, tmp_path)
-    assert digests.blocks[1] == zero_digest(MiB)
+    assert digests.size == SIZE and digests.block_size == MiB
+    assert [digests.get(i) for i in range(digests.count)] == raw_digests(base, tmp_path)
+    assert digests.get(1) == zero_digest(MiB, ALGORITHM)
+    assert list(digests.indexes) == [0, 2, 3, 6]  # zero blocks are not held
 
 
 def test_small_block_size_and_subset(base: Path, tmp_path: Path) -> None:
@@ -81,7 +100,8 @@ def test_small_block_size_and_subset(base: Path, tmp_path: Path) -> None:
 def test_pull_uri_directly(base: Path, tmp_path: Path) -> None:
     with serve_image(base) as uri:
         assert uri.startswith("nbd+unix://")
-        assert list(digest_all(uri).blocks) == raw_digests(base, tmp_path)
+        found = digest_all(uri)
+        assert [found.get(i) for i in range(found.count)] == raw_digests(base, tmp_path)
 
 
 def test_zero_blocks_are_not_read(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +116,7 @@ def test_zero_blocks_are_not_read(base: Path, monkeypatch: pytest.MonkeyPatch) -
     digests = digest_all(base)
     read_blocks = changed_blocks(reads, MiB)
     assert read_blocks == {0, 2, 3, 6}
-    assert all(digests.blocks[i] == zero_digest(MiB) for i in (1, 4, 5))
+    assert all(digests.get(i) == zero_digest(MiB, ALGORITHM) for i in (1, 4, 5))
 
 
 def test_derive_incremental_equals_full_recompute(base: Path, tmp_path: Path) -> None:
@@ -124,7 +144,7 @@ def test_derive_over_a_resize(base: Path, tmp_path: Path) -> None:
         derive(parent, digest_image(top, blocks={8}), new_size)
     derived = derive(parent, digest_image(top, blocks=dirty), new_size)
     assert derived == digest_all(top)
-    assert list(derived.blocks) == raw_digests(top, tmp_path)
+    assert [derived.get(i) for i in range(derived.count)] == raw_digests(top, tmp_path)
 
 
 def test_flipped_byte_in_a_data_cluster_changes_exactly_that_block(
@@ -154,15 +174,43 @@ def test_save_load_round_trip(base: Path, tmp_path: Path) -> None:
         Digests.load(path)
 
 
+def sparse(size: int, blocks: dict[int, bytes], block_size: int = MiB) -> Digests:
+    return Digests.from_map(block_size, size, ALGORITHM, blocks)
+
+
 def test_changed_blocks_and_compare() -> None:
     assert changed_blocks([(0, 1), (MiB - 1, 2), (5 * MiB, MiB), (7 * MiB, 0)], MiB) == {0, 1, 5}
-    a = Digests(MiB, 2 * MiB, (b"a" * 32, b"b" * 32))
-    b = Digests(MiB, 3 * MiB, (b"a" * 32, b"c" * 32, b"d" * 32))
+    a = sparse(2 * MiB, {0: b"a" * 32, 1: b"b" * 32})
+    b = sparse(3 * MiB, {0: b"a" * 32, 1: b"c" * 32, 2: b"d" * 32})
     assert compare(a, b) == [1, 2]
     with pytest.raises(DigestError):
-        compare(a, Digests(2 * MiB, 2 * MiB, (b"a" * 32,)))
+        compare(a, sparse(2 * MiB, {0: b"a" * 32}, 2 * MiB))
     with pytest.raises(DigestError, match="beyond"):
         derive(a, {2: b"x" * 32}, 2 * MiB)
     assert resized_blocks(SIZE, SIZE, MiB) == set()
     assert resized_blocks(4 * MiB, 9 * MiB, MiB) == set()
     assert resized_blocks(SIZE, 2 * MiB + 5, MiB) == {2}
+
+
+def test_derive_zeroes_a_block_and_follows_the_data() -> None:
+    """A changed block whose digest is the zero digest stops being held; the derived
+    digests of a 1 TiB disk hold only its data blocks."""
+    size = 1 << 40
+    parent = Digests.from_map(1 << 16, size, "blake3", {5: b"p" * 32, 9_000_000: b"q" * 32})
+    child = derive(parent, {5: zero_digest(1 << 16, "blake3"), 77: b"n" * 32}, size)
+    assert list(child.indexes) == [77, 9_000_000]
+    assert child.get(5) == zero_digest(1 << 16, "blake3") and child.get(77) == b"n" * 32
+    assert compare(parent, child) == [5, 77]
+
+
+def test_format1_file_loads_and_saves_the_same(base: Path, tmp_path: Path) -> None:
+    """A format 1 file (every block's BLAKE2b, dense) loads as sparse digests and saves
+    back byte for byte."""
+    dense = b"".join(raw_digests(base, tmp_path))
+    old = tmp_path / "old.digests"
+    old.write_bytes(b"QMPBDIG1" + MiB.to_bytes(8, "little") + SIZE.to_bytes(8, "little") + dense)
+    loaded = Digests.load(old)
+    assert loaded == digest_all(base) and loaded.algorithm == "blake2b"
+    again = tmp_path / "again.digests"
+    loaded.save(again)
+    assert again.read_bytes() == old.read_bytes()

@@ -33,7 +33,9 @@ from .repo_builder import (
     snapshot,
 )
 
-# Full, two incrementals and a differential of vda; 1 MiB digest blocks.
+# Full, two incrementals and a differential of vda; the comments count 1 MiB, the digest
+# blocks are 64 KiB (BLOCK, format 2).
+BLOCK = 64 * KiB
 A: list[Write] = [(0x11, 0, MiB), (0x12, 3 * MiB, 512 * KiB), (0x13, 6 * MiB + 64 * KiB, 64 * KiB)]
 B: list[Write] = [(0x21, 512 * KiB, 64 * KiB), (0x22, 4 * MiB, MiB)]  # blocks 0, 4
 C: list[Write] = [(0x31, 3 * MiB + 128 * KiB, 64 * KiB), (None, 6 * MiB, 256 * KiB)]  # 3, 6
@@ -132,7 +134,7 @@ def test_restore_every_point_equals_its_reference(
         out = tmp_path / f"{backup_id}.{fmt}"
         result = restore(chain.repo, "vda", out, backup_id, fmt)
         assert result.backup_id == backup_id and result.out == out and result.fmt == fmt
-        assert result.virtual_size == 8 * MiB and result.blocks_checked == 8
+        assert result.virtual_size == 8 * MiB and result.blocks_checked == 8 * MiB // BLOCK
         assert same_content(out, expected(chain, backup_id, tmp_path), fmt)
         info = json.loads(qemu_img("info", "--output=json", "-f", fmt, str(out)))
         assert "backing-filename" not in info and info["virtual-size"] == 8 * MiB
@@ -170,7 +172,8 @@ def test_restore_of_a_corrupt_chain_fails_naming_the_block(chain: Built, tmp_pat
     flip_data_byte(chain.image(inc1), 4 * MiB + 100)  # block 4, which inc2 reads from inc1
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    with pytest.raises(RepositoryError, match=rf"backup {inc2}, disk vda: block 4 \(bytes"):
+    block = 4 * MiB // BLOCK
+    with pytest.raises(RepositoryError, match=rf"backup {inc2}, disk vda: block {block} \(bytes"):
         restore(chain.repo, "vda", out_dir / "x.qcow2", inc2)
     assert list(out_dir.iterdir()) == []
     # The full backup does not go through inc1: still restorable.
@@ -184,8 +187,9 @@ def test_verify_a_good_repository_reads_only_what_each_layer_touches(chain: Buil
     report = verify(chain.repo)
     assert report.ok and report.problems == []
     assert report.backup_ids == chain.ids and report.backups == 4 and report.files == 8
-    # The full: 8 blocks; inc1: 0, 4; inc2: 3, 6, 7; diff: 2, 4.
-    assert report.blocks_read == 8 + 2 + 3 + 2
+    # Each file's own data clusters are hashed once, in its one read: the full's 16 + 8 +
+    # 1, inc1's 1 + 16, inc2's 1 + 1 (its 4 zero clusters hold no data), the diff's 4 + 1.
+    assert report.blocks_read == 25 + 17 + 2 + 5
     one = verify(chain.repo, chain.ids[2])
     assert one.ok and one.backup_ids == chain.ids[:3]
     with pytest.raises(InvalidInputError):
@@ -206,7 +210,7 @@ def test_verify_names_the_file_with_a_flipped_data_byte(
     assert not report.ok
     assert paths_named(report.problems) == {image}
     messages = " | ".join(p.message for p in report.problems)
-    assert "changed since the backup" in messages and f"block {guest // MiB} " in messages
+    assert "changed since the backup" in messages and f"block {guest // BLOCK} " in messages
 
 
 def test_verify_names_a_file_with_damaged_metadata(chain: Built) -> None:
@@ -375,7 +379,10 @@ def test_prune_refuses_when_the_flattened_image_does_not_check(incs: Built) -> N
     broken = incs.image(ids[1])
     flip_data_byte(broken, 4 * MiB + 100)  # block 4: the kept ids[2] reads it from ids[1]
     before = snapshot(repo.root)
-    with pytest.raises(RepositoryError, match=rf"flattening backup {ids[2]}, disk vda: block 4"):
+    block = 4 * MiB // BLOCK
+    with pytest.raises(
+        RepositoryError, match=rf"flattening backup {ids[2]}, disk vda: block {block}"
+    ):
         prune(repo, 2)
     assert snapshot(repo.root) == before
     assert paths_named(verify(repo).problems) == {broken}

@@ -45,6 +45,10 @@ class CopyResult:
     size: int
     data_bytes: int
     zero_bytes: int
+    # qcow2 only: the digest of every block written or zeroed, and the file digest,
+    # as hashed on the way in (qmpbackup.images.qcow2_writer).
+    blocks: dict[int, bytes] | None = None
+    file_digest: str | None = None
 
 
 def _intersect(
@@ -168,6 +172,12 @@ class _FileSink:
             self._qcow2.zero(offset, length)
         done(None)
 
+    def hashed(self) -> tuple[dict[int, bytes] | None, str | None]:
+        """What the qcow2 writer hashed (blocks, file digest), once finished."""
+        if self._qcow2 is None:
+            return None, None
+        return self._qcow2.blocks, self._qcow2.file_digest
+
     def finish(self) -> None:
         if self._qcow2 is not None:
             self._qcow2.finish()
@@ -229,15 +239,21 @@ def pull_copy(
                 in_flight=IN_FLIGHT,
                 on_progress=on_progress,
             )
-            sink.finish()
+            try:
+                sink.finish()
+            except OSError as exc:
+                raise QmpBackupError(f"cannot write {out}: {exc.strerror}") from None
         except BaseException:
             sink.abandon()
             raise
+    blocks, whole = sink.hashed()
     return CopyResult(
         image=out,
         size=source.size,
         data_bytes=copied,
         zero_bytes=sum(n for _, n in zeros),
+        blocks=blocks,
+        file_digest=whole,
     )
 
 

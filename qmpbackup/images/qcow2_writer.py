@@ -9,6 +9,11 @@ held) and the L1 table, the refcounts and the header are written when the
 image is finished.  Until then the header is zero, so an image cut short is
 not mistaken for a qcow2.
 
+Every 64 KiB chunk of the file is hashed (BLAKE3) as it is written: the chunks'
+digests give the file digest of a format 2 record and, for data clusters, the
+digests of the guest blocks they hold (:attr:`Qcow2Writer.blocks`), so the data is
+hashed once, on its way in, and never read back.
+
 The format is qcow2 version 3 with 64 KiB clusters and 16-bit refcounts,
 every allocated cluster referenced once (as ``qemu-img check`` expects);
 clusters that must read as zeroes over a backing file are zero clusters.
@@ -17,10 +22,13 @@ The specification is QEMU's ``docs/interop/qcow2.txt``.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from array import array
 from pathlib import Path
+
+import blake3
 
 from ..files import pwrite_all
 
@@ -62,6 +70,11 @@ class Qcow2Writer:
         self._table_hosts: dict[int, int] = {}  # L2 index -> its host cluster, once written
         self._next = 1  # host cluster 0 is the header
         self._advised = 0  # host bytes up to here have had their writeback started
+        # The digest of every host cluster written, 32 bytes each, by host cluster.
+        self._chunks = bytearray(32)
+        # Guest cluster -> the digest of its bytes, for every cluster written or zeroed.
+        self.blocks: dict[int, bytes] = {}
+        self.file_digest: str | None = None  # once finished
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             self._header()  # checked now, written (with its magic) by finish()
@@ -75,24 +88,30 @@ class Qcow2Writer:
         """Store ``data`` at guest ``offset``; rewritten clusters keep their place."""
         first, count = self._span(offset, len(data))
         hosts = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
+        view = memoryview(data)
         if not any(hosts):
             start = self._allocate(count)
             for i in range(count):
                 self._set(first + i, (start + i) << CLUSTER_BITS | OFLAG_COPIED)
-            self._pwrite(data, start << CLUSTER_BITS)
-            return
-        view = memoryview(data)
-        for i, host in enumerate(hosts):
-            if not host:
-                host = self._allocate(1) << CLUSTER_BITS
-            self._set(first + i, host | OFLAG_COPIED)
-            self._pwrite(view[i * CLUSTER : (i + 1) * CLUSTER], host)
+            digests = self._pwrite(view, start << CLUSTER_BITS)
+        else:
+            digests = []
+            for i, host in enumerate(hosts):
+                if not host:
+                    host = self._allocate(1) << CLUSTER_BITS
+                self._set(first + i, host | OFLAG_COPIED)
+                digests += self._pwrite(view[i * CLUSTER : (i + 1) * CLUSTER], host)
+        for i, digest in enumerate(digests):
+            if (i + 1) * CLUSTER > len(view):  # the disk's short last cluster: unpadded
+                digest = blake3.blake3(view[i * CLUSTER :]).digest()
+            self.blocks[first + i] = digest
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at guest ``offset`` read as zeroes, over any backing."""
         first, count = self._span(offset, length)
         for index in range(first, first + count):
             entry = self._entry(index)
+            self.blocks[index] = _zero_digest(min(CLUSTER, self.size - index * CLUSTER))
             if self.backing is None and not entry:
                 continue  # nothing below: an unallocated cluster reads as zeroes
             self._set(index, entry | OFLAG_ZERO | (OFLAG_COPIED if entry & OFFSET_MASK else 0))
@@ -110,8 +129,22 @@ class Qcow2Writer:
         self._next += count
         return start
 
-    def _pwrite(self, data: memoryview | bytes, host: int) -> None:
+    def _pwrite(self, data: memoryview | bytes, host: int) -> list[bytes]:
+        """Write ``data`` at the cluster-aligned ``host`` offset; the digests of the
+        host clusters it fills (the last zero-padded, as it reads in the file)."""
         pwrite_all(self._fd, data, host)
+        view = memoryview(data)
+        digests = []
+        for start in range(0, len(view), CLUSTER):
+            piece = view[start : start + CLUSTER]
+            if len(piece) < CLUSTER:
+                piece = memoryview(bytes(piece) + bytes(CLUSTER - len(piece)))
+            digests.append(blake3.blake3(piece).digest())
+        first = host >> CLUSTER_BITS
+        end = (first + len(digests)) * 32
+        if len(self._chunks) < end:
+            self._chunks += bytes(end - len(self._chunks))
+        self._chunks[first * 32 : end] = b"".join(digests)
         end = self._next << CLUSTER_BITS
         if end - self._advised >= WRITEBACK_WINDOW:
             # Start writing back what came in so far (DONTNEED does, for dirty pages):
@@ -120,6 +153,7 @@ class Qcow2Writer:
             # appended, so the range since the last call is what is new.
             os.posix_fadvise(self._fd, self._advised, end - self._advised, os.POSIX_FADV_DONTNEED)
             self._advised = end
+        return digests
 
     # -- L2 tables ------------------------------------------------------------
 
@@ -195,6 +229,17 @@ class Qcow2Writer:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
+        self.file_digest = self._file_digest(used)
+
+    def _file_digest(self, clusters: int) -> str:
+        """The format 2 file digest: BLAKE3 over the digests of the file's clusters."""
+        unwritten = _zero_digest(CLUSTER)
+        hasher = blake3.blake3()
+        chunks = memoryview(self._chunks)
+        for index in range(clusters):
+            digest = chunks[index * 32 : (index + 1) * 32]
+            hasher.update(unwritten if index * 32 >= len(chunks) or not any(digest) else digest)
+        return hasher.hexdigest()
 
     def _header(
         self, l1_host: int = 0, l1_size: int = 0, table_host: int = 0, table_clusters: int = 0
@@ -240,3 +285,8 @@ class Qcow2Writer:
             os.close(self._fd)
             self._fd = -1
             self.path.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_digest(length: int) -> bytes:
+    return blake3.blake3(bytes(length)).digest()

@@ -8,9 +8,11 @@ The steps, in order:
 3. begin: one transaction sets the instant and creates checkpoint ``backup-<id>``;
 4. copy: push waits for QEMU's jobs; pull reads the exports with the built-in client;
 5. end the backup job, so QEMU lets go of every node, export and scratch file;
-6. seal each image: a push incremental gets its parent's name as backing file,
-   ``qemu-img check`` passes, and the per-block digests are recorded (an
-   incremental reads only its changed blocks and derives the others);
+6. seal each image (:mod:`qmpbackup.repo.seal`): a push incremental gets its
+   parent's name as backing file, ``qemu-img check`` passes, and the per-block
+   digests are recorded: a pull image's were computed as it was written, a push
+   image is read once (an incremental holds only its changed blocks; the others
+   are derived from its parent's digests);
 7. commit the record, then delete checkpoints that no backup needs any more.
 
 A failure or an interrupt before 7 aborts the job (its checkpoint goes with it)
@@ -29,26 +31,18 @@ import structlog
 
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
-from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from ..planner.facts import PullOptions
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
 from ..results import BackupBegun
-from .digests import (
-    DEFAULT_BLOCK_SIZE,
-    Digests,
-    changed_blocks,
-    derive,
-    digest_all,
-    digest_image,
-    resized_blocks,
-)
+from .digests import DEFAULT_BLOCK_SIZE
 from .events import BackupEvent, EventSink
 from .prune import unneeded_checkpoints
 from .records import BackupEntry, DiskRequest
 from .records import BackupRecord as RepositoryRecord
 from .repository import Repository
+from .seal import Hashed, seal
 from .transfer import follow_jobs, read_exports
 
 log = structlog.get_logger("qmpbackup.backup")
@@ -113,31 +107,6 @@ def _backup_spec(
             )
         )
     return BackupSpec(mode=mode, disks=tuple(disks))
-
-
-def _seal(repo: Repository, entry: BackupEntry, decision: LevelDecision, mode: Mode) -> int:
-    """Link, check and digest one disk's new image; return the blocks read."""
-    target = entry.target(decision.disk)
-    disk_record = entry.record.disk(decision.disk)
-    assert disk_record is not None
-    if mode == "push" and target.backing:
-        set_backing_name(target.image, target.backing)
-    check_image(target.image)
-    block = disk_record.digest_block_size
-    size = disk_record.virtual_size
-    if disk_record.parent is None:
-        digests = digest_all(target.image, size, block_size=block)
-        read = len(digests.blocks)
-    else:
-        parent = repo.get(disk_record.parent)
-        before = Digests.load(repo.digests_path(parent, decision.disk))
-        changed = changed_blocks(top_layer_extents(target.image), block)
-        changed |= resized_blocks(before.size, size, block)
-        fresh = digest_image(target.image, size, changed, block_size=block)
-        digests = derive(before, fresh, size)
-        read = len(changed)
-    digests.save(target.digests)
-    return read
 
 
 def discard_incomplete(repo: Repository) -> list[str]:
@@ -210,32 +179,55 @@ class _OneShot:
             recover=recover,
         )
         self.emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {self.checkpoint}"))
+        hashed: dict[str, Hashed] = {}
         if self.mode == "push":
             written = await follow_jobs(self.vm, self.job, self.emit)
         else:
             levels = {d.disk: d for d in self.decisions}
-            written = await read_exports(self.vm, entry, self.job, levels, self.emit)
+            copies = await read_exports(self.vm, entry, self.job, levels, self.emit)
+            written = {d: c.data_bytes + c.zero_bytes for d, c in copies.items()}
+            hashed = {
+                d: Hashed(c.blocks, c.file_digest)
+                for d, c in copies.items()
+                if c.blocks is not None and c.file_digest is not None
+            }
         ended = await self.vm.backup_end(self.job.record.id)
         self.job = None
         if ended.outcome != "completed":
-            detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
+            detail = "; ".join(
+                f"{d} into {entry.target(d).image}: {e}" for d, e in ended.errors.items()
+            )
             raise JobFailedError(f"backup {entry.id} {ended.outcome}: {detail}")
+        file_digests = {}
         for decision in self.decisions:
-            read = await asyncio.to_thread(_seal, self.repo, entry, decision, self.mode)
+            disk = decision.disk
+            sealed = await asyncio.to_thread(
+                seal,
+                self.repo,
+                entry,
+                disk,
+                link=self.mode == "push",
+                hashed=hashed.get(disk),
+            )
+            file_digests[disk] = sealed.file_digest
+            how = f"digests of {sealed.blocks_read} blocks read"
+            if sealed.blocks_hashed:
+                how = f"digests of {sealed.blocks_hashed} blocks taken while copying"
             self.emit(
                 BackupEvent(
                     "disk-done",
                     backup=entry.id,
-                    disk=decision.disk,
+                    disk=disk,
                     level=decision.level,
-                    done=written.get(decision.disk, 0),
-                    message=f"checked, digests of {read} blocks read",
+                    done=written.get(disk, 0),
+                    message=f"checked, {how}",
                 )
             )
-        return await self._commit()
+        return await self._commit(file_digests)
 
-    async def _commit(self) -> RepositoryRecord:
-        """Record the granularity and creation time of the checkpoint made, and commit."""
+    async def _commit(self, file_digests: dict[str, str]) -> RepositoryRecord:
+        """Record the granularity and creation time of the checkpoint made, and the
+        images' file digests, and commit."""
         graph = await self.vm.graph()
         granularity = {}
         for decision in self.decisions:
@@ -247,6 +239,7 @@ class _OneShot:
             self.entry,
             checkpoint_time=None if made is None else made.creation_time,
             granularity=granularity,
+            file_digests=file_digests,
         )
 
     async def abandon(self, why: str) -> None:

@@ -1,51 +1,77 @@
 """Per-block digests of a disk's content at a backup's instant.
 
 Block ``i`` covers bytes ``i * block_size`` up to ``min((i + 1) * block_size, size)``; its
-digest is BLAKE2b (32 bytes) over exactly those bytes, so the last block may be short.
-Blocks that read as zero are never read: their digest is computed once per length.
+digest is a 32-byte hash over exactly those bytes, so the last block may be short. Only
+the blocks that do not read as zeroes are held (sorted indexes and their digests, in two
+flat arrays): memory and work follow a disk's data, not its size.
 
-File format (``<backup-id>.digests``), little endian::
+Two formats, named by the record that points at the file (``BackupRecord.format``):
 
-    b"QMPBDIG1"  u64 block_size  u64 size  then one 32-byte digest per block
+- format 1: BLAKE2b, 1 MiB blocks, every block's digest (``b"QMPBDIG1"  u64 block_size
+  u64 size`` then one digest per block, little endian);
+- format 2: BLAKE3, 64 KiB blocks (one qcow2 cluster, the unit backups copy), the blocks
+  that are not zero (``b"QMPBDIG2"  u64 block_size  u64 size  u64 count`` then ``count``
+  u64 indexes, then ``count`` digests).
+
+A record's image file has a file digest too (:func:`file_digest`): format 1 hashes the
+whole file with BLAKE2b; format 2 hashes the list of the BLAKE3 digests of its 64 KiB
+chunks, so that one read of the file gives both the file digest and its data clusters'
+block digests (the same hashes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import struct
-from bisect import bisect_right
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import blake3
 
 from ..errors import QmpBackupError
 from ..files import atomic_write_bytes
-from ..images.qemu_nbd import serve_image
-from ..nbd import NBDClient
 
+Algorithm = Literal["blake2b", "blake3"]
 DIGEST_SIZE = 32
-DEFAULT_BLOCK_SIZE = 1 << 20
-_MAGIC = b"QMPBDIG1"
-_HEADER = struct.Struct("<8sQQ")
-_READ_BATCH = 16  # blocks per NBD read
-_ZERO_FLAG = 2  # base:allocation: reads as zero
+FORMATS = (1, 2)
+CURRENT_FORMAT = 2
+CHUNK = 1 << 16  # format 2: digest blocks and file chunks
+DEFAULT_BLOCK_SIZE = CHUNK
+_MAGIC1 = b"QMPBDIG1"
+_MAGIC2 = b"QMPBDIG2"
+_HEADER1 = struct.Struct("<8sQQ")
+_HEADER2 = struct.Struct("<8sQQQ")
 
 
 class DigestError(QmpBackupError):
     """Digests could not be computed, read or derived."""
 
 
-def block_digest(data: bytes | bytearray | memoryview) -> bytes:
+def algorithm_of(record_format: int) -> Algorithm:
+    """The hash of a record format's digests (DigestError for an unknown format)."""
+    if record_format == 1:
+        return "blake2b"
+    if record_format == 2:
+        return "blake3"
+    raise DigestError(f"record format {record_format} is not one this qmpbackup reads")
+
+
+def block_digest(data: bytes | bytearray | memoryview, algorithm: Algorithm) -> bytes:
     """The digest of one block's bytes."""
+    if algorithm == "blake3":
+        return blake3.blake3(data).digest()
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
-@functools.lru_cache(maxsize=8)
-def zero_digest(length: int) -> bytes:
+@functools.lru_cache(maxsize=16)
+def zero_digest(length: int, algorithm: Algorithm) -> bytes:
     """The digest of ``length`` zero bytes (computed once per length)."""
-    return block_digest(bytes(length))
+    return block_digest(bytes(length), algorithm)
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -60,59 +86,136 @@ def block_length(index: int, size: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class Digests:
-    """The digests of every block of a ``size``-byte disk."""
+    """The digests of a ``size``-byte disk: ``indexes`` (sorted) are its blocks that do
+    not read as zeroes, ``values`` their digests end to end; every other block is zero."""
 
     block_size: int
     size: int
-    blocks: tuple[bytes, ...]
+    algorithm: Algorithm
+    indexes: array[int] = field(default_factory=lambda: array("Q"))
+    values: bytes = b""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.size < 0:
             raise DigestError(f"bad digests geometry {self.block_size}/{self.size}")
-        if len(self.blocks) != block_count(self.size, self.block_size):
-            raise DigestError(
-                f"{len(self.blocks)} digests for {block_count(self.size, self.block_size)} blocks"
-            )
+        if len(self.values) != len(self.indexes) * DIGEST_SIZE:
+            raise DigestError(f"{len(self.values)} digest bytes for {len(self.indexes)} blocks")
+        if self.indexes and self.indexes[-1] >= self.count:
+            raise DigestError(f"block {self.indexes[-1]} is beyond the disk's {self.count} blocks")
+
+    @property
+    def count(self) -> int:
+        """How many blocks the disk has."""
+        return block_count(self.size, self.block_size)
+
+    def zero(self, index: int) -> bytes:
+        """The digest block ``index`` has when it reads as zeroes."""
+        return zero_digest(block_length(index, self.size, self.block_size), self.algorithm)
+
+    def get(self, index: int) -> bytes:
+        """The digest of block ``index``."""
+        pos = bisect_left(self.indexes, index)
+        if pos < len(self.indexes) and self.indexes[pos] == index:
+            return self.values[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
+        return self.zero(index)
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        """(index, digest) of the blocks that are not zero, in order."""
+        for pos, index in enumerate(self.indexes):
+            yield index, self.values[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
 
     @classmethod
-    def from_map(cls, block_size: int, size: int, digests: Mapping[int, bytes]) -> Digests:
-        """Digests from a map holding every block index of the disk."""
+    def from_map(
+        cls, block_size: int, size: int, algorithm: Algorithm, digests: Mapping[int, bytes]
+    ) -> Digests:
+        """Digests from ``digests`` (block index: digest); blocks absent read as zeroes."""
+        indexes = array("Q")
+        values = bytearray()
         count = block_count(size, block_size)
-        missing = [i for i in range(count) if i not in digests]
-        if missing:
-            raise DigestError(f"digests of {len(missing)} blocks missing (first {missing[0]})")
-        return cls(block_size, size, tuple(digests[i] for i in range(count)))
+        for index in sorted(digests):
+            value = digests[index]
+            if not 0 <= index < count:
+                raise DigestError(f"block {index} is beyond the disk's {count} blocks")
+            if value != zero_digest(block_length(index, size, block_size), algorithm):
+                indexes.append(index)
+                values += value
+        return cls(block_size, size, algorithm, indexes, bytes(values))
 
     def save(self, path: Path) -> None:
-        """Write to ``path`` atomically."""
-        data = _HEADER.pack(_MAGIC, self.block_size, self.size) + b"".join(self.blocks)
-        atomic_write_bytes(path, data)
+        """Write to ``path`` atomically, in the format of this algorithm (OSError if the
+        filesystem refuses)."""
+        if self.algorithm == "blake2b":
+            dense = b"".join(self.get(i) for i in range(self.count))
+            atomic_write_bytes(path, _HEADER1.pack(_MAGIC1, self.block_size, self.size) + dense)
+            return
+        indexes = array("Q", self.indexes)
+        if struct.pack("=H", 1) != struct.pack("<H", 1):
+            indexes.byteswap()
+        header = _HEADER2.pack(_MAGIC2, self.block_size, self.size, len(indexes))
+        atomic_write_bytes(path, header + indexes.tobytes() + self.values)
 
     @classmethod
     def load(cls, path: Path) -> Digests:
-        """Read a digests file."""
+        """Read a digests file of either format (DigestError if it is not one, OSError
+        if it cannot be read)."""
         data = path.read_bytes()
-        if len(data) < _HEADER.size:
-            raise DigestError(f"{path}: truncated digests file")
-        magic, block_size, size = _HEADER.unpack_from(data)
-        if magic != _MAGIC:
+        if data[:8] == _MAGIC1 and len(data) >= _HEADER1.size:
+            return cls._load1(path, data)
+        if data[:8] != _MAGIC2 or len(data) < _HEADER2.size:
             raise DigestError(f"{path}: not a digests file")
-        body = data[_HEADER.size :]
+        _, block_size, size, count = _HEADER2.unpack_from(data)
+        body = memoryview(data)[_HEADER2.size :]
+        if block_size <= 0 or len(body) != count * (8 + DIGEST_SIZE):
+            raise DigestError(f"{path}: digests file of the wrong length")
+        indexes = array("Q")
+        indexes.frombytes(body[: count * 8])
+        if struct.pack("=H", 1) != struct.pack("<H", 1):
+            indexes.byteswap()
+        if any(indexes[i] >= indexes[i + 1] for i in range(len(indexes) - 1)):
+            raise DigestError(f"{path}: block indexes out of order")
+        return cls(block_size, size, "blake3", indexes, bytes(body[count * 8 :]))
+
+    @classmethod
+    def _load1(cls, path: Path, data: bytes) -> Digests:
+        _, block_size, size = _HEADER1.unpack_from(data)
+        body = data[_HEADER1.size :]
         if block_size <= 0 or len(body) != block_count(size, block_size) * DIGEST_SIZE:
             raise DigestError(f"{path}: digests file of the wrong length")
-        blocks = tuple(body[i : i + DIGEST_SIZE] for i in range(0, len(body), DIGEST_SIZE))
-        return cls(block_size, size, blocks)
+        found = {i: body[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in range(len(body) // 32)}
+        return cls.from_map(block_size, size, "blake2b", found)
 
 
-def file_digest(path: Path) -> str:
-    """BLAKE2b (hex) of a file's bytes: any change anywhere in the file shows."""
-    digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
+def file_digest(path: Path, record_format: int = CURRENT_FORMAT) -> str:
+    """The file digest (hex) of ``path`` in a record format: any change anywhere in the
+    file shows (OSError if it cannot be read)."""
+    if algorithm_of(record_format) == "blake2b":
+        digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        with open(path, "rb", buffering=0) as handle:
+            while data := handle.read(4 << 20):
+                digest.update(data)
+        return digest.hexdigest()
+    chunks = FileChunks()
     with open(path, "rb", buffering=0) as handle:
-        while n := handle.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
+        while data := handle.read(4 << 20):
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK):
+                chunks.add(blake3.blake3(view[start : start + CHUNK]).digest())
+    return chunks.hexdigest()
+
+
+class FileChunks:
+    """A format 2 file digest made from its chunks' digests, given in file order."""
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3()
+
+    def add(self, chunk_digest: bytes) -> None:
+        """The digest of the next 64 KiB chunk (the last may be short)."""
+        self._hasher.update(chunk_digest)
+
+    def hexdigest(self) -> str:
+        """The file digest."""
+        return self._hasher.hexdigest()
 
 
 def changed_blocks(dirty_extents: Iterable[tuple[int, int]], block_size: int) -> set[int]:
@@ -134,10 +237,11 @@ def resized_blocks(old_size: int, new_size: int, block_size: int) -> set[int]:
 
 
 def derive(parent: Digests, changed: Mapping[int, bytes], size: int) -> Digests:
-    """The digests of a disk of ``size`` bytes that equals ``parent`` except in ``changed``.
+    """The digests of a disk of ``size`` bytes that equals ``parent`` except in ``changed``
+    (a zero block's digest there makes it zero).
 
     Blocks past the parent's end read as zero. ``changed`` must hold every block from
-    :func:`resized_blocks`.
+    :func:`resized_blocks`. Work follows the parent's data and ``changed``.
     """
     bs = parent.block_size
     count = block_count(size, bs)
@@ -147,144 +251,28 @@ def derive(parent: Digests, changed: Mapping[int, bytes], size: int) -> Digests:
     missing = resized_blocks(parent.size, size, bs) - set(changed)
     if missing:
         raise DigestError(f"block {min(missing)} changed with the disk size: it must be read")
-    known = block_count(parent.size, bs)
-    blocks: list[bytes] = []
-    for i in range(count):
-        if i in changed:
-            blocks.append(changed[i])
-        elif i < known:
-            blocks.append(parent.blocks[i])
-        else:
-            blocks.append(zero_digest(block_length(i, size, bs)))
-    return Digests(bs, size, tuple(blocks))
+    merged = {i: d for i, d in parent.items() if i < count and i not in changed}
+    merged.update(changed)
+    return Digests.from_map(bs, size, parent.algorithm, merged)
 
 
 def compare(expected: Digests, actual: Digests) -> list[int]:
-    """Indexes of the blocks whose digests differ (blocks present in one only included)."""
-    if expected.block_size != actual.block_size:
+    """Indexes of the blocks whose digests differ (a block of one disk only included)."""
+    if (expected.block_size, expected.algorithm) != (actual.block_size, actual.algorithm):
         raise DigestError(
-            f"cannot compare digests of {expected.block_size} and {actual.block_size}-byte blocks"
+            f"cannot compare {expected.algorithm} digests of {expected.block_size}-byte blocks "
+            f"with {actual.algorithm} digests of {actual.block_size}-byte blocks"
         )
-    longest = max(len(expected.blocks), len(actual.blocks))
-    return [
-        i
-        for i in range(longest)
-        if i >= len(expected.blocks)
-        or i >= len(actual.blocks)
-        or expected.blocks[i] != actual.blocks[i]
-    ]
-
-
-class _ZeroRanges:
-    """Block ranges that read as zero, from ``base:allocation`` extents."""
-
-    def __init__(self, client: NBDClient, size: int, block_size: int) -> None:
-        self.starts: list[int] = []
-        self.stops: list[int] = []
-        if "base:allocation" not in client.contexts:
-            return
-        for extent in client.extents("base:allocation", 0, size):
-            if not extent.flags & _ZERO_FLAG:
-                continue
-            first = block_count(extent.offset, block_size)
-            end = min(extent.end, size)
-            last = block_count(end, block_size) if end == size else end // block_size
-            if first < last:
-                self.starts.append(first)
-                self.stops.append(last)
-
-    def __contains__(self, index: int) -> bool:
-        pos = bisect_right(self.starts, index) - 1
-        return pos >= 0 and index < self.stops[pos]
-
-
-def _runs(indexes: list[int], limit: int) -> Iterator[tuple[int, int]]:
-    """Consecutive runs ``(first, count)`` of sorted ``indexes``, at most ``limit`` long."""
-    start = prev = -2
-    for i in indexes:
-        if i == prev + 1 and i - start < limit:
-            prev = i
-            continue
-        if start >= 0:
-            yield start, prev - start + 1
-        start = prev = i
-    if start >= 0:
-        yield start, prev - start + 1
-
-
-def digest_client(
-    client: NBDClient,
-    size: int,
-    blocks: Iterable[int] | None = None,
-    *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> dict[int, bytes]:
-    """Digests of ``blocks`` (default: all) of the first ``size`` bytes of an export."""
-    if size > client.size:
-        raise DigestError(f"export {client.address} has {client.size} bytes, not {size}")
-    count = block_count(size, block_size)
-    wanted = sorted(set(range(count) if blocks is None else blocks))
-    if wanted and not 0 <= wanted[0] <= wanted[-1] < count:
-        raise DigestError(f"blocks {wanted[0]}..{wanted[-1]} outside the disk's {count} blocks")
-    zeroes = _ZeroRanges(client, size, block_size)
-    result: dict[int, bytes] = {}
-    to_read: list[int] = []
-    for i in wanted:
-        if i in zeroes:
-            result[i] = zero_digest(block_length(i, size, block_size))
-        else:
-            to_read.append(i)
-    buf = bytearray(_READ_BATCH * block_size)
-    for first, n in _runs(to_read, _READ_BATCH):
-        offset = first * block_size
-        length = min(n * block_size, size - offset)
-        view = memoryview(buf)[:length]
-        client.readinto(view, offset)
-        for k in range(n):
-            result[first + k] = block_digest(view[k * block_size : (k + 1) * block_size])
-    return result
-
-
-@contextlib.contextmanager
-def open_source(
-    source: Path | str, *, fmt: str = "qcow2", connections: int = 4
-) -> Iterator[NBDClient]:
-    """An NBD client on a local image (served read-only by ``qemu-nbd``) or on an
-    ``nbd://``/``nbd+unix://`` URI, with ``base:allocation`` negotiated."""
-    with contextlib.ExitStack() as stack:
-        text = str(source)
-        uri = text if text.startswith("nbd") else stack.enter_context(serve_image(Path(text), fmt))
-        client = NBDClient.connect(uri, connections=connections, meta_contexts=["base:allocation"])
-        with client:
-            yield client
-
-
-def digest_image(
-    source: Path | str,
-    size: int | None = None,
-    blocks: Iterable[int] | None = None,
-    *,
-    fmt: str = "qcow2",
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> dict[int, bytes]:
-    """Digests of ``blocks`` (default: all) of the first ``size`` bytes (default: all) of a
-    local image with its backing chain, or of an ``nbd://``/``nbd+unix://`` export."""
-    with open_source(source, fmt=fmt) as client:
-        return digest_client(
-            client, client.size if size is None else size, blocks, block_size=block_size
-        )
-
-
-def digest_all(
-    source: Path | str,
-    size: int | None = None,
-    *,
-    fmt: str = "qcow2",
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> Digests:
-    """The :class:`Digests` of the first ``size`` bytes (default: all) of an image or export."""
-    with open_source(source, fmt=fmt) as client:
-        size = client.size if size is None else size
-        return Digests.from_map(
-            block_size, size, digest_client(client, size, block_size=block_size)
-        )
+    if (expected.size, expected.indexes, expected.values) == (
+        actual.size,
+        actual.indexes,
+        actual.values,
+    ):
+        return []
+    mine, theirs = dict(expected.items()), dict(actual.items())
+    bad = {i for i in mine.keys() | theirs.keys() if mine.get(i) != theirs.get(i)}
+    if expected.size != actual.size:
+        short, long = sorted((expected.count, actual.count))
+        bad |= set(range(short, long))
+        bad |= {short - 1} if short and expected.size % expected.block_size else set()
+    return sorted(bad)

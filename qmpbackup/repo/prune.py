@@ -84,7 +84,7 @@ class _Rebase:
     record: BackupRecord
     disk: DiskRecord
     folded: tuple[str, ...]  # the ancestors whose content goes into it, oldest first
-    top: Path
+    chain: list[Path]  # base first
     image: Path
     convert: bool  # False: an interrupted prune made the image standalone already
 
@@ -154,9 +154,7 @@ def _plan_rebases(
             folded: list[str] = []
             for ancestor in _ancestors(records, record, disk.name):
                 folded += [*ancestor.merged, ancestor.id]
-            plan.append(
-                _Rebase(record, disk, tuple(folded), chain[-1], image, convert=not standalone)
-            )
+            plan.append(_Rebase(record, disk, tuple(folded), chain, image, convert=not standalone))
     return plan
 
 
@@ -319,13 +317,15 @@ def _rebase(
                 temp = stack.enter_context(
                     temporary_file(rebase.image.parent, f".{rebase.image.name}.prune-")
                 )
-                build_checked(rebase.top, temp, "qcow2", expected, what)
+                _, whole = build_checked(rebase.chain, temp, "qcow2", expected, what)
                 grown += _size(temp) - _size(rebase.image)
                 temps[rebase.image] = temp
             else:
                 check_standalone(rebase.image, "qcow2", expected, what)
-                temp = rebase.image
-            digests[(rebase.record.id, rebase.disk.name)] = file_digest(temp)
+                temp, whole = rebase.image, None
+            digests[(rebase.record.id, rebase.disk.name)] = whole or file_digest(
+                temp, rebase.record.format
+            )
         # Only now, with every flattened image checked, does anything visible change.
         for image, temp in temps.items():
             os.replace(temp, image)

@@ -22,7 +22,8 @@ from ..request.models import Level, Mode, check_name
 RECORDS_DIR = "backups"
 IMAGE_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
-DEFAULT_DIGEST_BLOCK = 1 << 20
+DEFAULT_DIGEST_BLOCK = 1 << 20  # format 1
+NEW_DIGEST_BLOCK = 1 << 16  # format 2: one qcow2 cluster
 BACKUP_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[1-9]\d*$")
 
 
@@ -106,6 +107,9 @@ class BackupRecord(_Model):
     checkpoint_time: int | None = None
     created: datetime
     mode: Mode
+    # How the digests and file digests are made (qmpbackup.repo.digests); records
+    # written before there was a field are format 1.
+    format: int = Field(default=1, ge=1)
     complete: bool = False
     merged: tuple[str, ...] = ()
     disks: tuple[DiskRecord, ...]
@@ -133,7 +137,7 @@ class DiskRequest(_Model):
     virtual_size: int = Field(ge=0)
     level: Level
     granularity: int | None = Field(default=None, gt=0)
-    digest_block_size: int = Field(default=DEFAULT_DIGEST_BLOCK, gt=0)
+    digest_block_size: int = Field(default=NEW_DIGEST_BLOCK, gt=0)
     source: str | None = None
 
 

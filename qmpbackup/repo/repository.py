@@ -33,7 +33,7 @@ from ..errors import InvalidInputError, one_line
 from ..files import advisory_lock, atomic_write_text
 from ..planner.level import DiskHistory
 from ..request.models import Level, Mode, check_name
-from .digests import file_digest
+from .digests import CURRENT_FORMAT, file_digest
 from .records import (
     DIGESTS_SUFFIX,
     IMAGE_SUFFIX,
@@ -81,8 +81,6 @@ class Repository:
             raise InvalidInputError(f"name the VM with --vm: {root} holds VMs {found}")
         return cls(root, vms[0])
 
-    # Paths.
-
     def _inside(self, path: Path) -> Path:
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root.resolve()):
@@ -117,8 +115,6 @@ class Repository:
             raise RepositoryError(f"backup {record.id} has no disk {disk!r}")
         return found
 
-    # Locks.
-
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the records lock (``.lock``), waiting for it: records change one at a time."""
@@ -137,8 +133,6 @@ class Repository:
         with advisory_lock(self.base / ".run.lock", busy):
             yield
 
-    # Records.
-
     def record_paths(self) -> list[Path]:
         """The record files, in no particular order (temporary files left out)."""
         if not self.records_dir.is_dir():
@@ -156,7 +150,13 @@ class Repository:
         return record
 
     def _write(self, record: BackupRecord) -> None:
-        atomic_write_text(self.record_path(record.id), record.model_dump_json(indent=2) + "\n")
+        path = self.record_path(record.id)
+        try:
+            atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
+        except OSError as exc:
+            raise RepositoryError(
+                f"backup {record.id}: cannot write {path}: {exc.strerror}"
+            ) from None
 
     def _all(self) -> list[BackupRecord]:
         records = [self.load_record(p) for p in self.record_paths()]
@@ -255,6 +255,7 @@ class Repository:
                 checkpoint_time=checkpoint_time,
                 created=created,
                 mode=mode,
+                format=CURRENT_FORMAT,
                 complete=False,
                 disks=disk_records,
             )
@@ -304,10 +305,12 @@ class Repository:
         *,
         checkpoint_time: int | None = None,
         granularity: Mapping[str, int] | None = None,
+        file_digests: Mapping[str, str] | None = None,
     ) -> BackupRecord:
         """Mark the backup complete, atomically, once every image and digests file exists;
-        record each image file's digest so that any later change to it is found, and what
-        was learnt only after the backup began (its checkpoint's time and granularity)."""
+        record each image file's digest (read now unless ``file_digests`` has it) so that
+        any later change to it is found, and what was learnt only after the backup began
+        (its checkpoint's time and granularity)."""
         with self._locked():
             record = self.get(entry.id)
             if record.complete:
@@ -316,11 +319,12 @@ class Repository:
                 for path in (target.image, target.digests):
                     if not path.is_file():
                         raise RepositoryError(f"backup {record.id}: {path} is missing")
-            granularity = granularity or {}
+            granularity, known = granularity or {}, file_digests or {}
             disks = tuple(
                 d.model_copy(
                     update={
-                        "file_digest": file_digest(self.image_path(record, d.name)),
+                        "file_digest": known.get(d.name)
+                        or file_digest(self.image_path(record, d.name), record.format),
                         "granularity": granularity.get(d.name, d.granularity),
                     }
                 )
@@ -384,11 +388,8 @@ class Repository:
             if record.complete:
                 raise RepositoryError(f"backup {backup_id} is complete: refusing to discard it")
             for disk in record.disks:
-                for path in (
-                    self.image_path(record, disk.name),
-                    self.digests_path(record, disk.name),
-                ):
-                    path.unlink(missing_ok=True)
+                self.image_path(record, disk.name).unlink(missing_ok=True)
+                self.digests_path(record, disk.name).unlink(missing_ok=True)
             self.record_path(backup_id).unlink(missing_ok=True)
             self._remove_temporaries()
 

@@ -1,9 +1,11 @@
 """Restore one disk of a backup into a standalone image, checked against its digests.
 
-The image is built by ``qemu-img convert`` from the chain top (which opens its relative
-backing chain) into a hidden temporary file next to ``out``, read back and compared with
-the digests recorded at backup time, flushed, and only then linked to ``out`` with a
-primitive that never replaces an existing file. ``out`` therefore either does not exist
+The image is built into a hidden temporary file next to ``out``: by this process from
+the chain's files, each block checked against the digests recorded at backup time on
+its way through (:mod:`qmpbackup.repo.chain_copy`); or, for a format 1 record or files
+it does not read, by ``qemu-img convert`` from the chain top, read back and compared.
+It is flushed, and only then linked to ``out`` with a primitive that never replaces
+an existing file. ``out`` therefore either does not exist
 or holds the whole checked image; a failure or an interrupt removes the temporary file.
 """
 
@@ -21,8 +23,11 @@ import structlog
 
 from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
 from ..files import fsync_dir, fsync_file
+from ..images.qcow2_reader import Qcow2Unsupported
 from ..images.qemu_img import image_info, qemu_img
-from .digests import Digests, compare, digest_all
+from .chain_copy import copy_chain
+from .digests import Digests, compare
+from .digests_nbd import digest_all
 from .records import BackupRecord, DiskRecord, RepositoryError
 from .repository import Repository
 
@@ -94,24 +99,35 @@ def check_standalone(path: Path, fmt: Format, expected: Digests, what: str) -> i
         )
     if info.get("backing-filename") is not None:
         raise RepositoryError(f"{what}: the image still has a backing file")
-    actual = digest_all(path, fmt=fmt, block_size=expected.block_size)
-    bad = compare(expected, actual)
+    actual = digest_all(path, fmt=fmt, block_size=expected.block_size, algorithm=expected.algorithm)
+    _refuse_bad(compare(expected, actual), expected, what)
+    return actual.count
+
+
+def _refuse_bad(bad: list[int], expected: Digests, what: str) -> None:
     if bad:
         raise RepositoryError(
             f"{what}: {describe_blocks(bad, expected.block_size)} differs from the recorded digests"
         )
-    return len(actual.blocks)
 
 
-def build_checked(top: Path, dest: Path, fmt: Format, expected: Digests, what: str) -> int:
-    """Convert the chain of ``top`` into a standalone ``fmt`` image at ``dest`` (which is
-    overwritten), check it with :func:`check_standalone` and flush it; the number of
-    blocks checked."""
-    # -S (default 4 KiB) keeps zeroes sparse; without -B a qcow2 result has no backing.
-    qemu_img("convert", "-q", "-f", "qcow2", "-O", fmt, str(top), str(dest))
-    blocks = check_standalone(dest, fmt, expected, what)
-    fsync_file(dest)
-    return blocks
+def build_checked(
+    chain: list[Path], dest: Path, fmt: Format, expected: Digests, what: str
+) -> tuple[int, str | None]:
+    """Write the content of ``chain`` (base first) as a standalone ``fmt`` image at
+    ``dest`` (which is overwritten), every block checked against ``expected``, flushed;
+    the number of blocks checked and, for a qcow2 image this process wrote, its format 2
+    file digest. RepositoryError names the first block that differs."""
+    try:
+        copied = copy_chain(chain, dest, fmt, expected)
+    except Qcow2Unsupported:
+        # -S (default 4 KiB) keeps zeroes sparse; without -B a qcow2 result has no backing.
+        qemu_img("convert", "-q", "-f", "qcow2", "-O", fmt, str(chain[-1]), str(dest))
+        blocks = check_standalone(dest, fmt, expected, what)
+        fsync_file(dest)
+        return blocks, None
+    _refuse_bad(copied.bad, expected, what)
+    return copied.blocks_checked, copied.file_digest
 
 
 def _select(repo: Repository, disk: str, backup_id: str | None) -> tuple[BackupRecord, DiskRecord]:
@@ -150,10 +166,10 @@ def restore(
     record, disk_record = _select(repo, disk, backup_id)
     what = f"backup {record.id}, disk {disk}"
     expected = recorded_digests(repo, record, disk_record)
-    top = repo.chain(record.id, disk)[-1]
+    chain = repo.chain(record.id, disk)
     log.info("restore.begin", backup=record.id, disk=disk, out=str(out), fmt=fmt)
     with temporary_file(out.parent, f".{out.name}.restore-") as temp:
-        blocks = build_checked(top, temp, fmt, expected, what)
+        blocks, _ = build_checked(chain, temp, fmt, expected, what)
         try:
             # link(2) fails when out exists: unlike rename it never replaces a file
             # that appeared since the check above.

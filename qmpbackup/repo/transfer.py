@@ -106,8 +106,8 @@ async def read_exports(
     job: BackupBegun,
     levels: dict[str, LevelDecision],
     emit: EventSink,
-) -> dict[str, int]:
-    """Copy each export with the built-in client; bytes written per disk.
+) -> dict[str, CopyResult]:
+    """Copy each export with the built-in client; what was written, per disk.
 
     A bounded scratch that fills up (see :class:`~qmpbackup.planner.facts.PullOptions`)
     stops the copy with ScratchFullError; a failed copy raises QmpBackupError naming the
@@ -131,7 +131,7 @@ async def read_exports(
         done[disk] = copied
         loop.call_soon_threadsafe(report)
 
-    written: dict[str, int] = {}
+    written: dict[str, CopyResult] = {}
     watch = _ScratchWatch(vm, job, cancel)
     async with vm.session.watch({"BLOCK_WRITE_THRESHOLD"}) as events:
         watcher = asyncio.ensure_future(watch.run(events))
@@ -154,7 +154,7 @@ async def read_exports(
                 result = await _copy_unless_full(
                     loop.run_in_executor(None, copy), watch, watcher, disk, target.image
                 )
-                written[disk] = result.data_bytes + result.zero_bytes
+                written[disk] = result
             if watch.full is not None:
                 # Filled as the last copy ended: its fleecing is stopped, the backup too.
                 raise watch.full

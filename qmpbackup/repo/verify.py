@@ -1,8 +1,9 @@
 """Verify backups offline: files, qcow2 structure, chains and content against digests.
 
-Every image file is hashed whole and compared with the BLAKE2b its record holds, checked
-by ``qemu-img check`` and described by ``qemu-img info`` (size, backing link)
-(:mod:`qmpbackup.repo.verify_files`). Content is checked per block against the recorded
+Every image file's file digest is compared with its record's, the file is checked by
+``qemu-img check`` and described by ``qemu-img info`` (size, backing link)
+(:mod:`qmpbackup.repo.verify_files`); a format 2 image is read once for its file
+digest and its clusters' digests. Content is checked per block against the recorded
 digests, reading only what a chain's parents do not prove already, and a mismatching
 block is blamed on the files that provide it (:mod:`qmpbackup.repo.verify_content`).
 Nothing here raises for a damaged repository: each finding is a :class:`Problem`.

@@ -6,6 +6,10 @@ map`` depth 0), plus those whose recorded digest differs from its parent's or wh
 parent did not verify. The other blocks read exactly as in the parent, so, parents being
 checked first, equal recorded digests prove them too.
 
+Where every file of a chain was read by the file checks (format 2), the content of a
+block is the digest of the topmost file's own cluster, known from that read: nothing
+is read again. Otherwise the blocks are read through the chain with ``qemu-nbd``.
+
 A mismatching block is blamed on the image files that provide it (the map's depth) whose
 file digest changed; when every such file is unchanged since the backup, on the digests
 file.
@@ -22,7 +26,8 @@ from typing import Any
 from ..errors import one_line
 from ..images.qemu_img import ImageError, qemu_img
 from ..nbd import NBDError
-from .digests import DigestError, block_count, changed_blocks, digest_image, resized_blocks
+from .digests import DigestError, block_count, changed_blocks, resized_blocks
+from .digests_nbd import digest_image
 from .restore import describe_blocks
 from .verify_files import CheckedDisk, Report
 
@@ -52,16 +57,14 @@ class ContentChecks:
         """Compare ``item``'s blocks with its recorded digests; its parent is checked first."""
         expected = item.digests
         if expected is None:
-            item.unproven = set(
-                range(block_count(item.disk.virtual_size, item.disk.digest_block_size))
-            )
+            item.unproven = range(block_count(item.disk.virtual_size, item.disk.digest_block_size))
             return
         chain = self._chain(item)
         broken = next((c for c in chain if not c.usable), None)
         if broken is None and chain[0].disk.parent is not None:
             broken = chain[0]  # the file checks reported its missing parent
         if broken is not None:
-            item.unproven = set(range(len(expected.blocks)))
+            item.unproven = range(expected.count)
             if broken is not item:
                 self.report(
                     item,
@@ -71,11 +74,16 @@ class ContentChecks:
                 )
             return
         bs = expected.block_size
-        count = len(expected.blocks)
+        count = expected.count
         mapping: list[dict[str, Any]] = []
         parent = item.parent
+        scanned = all(c.own is not None for c in chain)
         if parent is None:
-            wanted = set(range(count))
+            wanted = set(range(count)) if not scanned else set(expected.indexes)
+            wanted |= set(item.own or ())
+        elif scanned:
+            mapping = _scanned_mapping(chain)
+            wanted = self._blocks_to_read(item, parent, mapping)
         else:
             try:
                 mapping = json.loads(
@@ -83,18 +91,29 @@ class ContentChecks:
                 )
             except (ImageError, ValueError) as exc:
                 self.report(item, item.image, f"qemu-img map: {one_line(exc)}")
-                item.unproven = set(range(count))
+                item.unproven = range(count)
                 return
             wanted = self._blocks_to_read(item, parent, mapping)
+        if scanned:
+            self.blocks += item.blocks_hashed
         if wanted:
             try:
-                got = digest_image(item.image, item.disk.virtual_size, wanted, block_size=bs)
+                got = _from_scans(chain, wanted) if scanned else {}
+                unread = wanted - got.keys()
+                got |= digest_image(
+                    item.image,
+                    item.disk.virtual_size,
+                    unread,
+                    block_size=bs,
+                    algorithm=expected.algorithm,
+                ) if unread else {}  # fmt: skip
             except (DigestError, ImageError, NBDError) as exc:
                 self.report(item, item.image, f"cannot read through the chain: {one_line(exc)}")
-                item.unproven = set(range(count))
+                item.unproven = range(count)
                 return
-            self.blocks += len(wanted)
-            bad = sorted(i for i in wanted if got[i] != expected.blocks[i])
+            if not scanned:
+                self.blocks += len(wanted)
+            bad = sorted(i for i in wanted if got[i] != expected.get(i))
         else:
             bad = []
         item.unproven = set(bad)
@@ -106,7 +125,7 @@ class ContentChecks:
     ) -> set[int]:
         assert item.digests is not None
         bs = item.digests.block_size
-        count = len(item.digests.blocks)
+        count = item.digests.count
         own = [
             (int(e["start"]), int(e["length"]))
             for e in mapping
@@ -120,7 +139,12 @@ class ContentChecks:
         wanted |= resized_blocks(theirs.size, item.disk.virtual_size, bs)
         wanted |= set(range(known, count))
         wanted |= {i for i in parent.unproven if i < count}
-        wanted |= {i for i in range(known) if item.digests.blocks[i] != theirs.blocks[i]}
+        mine = item.digests
+        wanted |= {
+            i
+            for i in {*mine.indexes, *theirs.indexes}
+            if i < known and mine.get(i) != theirs.get(i)
+        }
         return {i for i in wanted if i < count}
 
     def _blame(
@@ -161,3 +185,39 @@ class ContentChecks:
                 if others:
                     message += f" (also seen through backups {', '.join(others)})"
             self.report(item, path, message)
+
+
+def _scanned_mapping(chain: list[CheckedDisk]) -> list[dict[str, Any]]:
+    """What ``qemu-img map`` would say of the chain's top (depth and extent of each block
+    a file holds itself), from the file checks' reads."""
+    bs = chain[-1].disk.digest_block_size
+    mapping: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for depth, item in enumerate(reversed(chain)):
+        for index in sorted(set(item.own or ()) - seen):
+            mapping.append({"start": index * bs, "length": bs, "depth": depth, "present": True})
+        seen |= set(item.own or ())
+    return mapping
+
+
+def _from_scans(chain: list[CheckedDisk], wanted: set[int]) -> dict[int, bytes]:
+    """The digests of ``wanted`` as the chain reads, from its files' own blocks; blocks
+    no file holds read as zeroes. Blocks that straddle an older file's end (a resize)
+    are left out: they must be read."""
+    top = chain[-1]
+    assert top.digests is not None
+    found: dict[int, bytes] = {}
+    for index in wanted:
+        for item in reversed(chain):
+            own = item.own or {}
+            if index in own:
+                found[index] = own[index]
+                break
+            if item.disk.virtual_size != top.disk.virtual_size and (
+                index * top.disk.digest_block_size < item.disk.virtual_size
+                and (index + 1) * top.disk.digest_block_size > item.disk.virtual_size
+            ):
+                break  # part of the block is past this file's end
+        else:
+            found[index] = top.digests.zero(index)
+    return found

@@ -1,0 +1,165 @@
+"""Reading a backup's qcow2 image where its data lies, without a QEMU process.
+
+:func:`read_map` parses the header and the L1/L2 tables: which guest clusters the image
+itself holds (and at which host offset), and which it marks as reading zeroes. Only
+what repository images use is read: qcow2 version 2 or 3, no encryption, no external
+data file, no extended L2 entries, no compressed clusters; anything else raises
+:class:`Qcow2Unsupported`, and the caller reads the image through ``qemu-nbd`` instead.
+
+:func:`scan` reads the whole file once, in order, and hashes every 64 KiB chunk: the
+chunks' digests make the file digest, and the chunks that are data clusters are the
+guest blocks' digests too (one hash for both). The reads and hashes run on two threads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from ..errors import QmpBackupError
+
+MAGIC = 0x514649FB
+_HEADER = struct.Struct(">IIQIIQIIQQIIQ")  # up to the snapshots' offset
+_HEADER3 = struct.Struct(">QQQIH")  # v3: features, refcount order, header length
+ENTRY_OFFSET = 0x00FFFFFFFFFFFE00
+ENTRY_COMPRESSED = 1 << 62
+ENTRY_ZERO = 1
+_INCOMPATIBLE_OK = 1 | 8  # dirty (a clean shutdown is not needed to read), zlib/zstd type
+SEGMENT = 4 << 20  # bytes per read of a scan
+SCAN_THREADS = 2
+
+
+class Qcow2Unsupported(QmpBackupError):
+    """The image uses a qcow2 feature that this reader does not read."""
+
+
+@dataclass(frozen=True)
+class Qcow2Map:
+    """What one qcow2 file holds: guest cluster -> host offset of its data, and the
+    guest clusters it marks as reading zeroes; the rest comes from its backing file."""
+
+    path: Path
+    size: int
+    cluster_size: int
+    backing: str | None
+    data: dict[int, int] = field(default_factory=dict)
+    zero: set[int] = field(default_factory=set)
+
+    def length(self, cluster: int) -> int:
+        """How many bytes of guest cluster ``cluster`` are inside the disk."""
+        return min(self.cluster_size, self.size - cluster * self.cluster_size)
+
+
+def _table(fd: int, offset: int, entries: int) -> array[int]:
+    raw = os.pread(fd, entries * 8, offset)
+    if len(raw) != entries * 8:
+        raise Qcow2Unsupported(f"table at {offset} is past the end of the file")
+    table = array("Q", raw)
+    table.byteswap()  # big endian on disk
+    return table
+
+
+def read_map(path: Path) -> Qcow2Map:
+    """The guest clusters ``path`` holds; Qcow2Unsupported for a file this module does
+    not read, OSError if it cannot be read."""
+    with open(path, "rb", buffering=0) as handle:
+        fd = handle.fileno()
+        head = os.pread(fd, 4096, 0)
+        if len(head) < _HEADER.size + _HEADER3.size:
+            raise Qcow2Unsupported(f"{path}: too short for a qcow2 header")
+        (magic, version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size,
+         l1_offset, *_rest) = _HEADER.unpack_from(head)  # fmt: skip
+        if magic != MAGIC or version not in (2, 3):
+            raise Qcow2Unsupported(f"{path}: not a qcow2 version 2 or 3 image")
+        if crypt:
+            raise Qcow2Unsupported(f"{path}: encrypted")
+        if version == 3:
+            incompatible = _HEADER3.unpack_from(head, 72)[0]
+            if incompatible & ~_INCOMPATIBLE_OK:
+                raise Qcow2Unsupported(f"{path}: incompatible features {incompatible:#x}")
+        backing = None
+        if backing_offset:
+            name = os.pread(fd, backing_size, backing_offset)
+            backing = name.decode(errors="surrogateescape")
+        cluster = 1 << cluster_bits
+        per_table = cluster // 8
+        found = Qcow2Map(path, size, cluster, backing)
+        for l1_index, l2_entry in enumerate(_table(fd, l1_offset, l1_size)):
+            l2_offset = l2_entry & ENTRY_OFFSET
+            if not l2_offset:
+                continue
+            first = l1_index * per_table
+            for i, entry in enumerate(_table(fd, l2_offset, per_table)):
+                if not entry:
+                    continue
+                if entry & ENTRY_COMPRESSED:
+                    raise Qcow2Unsupported(f"{path}: compressed clusters")
+                if entry & ENTRY_ZERO:
+                    found.zero.add(first + i)
+                elif entry & ENTRY_OFFSET:
+                    found.data[first + i] = entry & ENTRY_OFFSET
+        return found
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One read of a whole qcow2 file: its file digest (format 2), and the digests of
+    the guest blocks it holds (data clusters hashed; zero clusters absent)."""
+
+    file_digest: str
+    blocks: dict[int, bytes]
+    bytes_read: int
+
+
+def _segment(fd: int, offset: int, cluster: int) -> tuple[list[bytes], bytes]:
+    data = os.pread(fd, SEGMENT, offset)
+    view = memoryview(data)
+    return [blake3.blake3(view[i : i + cluster]).digest() for i in range(0, len(view), cluster)], (
+        data
+    )
+
+
+def _segments(fd: int, end: int, cluster: int) -> Iterator[tuple[int, list[bytes], bytes]]:
+    """(offset, chunk digests, bytes) of each segment, in file order, read on threads."""
+    with ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="qmpbackup-scan") as pool:
+        offsets = range(0, end, SEGMENT)
+        for offset, (digests, data) in zip(
+            offsets, pool.map(lambda o: _segment(fd, o, cluster), offsets), strict=True
+        ):
+            yield offset, digests, data
+
+
+def scan(image: Qcow2Map) -> Scan:
+    """Read ``image``'s file once: its file digest and the digests of its data clusters
+    (Qcow2Unsupported if the file is shorter than its clusters, OSError if unreadable)."""
+    if image.cluster_size != 1 << 16:
+        raise Qcow2Unsupported(f"{image.path}: {image.cluster_size}-byte clusters, not 64 KiB")
+    cluster = image.cluster_size
+    owner = {host // cluster: guest for guest, host in image.data.items()}
+    hasher = blake3.blake3()
+    blocks: dict[int, bytes] = {}
+    read = 0
+    with open(image.path, "rb", buffering=0) as handle:
+        end = os.fstat(handle.fileno()).st_size
+        for offset, digests, data in _segments(handle.fileno(), end, cluster):
+            read += len(data)
+            for k, digest in enumerate(digests):
+                hasher.update(digest)
+                guest = owner.pop((offset // cluster) + k, None)
+                if guest is None:
+                    continue
+                length = image.length(guest)
+                if length == cluster:
+                    blocks[guest] = digest
+                else:
+                    blocks[guest] = blake3.blake3(data[k * cluster : k * cluster + length]).digest()
+    if owner:
+        raise Qcow2Unsupported(f"{image.path}: data clusters past the end of the file")
+    return Scan(hasher.hexdigest(), blocks, read)

@@ -1,0 +1,122 @@
+"""Format 2 digests against a real QEMU: taken while copying (pull) or in one read
+(push), equal to digests computed independently from the instant's raw content, and
+``verify`` naming the file with a flipped byte in its data or its qcow2 metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import blake3
+import pytest
+
+from qmpbackup.api import VM
+from qmpbackup.demo.throwaway import ThrowawayVM
+from qmpbackup.repo.backup import backup_to_repository
+from qmpbackup.repo.digests import Digests
+from qmpbackup.repo.events import BackupEvent
+from qmpbackup.repo.records import BackupRecord
+from qmpbackup.repo.repository import Repository
+from qmpbackup.repo.verify import verify
+
+from .repo_builder import flip_byte, flip_data_byte
+
+KiB, MiB = 1 << 10, 1 << 20
+BLOCK = 64 * KiB
+
+
+def raw_digests(raw: Path) -> dict[int, bytes]:
+    """BLAKE3 of every 64 KiB block of ``raw`` that is not all zeroes, by index."""
+    data = raw.read_bytes()
+    found = {}
+    for index in range(0, -(-len(data) // BLOCK)):
+        block = data[index * BLOCK : (index + 1) * BLOCK]
+        if block.count(0) != len(block):
+            found[index] = blake3.blake3(block).digest()
+    return found
+
+
+async def backup_at(
+    api: VM, vm: ThrowawayVM, repo: Path, mode: str, level: str, after: int
+) -> BackupRecord:
+    """A one-shot backup; the guest writes ``after`` over vda once it has begun."""
+    during: list[asyncio.Future[None]] = []
+
+    def write_during(event: BackupEvent) -> None:
+        if event.kind == "begin":
+            during.append(asyncio.ensure_future(vm.write("vda", after, 5 * MiB, 192 * KiB)))
+
+    done = await backup_to_repository(
+        api,
+        repo,
+        level=level,
+        mode=mode,
+        on_event=write_during,  # type: ignore[arg-type]
+    )
+    await asyncio.gather(*during)
+    return done.record
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+async def test_recorded_digests_equal_the_instants_raw_content(
+    vm: ThrowawayVM, tmp_path: Path, mode: str
+) -> None:
+    """Full then incremental: each record's digests are those of the raw content at its
+    instant, computed here from ``qemu-img convert`` output; the write made after each
+    instant is in neither."""
+    repo = Repository(tmp_path / "repo", "testvm")
+    async with await VM.connect(str(vm.qmp_path), tmp_path / "state") as api:
+        for run, level in enumerate(["full", "inc"]):
+            await vm.write("vda", 0x31 + run, (run + 1) * MiB + 4 * KiB, 200 * KiB)
+            await vm.guest_io("vda", f"write -z {(run + 2) * MiB} {BLOCK}")
+            ref = await vm.reference("vda", tmp_path / f"ref{run}.raw")
+            record = await backup_at(api, vm, repo.root, mode, level, 0x71 + run)
+            assert record.format == 2 and record.disk("vda").level == level  # type: ignore[union-attr]
+            recorded = Digests.load(repo.digests_path(record, "vda"))
+            assert (recorded.block_size, recorded.algorithm) == (BLOCK, "blake3")
+            assert dict(recorded.items()) == raw_digests(ref), (mode, level)
+            now = await vm.reference("vda", tmp_path / f"now{run}.raw")
+            assert raw_digests(now) != raw_digests(ref)  # the later write is not in it
+    assert verify(repo).problems == []
+
+
+def l2_entry_offset(image: Path) -> int:
+    """The file offset of the first non-empty L2 entry of a qcow2 ``image``."""
+    with image.open("rb") as handle:
+        header = handle.read(48)
+        l1_offset = struct.unpack(">Q", header[40:48])[0]
+        handle.seek(l1_offset)
+        l2 = struct.unpack(">Q", handle.read(8))[0] & 0x00FFFFFFFFFFFE00
+        handle.seek(l2)
+        table = handle.read(BLOCK)
+    index = next(i for i in range(0, BLOCK, 8) if any(table[i : i + 8]))
+    return l2 + index
+
+
+@pytest.mark.parametrize("where", ["pull data", "push data", "qcow2 metadata"])
+async def test_verify_names_the_file_with_a_flipped_byte(
+    vm: ThrowawayVM, tmp_path: Path, where: str
+) -> None:
+    """A push full, then a pull incremental: one byte flipped in one of them is found by
+    ``verify``, which names that file and no other."""
+    repo = Repository(tmp_path / "repo", "testvm")
+    async with await VM.connect(str(vm.qmp_path), tmp_path / "state") as api:
+        await vm.write("vda", 0x41, MiB, 256 * KiB)
+        full = await backup_at(api, vm, repo.root, "push", "full", 0x61)
+        await vm.write("vda", 0x42, 3 * MiB, 128 * KiB)
+        inc = await backup_at(api, vm, repo.root, "pull", "inc", 0x62)
+    assert verify(repo).problems == []
+    damaged = repo.image_path(inc if where == "pull data" else full, "vda")
+    if where == "qcow2 metadata":
+        # The low byte of an L2 entry's host offset: the cluster now points elsewhere.
+        flip_byte(damaged, l2_entry_offset(damaged) + 6)
+    else:
+        flip_data_byte(damaged, (3 if where == "pull data" else 1) * MiB + 100)
+    report = verify(repo)
+    assert not report.ok
+    named = {p.path for p in report.problems if p.severity == "error"}
+    assert damaged in named, report.problems
+    others = {repo.image_path(r, d.name) for r in (full, inc) for d in r.disks} - {damaged}
+    assert not named & others, report.problems
+    assert any("changed since the backup" in p.message for p in report.problems)
