@@ -14,12 +14,16 @@ from typing import Any
 
 import pytest
 
-from qmpbackup.repo.records import RepositoryError
+from qmpbackup.repo.digests import Digests
+from qmpbackup.repo.digests_nbd import digest_all
+from qmpbackup.repo.prune import prune
+from qmpbackup.repo.records import DiskRequest, RepositoryError
 from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
+from qmpbackup.repo.seal import seal
 from qmpbackup.repo.verify import verify
 
-from .repo_builder import KiB, MiB, flip_data_byte, snapshot
+from .repo_builder import KiB, MiB, flip_data_byte, qemu_img, snapshot, write
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "repo-format1"
 EXPECTED: dict[str, Any] = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
@@ -109,3 +113,27 @@ def test_verify_names_the_full_image_with_a_flipped_data_byte(
     with pytest.raises(RepositoryError, match="block 0"):
         restore(repo, DISK, out_dir / "full.raw", IDS[0], "raw")
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_format2_backup_chains_onto_format1(repo: Repository, tmp_path: Path) -> None:
+    """A backup made now on a format 1 parent is format 2: sealing it digests its whole
+    chain once (nothing can be derived from BLAKE2b of 1 MiB), and it restores, verifies
+    and prunes with its format 1 parents."""
+    size = EXPECTED["virtual_size"]
+    entry = repo.begin_backup([DiskRequest(name=DISK, virtual_size=size, level="inc")], mode="push")
+    target = entry.target(DISK)
+    assert entry.record.format == 2 and target.backing == f"{IDS[-1]}.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(target.image), str(size))
+    write(target.image, [(0x44, MiB + 4 * KiB, 8 * KiB)])
+    sealed = seal(repo, entry, DISK, link=True, hashed=None)
+    record = repo.commit(entry, file_digests={DISK: sealed.file_digest})
+    recorded = Digests.load(repo.digests_path(record, DISK))
+    assert recorded == digest_all(target.image, block_size=64 * KiB, algorithm="blake3")
+    assert verify(repo).problems == []
+    out = restore(repo, DISK, tmp_path / "now.raw", record.id, "raw").out
+    assert out.read_bytes()[MiB + 4 * KiB] == 0x44 and out.read_bytes()[0] == 0
+    prune(repo, 1)
+    assert [r.id for r in repo.backups()] == [record.id]
+    assert verify(repo).problems == []
+    again = restore(repo, DISK, tmp_path / "again.raw", record.id, "raw").out
+    assert again.read_bytes() == out.read_bytes()
