@@ -12,12 +12,21 @@ import blake3
 import pytest
 
 from qmpbackup.api import VM
-from qmpbackup.demo.throwaway import ThrowawayVM
+from qmpbackup.demo.throwaway import (
+    DiskImage,
+    ThrowawayVM,
+    images_equal,
+    make_slides_images,
+    qemu_img,
+    qemu_io,
+)
+from qmpbackup.images.qcow2_reader import read_map
 from qmpbackup.repo.backup import backup_to_repository
 from qmpbackup.repo.digests import Digests
 from qmpbackup.repo.events import BackupEvent
 from qmpbackup.repo.records import BackupRecord
 from qmpbackup.repo.repository import Repository
+from qmpbackup.repo.restore import restore
 from qmpbackup.repo.verify import verify
 
 from .repo_builder import flip_byte, flip_data_byte
@@ -120,3 +129,31 @@ async def test_verify_names_the_file_with_a_flipped_byte(
     others = {repo.image_path(r, d.name) for r in (full, inc) for d in r.disks} - {damaged}
     assert not named & others, report.problems
     assert any("changed since the backup" in p.message for p in report.problems)
+
+
+async def test_a_sparse_disk_costs_its_data(tmp_path: Path) -> None:
+    """A 64 GiB qcow2 without backing file holding 3 clusters: its push full holds those
+    clusters and no table of zero clusters (``sync: top``: QEMU's ``full`` writes a zero
+    cluster over every hole), its digests file three entries; a disk with a backing
+    file gets zero clusters from QEMU, read as runs; both verify and restore."""
+    work = tmp_path / "vm"
+    work.mkdir()
+    sparse = work / "sparse.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(sparse), "64G")
+    for k, offset in enumerate((0, 7 << 30, (64 << 30) - BLOCK)):
+        qemu_io(str(sparse), f"write -P {k + 1} {offset} 64k", fmt="qcow2")
+    disks = [DiskImage(name="vda", path=sparse), *make_slides_images(work)[1:]]
+    repo = Repository(tmp_path / "repo", "sparse")
+    async with ThrowawayVM(work, disks, name="sparse") as vm:
+        ref = await vm.reference("vda", tmp_path / "ref.raw")
+        async with await VM.connect(str(vm.qmp_path), tmp_path / "state") as api:
+            record = (await backup_to_repository(api, repo.root, level="full")).record
+    image = repo.image_path(record, "vda")
+    found = read_map(image)
+    assert len(found.data) == 3 and not found.zero and image.stat().st_size < 2 * MiB
+    assert len(Digests.load(repo.digests_path(record, "vda")).indexes) == 3
+    backed = read_map(repo.image_path(record, "vdb"))  # 100 MiB over an empty raw base
+    assert not backed.data and sum(n for _, n in backed.zero) == 100 * MiB // BLOCK
+    assert verify(repo).problems == []
+    out = restore(repo, "vda", tmp_path / "out.raw", record.id, "raw").out
+    assert images_equal(out, ref, fmt_a="raw")

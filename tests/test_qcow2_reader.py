@@ -12,7 +12,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from qmpbackup.images.qcow2_reader import Qcow2Unsupported, read_map, scan
+from qmpbackup.images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
 from qmpbackup.images.qcow2_writer import Qcow2Writer
 from qmpbackup.repo.digests import file_digest
 
@@ -30,6 +30,10 @@ def raw_blocks(image: Path, tmp: Path) -> list[bytes]:
     run("qemu-img", "convert", "-O", "raw", str(image), str(raw))
     data = raw.read_bytes()
     return [data[i : i + CLUSTER] for i in range(0, len(data), CLUSTER)]
+
+
+def clusters(runs: Runs) -> set[int]:
+    return {i for first, count in runs for i in range(first, first + count)}
 
 
 def qemu_map(image: Path) -> tuple[set[int], set[int]]:
@@ -62,7 +66,7 @@ def test_map_and_scan_of_images_qemu_made(chain: tuple[Path, Path], tmp_path: Pa
     blocks = raw_blocks(top, tmp_path)
     for image in (base, top):
         found = read_map(image)
-        assert (set(found.data), found.zero) == qemu_map(image)
+        assert (set(found.data), clusters(found.zero)) == qemu_map(image)
         assert found.size == SIZE and found.cluster_size == CLUSTER
         scanned = scan(found)
         assert scanned.file_digest == file_digest(image)
@@ -70,7 +74,7 @@ def test_map_and_scan_of_images_qemu_made(chain: tuple[Path, Path], tmp_path: Pa
         # A cluster the top holds reads as the top's; the base's clusters the top does not
         # cover read as the base's: both equal the chain's raw content there.
         for index, digest in scanned.blocks.items():
-            if image is top or index not in {*read_map(top).data, *read_map(top).zero}:
+            if image is top or index not in {*read_map(top).data, *clusters(read_map(top).zero)}:
                 assert digest == blake3.blake3(blocks[index]).digest(), (image.name, index)
     assert read_map(top).backing == base.name and read_map(base).backing is None
     assert SIZE // CLUSTER in read_map(base).data  # the short last cluster, hashed short
@@ -88,7 +92,7 @@ def test_writer_and_reader_agree(tmp_path: Path) -> None:
     scanned = scan(found)
     assert writer.file_digest == scanned.file_digest == file_digest(image)
     assert {i: d for i, d in writer.blocks.items() if i not in found.zero} == scanned.blocks
-    assert found.zero == {4}
+    assert list(found.zero) == [(4, 1)]
 
 
 def test_compressed_clusters_are_not_read_here(chain: tuple[Path, Path], tmp_path: Path) -> None:
@@ -96,3 +100,16 @@ def test_compressed_clusters_are_not_read_here(chain: tuple[Path, Path], tmp_pat
     run("qemu-img", "convert", "-c", "-O", "qcow2", str(chain[0]), str(packed))
     with pytest.raises(Qcow2Unsupported, match="compressed"):
         read_map(packed)
+
+
+def test_a_table_of_zero_clusters_is_one_run(tmp_path: Path) -> None:
+    """``write -z`` over 2 GiB of a qcow2 without backing: QEMU's L2 tables say zero for
+    every cluster; the map holds one run, not 32768 entries."""
+    image = tmp_path / "z.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "3G")
+    writes = ["write -z 512M 1G", "write -z 1536M 1G", "write -P 7 0 64k"]
+    run("qemu-io", "-f", "qcow2", *(a for w in writes for a in ("-c", w)), str(image))
+    found = read_map(image)
+    assert list(found.zero) == [(8192, 32768)] and set(found.data) == {0}
+    assert 8192 in found.zero and 8191 not in found.zero and 40960 not in found.zero
+    assert found.zero.among([0, 8191, 8192, 9000, 40959, 40960]) == [8192, 9000, 40959]

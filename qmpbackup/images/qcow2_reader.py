@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from collections.abc import Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,43 @@ class Qcow2Unsupported(QmpBackupError):
     """The image uses a qcow2 feature that this reader does not read."""
 
 
+class Runs:
+    """Sorted, disjoint runs of cluster indexes, ``(first, count)``: the zero clusters of
+    a file, which may cover a whole disk (a run per stretch, not an entry per cluster)."""
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, first: int, count: int) -> None:
+        """Append a run after every run added so far (merged with the last if they touch)."""
+        if self.ends and self.ends[-1] == first:
+            self.ends[-1] = first + count
+        else:
+            self.firsts.append(first)
+            self.ends.append(first + count)
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int):
+            return False
+        pos = bisect_right(self.firsts, index) - 1
+        return pos >= 0 and index < self.ends[pos]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((first, end - first) for first, end in zip(self.firsts, self.ends, strict=True))
+
+    def __bool__(self) -> bool:
+        return bool(self.firsts)
+
+    def among(self, indexes: Iterable[int]) -> list[int]:
+        """Those of the sorted ``indexes`` that fall in a run."""
+        ordered = list(indexes)
+        found: list[int] = []
+        for first, end in zip(self.firsts, self.ends, strict=True):
+            found += ordered[bisect_left(ordered, first) : bisect_left(ordered, end)]
+        return found
+
+
 @dataclass(frozen=True)
 class Qcow2Map:
     """What one qcow2 file holds: guest cluster -> host offset of its data, and the
@@ -50,7 +88,7 @@ class Qcow2Map:
     cluster_size: int
     backing: str | None
     data: dict[int, int] = field(default_factory=dict)
-    zero: set[int] = field(default_factory=set)
+    zero: Runs = field(default_factory=Runs)
 
     def length(self, cluster: int) -> int:
         """How many bytes of guest cluster ``cluster`` are inside the disk."""
@@ -91,21 +129,36 @@ def read_map(path: Path) -> Qcow2Map:
         cluster = 1 << cluster_bits
         per_table = cluster // 8
         found = Qcow2Map(path, size, cluster, backing)
+        # A table of zero clusters only (QEMU writes them over every hole it copies).
+        all_zero = (1).to_bytes(8, "big") * per_table
         for l1_index, l2_entry in enumerate(_table(fd, l1_offset, l1_size)):
             l2_offset = l2_entry & ENTRY_OFFSET
             if not l2_offset:
                 continue
             first = l1_index * per_table
-            for i, entry in enumerate(_table(fd, l2_offset, per_table)):
-                if not entry:
-                    continue
-                if entry & ENTRY_COMPRESSED:
-                    raise Qcow2Unsupported(f"{path}: compressed clusters")
-                if entry & ENTRY_ZERO:
-                    found.zero.add(first + i)
-                elif entry & ENTRY_OFFSET:
-                    found.data[first + i] = entry & ENTRY_OFFSET
+            raw = os.pread(fd, cluster, l2_offset)
+            if raw == all_zero:
+                found.zero.add(first, per_table)
+                continue
+            _entries(path, raw, first, found)
         return found
+
+
+def _entries(path: Path, raw: bytes, first: int, found: Qcow2Map) -> None:
+    """Add the clusters of one L2 table (``raw``) that starts at guest cluster ``first``."""
+    if len(raw) != found.cluster_size:
+        raise Qcow2Unsupported(f"{path}: L2 table past the end of the file")
+    table = array("Q", raw)
+    table.byteswap()  # big endian on disk
+    for i, entry in enumerate(table):
+        if not entry:
+            continue
+        if entry & ENTRY_COMPRESSED:
+            raise Qcow2Unsupported(f"{path}: compressed clusters")
+        if entry & ENTRY_ZERO:
+            found.zero.add(first + i, 1)
+        elif entry & ENTRY_OFFSET:
+            found.data[first + i] = entry & ENTRY_OFFSET
 
 
 @dataclass(frozen=True)

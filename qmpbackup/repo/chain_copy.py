@@ -21,7 +21,7 @@ from typing import Literal
 
 import blake3
 
-from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, read_map
+from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_map
 from ..images.qcow2_writer import Qcow2Writer
 from .digests import Digests
 
@@ -55,15 +55,16 @@ def _linked(layers: list[Qcow2Map]) -> list[Qcow2Map]:
 def _resolve(layers: Sequence[Qcow2Map]) -> dict[int, tuple[int, int]]:
     """Guest cluster -> (layer, host offset) of the data the chain shows, top first."""
     found: dict[int, tuple[int, int]] = {}
-    hidden: set[int] = set()
+    above: list[Runs] = []  # the zero clusters of the layers above, which hide the data
     size = layers[-1].size
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
         limit = -(-min(size, layer.size) // layer.cluster_size)
         for guest, host in layer.data.items():
-            if guest < limit and guest not in found and guest not in hidden:
+            if guest < limit and guest not in found and not any(guest in z for z in above):
                 found[guest] = (k, host)
-        hidden |= layer.zero
+        if layer.zero:
+            above.append(layer.zero)
     return found
 
 

@@ -26,7 +26,7 @@ import hashlib
 import struct
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -236,9 +236,12 @@ def resized_blocks(old_size: int, new_size: int, block_size: int) -> set[int]:
     return {edge // block_size}
 
 
-def derive(parent: Digests, changed: Mapping[int, bytes], size: int) -> Digests:
+def derive(
+    parent: Digests, changed: Mapping[int, bytes], size: int, zero: Container[int] = ()
+) -> Digests:
     """The digests of a disk of ``size`` bytes that equals ``parent`` except in ``changed``
-    (a zero block's digest there makes it zero).
+    (a zero block's digest there makes it zero) and in ``zero`` (blocks now zero, which
+    may be a stretch of any length: only the parent's data blocks are looked up in it).
 
     Blocks past the parent's end read as zero. ``changed`` must hold every block from
     :func:`resized_blocks`. Work follows the parent's data and ``changed``.
@@ -251,7 +254,7 @@ def derive(parent: Digests, changed: Mapping[int, bytes], size: int) -> Digests:
     missing = resized_blocks(parent.size, size, bs) - set(changed)
     if missing:
         raise DigestError(f"block {min(missing)} changed with the disk size: it must be read")
-    merged = {i: d for i, d in parent.items() if i < count and i not in changed}
+    merged = {i: d for i, d in parent.items() if i < count and i not in changed and i not in zero}
     merged.update(changed)
     return Digests.from_map(bs, size, parent.algorithm, merged)
 

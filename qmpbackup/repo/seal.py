@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..images.qcow2_reader import Qcow2Unsupported, read_map, scan
+from ..images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from .digests import (
     Algorithm,
@@ -24,7 +24,6 @@ from .digests import (
     derive,
     file_digest,
     resized_blocks,
-    zero_digest,
 )
 from .digests_nbd import digest_all, digest_image
 from .records import BackupEntry, DiskRecord, RepositoryError
@@ -52,9 +51,9 @@ class Sealed:
 
 def _own_blocks(
     image: Path, disk: DiskRecord, algorithm: Algorithm
-) -> tuple[dict[int, bytes], str] | None:
-    """The image's own blocks' digests and its file digest, in one read of the file;
-    None where the file is not one :func:`scan` reads."""
+) -> tuple[dict[int, bytes], Runs, str] | None:
+    """The digests of the image's own data clusters, its zero clusters and its file
+    digest, in one read of the file; None where the file is not one :func:`scan` reads."""
     if algorithm != "blake3":
         return None
     try:
@@ -64,14 +63,16 @@ def _own_blocks(
         scanned = scan(found)
     except Qcow2Unsupported:
         return None
-    own = dict(scanned.blocks)
-    for index in found.zero:
-        own[index] = zero_digest(found.length(index), algorithm)
-    return own, scanned.file_digest
+    return dict(scanned.blocks), found.zero, scanned.file_digest
 
 
 def _digests(
-    repo: Repository, disk: DiskRecord, image: Path, own: dict[int, bytes] | None, fmt: int
+    repo: Repository,
+    disk: DiskRecord,
+    image: Path,
+    own: dict[int, bytes] | None,
+    zero: Runs,
+    fmt: int,
 ) -> tuple[Digests, int]:
     """The image's digests at the instant, and how many blocks were read through NBD."""
     algorithm, bs, size = algorithm_of(fmt), disk.digest_block_size, disk.virtual_size
@@ -96,7 +97,7 @@ def _digests(
     if missing:
         own.update(digest_image(image, size, missing, block_size=bs, algorithm=algorithm))
         read += len(missing)
-    return derive(before, own, size), read
+    return derive(before, own, size, zero), read
 
 
 def seal(
@@ -127,14 +128,16 @@ def _seal(
     check_image(target.image)
     fmt = entry.record.format
     scanned = 0
+    zero = Runs()
     if hashed is not None:
         own: dict[int, bytes] | None = dict(hashed.blocks)
         whole: str | None = hashed.file_digest
     else:
         found = _own_blocks(target.image, record, algorithm_of(fmt))
-        own, whole = (None, None) if found is None else found
+        own, whole = (None, None) if found is None else (found[0], found[2])
+        zero = Runs() if found is None else found[1]
         scanned = len(own or ())
-    digests, read = _digests(repo, record, target.image, own, fmt)
+    digests, read = _digests(repo, record, target.image, own, zero, fmt)
     digests.save(target.digests)
     if whole is None:
         whole = file_digest(target.image, fmt)

@@ -83,7 +83,7 @@ class ContentChecks:
             wanted |= set(item.own or ())
         elif scanned:
             mapping = _scanned_mapping(chain)
-            wanted = self._blocks_to_read(item, parent, mapping)
+            wanted = self._blocks_to_read(item, parent, _own_scanned(item, parent))
         else:
             try:
                 mapping = json.loads(
@@ -93,7 +93,12 @@ class ContentChecks:
                 self.report(item, item.image, f"qemu-img map: {one_line(exc)}")
                 item.unproven = range(count)
                 return
-            wanted = self._blocks_to_read(item, parent, mapping)
+            own = [
+                (int(e["start"]), int(e["length"]))
+                for e in mapping
+                if e.get("depth") == 0 and e.get("present", e.get("data") or e.get("zero"))
+            ]
+            wanted = self._blocks_to_read(item, parent, changed_blocks(own, bs))
         if scanned:
             self.blocks += item.blocks_hashed
         if wanted:
@@ -120,18 +125,13 @@ class ContentChecks:
         for index in bad:
             self._blame(item, chain, index, mapping)
 
-    def _blocks_to_read(
-        self, item: CheckedDisk, parent: CheckedDisk, mapping: list[dict[str, Any]]
-    ) -> set[int]:
+    def _blocks_to_read(self, item: CheckedDisk, parent: CheckedDisk, own: set[int]) -> set[int]:
+        """``item``'s blocks to check: those its own file holds (``own``), and those its
+        digests do not inherit unchanged from a proven parent."""
         assert item.digests is not None
         bs = item.digests.block_size
         count = item.digests.count
-        own = [
-            (int(e["start"]), int(e["length"]))
-            for e in mapping
-            if e.get("depth") == 0 and e.get("present", e.get("data") or e.get("zero"))
-        ]
-        wanted = changed_blocks(own, bs)
+        wanted = set(own)
         theirs = parent.digests
         if theirs is None or theirs.block_size != bs:
             return set(range(count))
@@ -187,9 +187,17 @@ class ContentChecks:
             self.report(item, path, message)
 
 
+def _own_scanned(item: CheckedDisk, parent: CheckedDisk) -> set[int]:
+    """The blocks a scanned ``item`` holds that matter: its data clusters, and those of
+    its zero clusters where its digests or its parent's say data (the others agree)."""
+    said = sorted({*(item.digests.indexes if item.digests else ()),
+                   *(parent.digests.indexes if parent.digests else ())})  # fmt: skip
+    return set(item.own or ()) | set(item.zero.among(said))
+
+
 def _scanned_mapping(chain: list[CheckedDisk]) -> list[dict[str, Any]]:
-    """What ``qemu-img map`` would say of the chain's top (depth and extent of each block
-    a file holds itself), from the file checks' reads."""
+    """What ``qemu-img map`` would say of the chain's top (depth and extent of each data
+    cluster a file holds itself), from the file checks' reads."""
     bs = chain[-1].disk.digest_block_size
     mapping: list[dict[str, Any]] = []
     seen: set[int] = set()
@@ -212,6 +220,9 @@ def _from_scans(chain: list[CheckedDisk], wanted: set[int]) -> dict[int, bytes]:
             own = item.own or {}
             if index in own:
                 found[index] = own[index]
+                break
+            if index in item.zero:
+                found[index] = top.digests.zero(index)
                 break
             if item.disk.virtual_size != top.disk.virtual_size and (
                 index * top.disk.digest_block_size < item.disk.virtual_size

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ..errors import QmpBackupError, one_line
-from ..images.qcow2_reader import Qcow2Unsupported, read_map, scan
+from ..images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
 from ..images.qemu_img import ImageError, image_info, qemu_img
-from .digests import DigestError, Digests, algorithm_of, file_digest, zero_digest
+from .digests import DigestError, Digests, algorithm_of, file_digest
 from .records import BackupRecord, DiskRecord
 
 Severity = Literal["error", "warning"]
@@ -42,9 +42,10 @@ class CheckedDisk:
     digests: Digests | None = None
     # Blocks whose content does not equal the recorded digest, or was not verified.
     unproven: set[int] | range = field(default_factory=set)
-    # Read from a format 2 image: the digests of the blocks it holds itself (zero
-    # clusters included); None when its content must be read through qemu-nbd.
+    # Read from a format 2 image: the digests of the data clusters it holds itself, and
+    # its zero clusters; None when its content must be read through qemu-nbd.
     own: dict[int, bytes] | None = None
+    zero: Runs = field(default_factory=Runs)
     blocks_hashed: int = 0
 
 
@@ -103,10 +104,8 @@ class FileChecks:
                 found = read_map(item.image)
                 if found.cluster_size == item.disk.digest_block_size:
                     scanned = scan(found)
-                    item.own = dict(scanned.blocks)
+                    item.own, item.zero = dict(scanned.blocks), found.zero
                     item.blocks_hashed = len(scanned.blocks)
-                    for index in found.zero:
-                        item.own[index] = zero_digest(found.length(index), "blake3")
                     return scanned.file_digest
             except Qcow2Unsupported:
                 pass
