@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ Progress = Callable[[int], None]
 REQUEST_SIZE = 1 << 20
 IN_FLIGHT = 8
 CONNECTIONS = 2
+WRITERS = 2  # threads writing and hashing the new image
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,9 @@ def _cluster_aligned(
 
 
 class _FileSink:
-    """The copy engine's sink for a new image file written by this process."""
+    """The copy engine's sink for a new image file written by this process, on threads
+    of its own: the copy's scheduler goes on reading while data is written and hashed
+    (both let go of the GIL)."""
 
     block = CLUSTER
     max_request = 32 << 20
@@ -143,6 +147,7 @@ class _FileSink:
         self.size = size
         self._qcow2: Qcow2Writer | None = None
         self._fd = -1
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="qmpbackup-write")
         try:
             if fmt == "qcow2":
                 name = os.path.relpath(backing, out.parent) if backing is not None else None
@@ -151,11 +156,16 @@ class _FileSink:
                 self._fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.ftruncate(self._fd, size)
         except FileExistsError:
+            self._pool.shutdown()
             raise QmpBackupError(f"{out} exists: refusing to overwrite it") from None
         except OSError as exc:
+            self._pool.shutdown()
             raise QmpBackupError(f"cannot create {out}: {exc.strerror}") from None
 
     def write(self, offset: int, data: memoryview, done: Done) -> None:
+        self._pool.submit(self._store, offset, data, done)
+
+    def _store(self, offset: int, data: memoryview, done: Done) -> None:
         try:
             if self._qcow2 is not None:
                 self._qcow2.write(offset, data)
@@ -163,6 +173,9 @@ class _FileSink:
                 pwrite_all(self._fd, data, offset)
         except OSError as exc:
             done(NBDError(f"write of {len(data)} bytes at offset {offset} failed: {exc.strerror}"))
+            return
+        except Exception as exc:  # on this thread: the copy must hear of it
+            done(NBDError(f"write of {len(data)} bytes at offset {offset} failed: {exc}"))
             return
         done(None)
 
@@ -179,6 +192,7 @@ class _FileSink:
         return self._qcow2.blocks, self._qcow2.file_digest
 
     def finish(self) -> None:
+        self._pool.shutdown()
         if self._qcow2 is not None:
             self._qcow2.finish()
         else:
@@ -187,6 +201,7 @@ class _FileSink:
             self._fd = -1
 
     def abandon(self) -> None:
+        self._pool.shutdown()
         if self._qcow2 is not None:
             self._qcow2.abandon()
         elif self._fd >= 0:

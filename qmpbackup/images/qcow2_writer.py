@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import threading
 from array import array
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class Qcow2Writer:
         # Guest cluster -> the digest of its bytes, for every cluster written or zeroed.
         self.blocks: dict[int, bytes] = {}
         self.file_digest: str | None = None  # once finished
+        # Held while the layout changes; re-entered when placing data writes a table out.
+        self._lock = threading.RLock()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             self._header()  # checked now, written (with its magic) by finish()
@@ -85,30 +88,47 @@ class Qcow2Writer:
     # -- data ---------------------------------------------------------------
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
-        """Store ``data`` at guest ``offset``; rewritten clusters keep their place."""
+        """Store ``data`` at guest ``offset``; rewritten clusters keep their place.
+
+        Several threads may write at once: where the data goes is decided under a lock,
+        the data is written and hashed outside it.
+        """
         first, count = self._span(offset, len(data))
-        hosts = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
         view = memoryview(data)
-        if not any(hosts):
-            start = self._allocate(count)
-            for i in range(count):
-                self._set(first + i, (start + i) << CLUSTER_BITS | OFLAG_COPIED)
-            digests = self._pwrite(view, start << CLUSTER_BITS)
-        else:
-            digests = []
-            for i, host in enumerate(hosts):
-                if not host:
-                    host = self._allocate(1) << CLUSTER_BITS
-                self._set(first + i, host | OFLAG_COPIED)
-                digests += self._pwrite(view[i * CLUSTER : (i + 1) * CLUSTER], host)
+        with self._lock:
+            pieces = self._place(first, count)
+        digests: list[bytes] = []
+        for host, start, n in pieces:
+            digests += self._pwrite(view[start * CLUSTER : (start + n) * CLUSTER], host)
         for i, digest in enumerate(digests):
             if (i + 1) * CLUSTER > len(view):  # the disk's short last cluster: unpadded
                 digest = blake3.blake3(view[i * CLUSTER :]).digest()
             self.blocks[first + i] = digest
 
+    def _place(self, first: int, count: int) -> list[tuple[int, int, int]]:
+        """Host clusters for guest clusters ``first`` on: (host offset, first of the
+        clusters, how many) runs; new clusters are appended, in one run if all are new."""
+        hosts = [self._entry(first + i) & OFFSET_MASK for i in range(count)]
+        if not any(hosts):
+            start = self._allocate(count)
+            for i in range(count):
+                self._set(first + i, (start + i) << CLUSTER_BITS | OFLAG_COPIED)
+            return [(start << CLUSTER_BITS, 0, count)]
+        pieces = []
+        for i, host in enumerate(hosts):
+            if not host:
+                host = self._allocate(1) << CLUSTER_BITS
+            self._set(first + i, host | OFLAG_COPIED)
+            pieces.append((host, i, 1))
+        return pieces
+
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at guest ``offset`` read as zeroes, over any backing."""
         first, count = self._span(offset, length)
+        with self._lock:
+            self._zero(first, count)
+
+    def _zero(self, first: int, count: int) -> None:
         for index in range(first, first + count):
             entry = self._entry(index)
             self.blocks[index] = _zero_digest(min(CLUSTER, self.size - index * CLUSTER))
@@ -142,18 +162,23 @@ class Qcow2Writer:
             digests.append(blake3.blake3(piece).digest())
         first = host >> CLUSTER_BITS
         end = (first + len(digests)) * 32
-        if len(self._chunks) < end:
-            self._chunks += bytes(end - len(self._chunks))
-        self._chunks[first * 32 : end] = b"".join(digests)
+        with self._lock:
+            if len(self._chunks) < end:
+                self._chunks += bytes(end - len(self._chunks))
+            self._chunks[first * 32 : end] = b"".join(digests)
+            self._advise()
+        return digests
+
+    def _advise(self) -> None:
         end = self._next << CLUSTER_BITS
         if end - self._advised >= WRITEBACK_WINDOW:
             # Start writing back what came in so far (DONTNEED does, for dirty pages):
             # the disk works during the copy, and the final fsync has little left; the
             # backup's pages also stop crowding the host's page cache.  Clusters are
-            # appended, so the range since the last call is what is new.
+            # appended, so the range since the last call is what is new (a cluster still
+            # being written by another thread is only dirtied again).
             os.posix_fadvise(self._fd, self._advised, end - self._advised, os.POSIX_FADV_DONTNEED)
             self._advised = end
-        return digests
 
     # -- L2 tables ------------------------------------------------------------
 

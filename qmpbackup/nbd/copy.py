@@ -2,12 +2,14 @@
 
 The calling thread schedules: it keeps every source connection busy with reads into free
 buffers, and when a read completes (reported by that connection's reader thread) it hands
-the buffer to the sink, which sends it and gives it back at once: NBD does not need the
-data once it is on the wire, so memory is the pool and nothing else.
+the buffer to the sink. The buffer goes back to the pool when the sink says its stores
+are done: an NBD sink at once (NBD does not need the data once it is on the wire), a
+file sink once its threads have written it. Memory is the pool and nothing else.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
@@ -22,8 +24,8 @@ Done = Callable[[NBDError | None], None]
 
 
 class Sink(Protocol):
-    """Where copied data goes. Both methods may return before the data is stored, but
-    must not keep ``data``; ``done`` is called exactly once per call, from any thread."""
+    """Where copied data goes. Both methods may return before the data is stored; ``data``
+    stays untouched until ``done`` is called, exactly once per call, from any thread."""
 
     size: int
     max_request: int
@@ -130,9 +132,34 @@ def _zero_runs(data: memoryview, align: int) -> list[tuple[int, int, bool]]:
     return runs
 
 
-# (request, buffer) from a source reader when a read is complete; (length, error) from the
-# sink when a store is.
-_Event = tuple[Request, memoryview] | tuple[int, NBDError | None]
+class _Read:
+    """One read of the copy, sent in parts of at most the server's largest request (64 KiB
+    on QEMU 7.2's read-splitting view); the last part in reports the whole read, so
+    the scheduler handles it once, whatever the server's limit."""
+
+    __slots__ = ("buf", "data", "error", "length", "offset", "parts", "put", "seen")
+
+    def __init__(
+        self, offset: int, length: int, parts: int, buf: memoryview, put: Callable[..., None]
+    ) -> None:
+        self.offset, self.length, self.parts, self.buf, self.put = offset, length, parts, buf, put
+        self.data = False
+        self.error: NBDError | None = None
+        self.seen = itertools.count(1)  # next() is atomic: the reader threads share it
+
+    def part_done(self, req: Request) -> None:
+        """A part's reply is complete (on a reader thread)."""
+        if req.error is not None and self.error is None:
+            self.error = req.error
+        if req.data:
+            self.data = True
+        if next(self.seen) == self.parts:
+            self.put((self, self.buf))
+
+
+# (read, buffer) from a source reader when a read is complete; (length, error, buffer)
+# from the sink when a store is.
+_Event = tuple[_Read, memoryview] | tuple[int, NBDError | None, memoryview]
 
 
 class _Copy:
@@ -154,6 +181,7 @@ class _Copy:
         "failure",
         "free",
         "on_progress",
+        "pending",
         "pool_size",
         "put",
         "reads",
@@ -181,6 +209,7 @@ class _Copy:
         self.pool_size = pool_size
         self.on_progress = on_progress
         self.free: list[memoryview] = []
+        self.pending: dict[int, int] = {}  # id of a buffer -> its stores not yet done
         self.allocated = 0
         self.reads = self.stores = self.copied = 0
         self.failure: BaseException | None = None
@@ -197,19 +226,21 @@ class _Copy:
         issue_reads()
         while self.reads or self.stores:
             event = get()
-            if isinstance(event[0], Request):
-                req, buf = event
-                read_complete(req, buf)
-                # Only a completed read frees a buffer, so only now can another read start.
-                issue_reads()
+            if len(event) == 2:
+                read, buf = event
+                read_complete(read, buf)
             else:
-                length, error = event
-                store_complete(length, error)
+                length, error, buf = event
+                store_complete(length, error, buf)
+            # Either may have given a buffer back: another read can start.
+            issue_reads()
         failure = self.failure
         if failure is not None:
             if isinstance(failure, NBDError):
                 raise NBDError(str(failure))
             raise failure
+        if not self.exhausted:
+            raise NBDError("nbd: copy stopped before its last range")  # never, unless a bug
         return self.copied
 
     def _issue_reads(self) -> None:
@@ -237,60 +268,94 @@ class _Copy:
             else:
                 buf = memoryview(bytearray(step))
                 self.allocated += 1
-            src = self.src
-            try:
-                src.read_connection().submit(
-                    p.CMD_READ,
-                    offset,
-                    length,
-                    flags=src.read_flags,
-                    buf=buf[:length],
-                    callback=self._read_callback(buf),
-                )
-            except NBDError as exc:
-                self.failure = exc
+            if not self._submit(offset, length, buf):
                 if len(buf) == step:
                     free.append(buf)
                 return
             self.reads += 1
 
-    def _read_callback(self, buf: memoryview) -> Callable[[Request], None]:
-        """What a source reader calls when the read into ``buf`` is complete."""
-        put = self.put
-        return lambda req: put((req, buf))
+    def _submit(self, offset: int, length: int, buf: memoryview) -> bool:
+        """Send the read of ``length`` bytes at ``offset`` into ``buf``, in parts the
+        server takes; False (the failure recorded) if not one part could be sent."""
+        src = self.src
+        part = src.max_block - src.max_block % src.min_block
+        parts = -(-length // part)
+        read = _Read(offset, length, parts, buf, self.put)
+        for k in range(parts):
+            start = k * part
+            n = min(part, length - start)
+            try:
+                src.read_connection().submit(
+                    p.CMD_READ,
+                    offset + start,
+                    n,
+                    flags=src.read_flags,
+                    buf=buf[start : start + n],
+                    callback=read.part_done,
+                )
+            except NBDError as exc:
+                self.failure = exc
+                if k == 0:
+                    return False
+                # The parts sent still report; count the others in as failed.
+                for rest in range(k, parts):
+                    lost = Request(p.CMD_READ, offset + rest * part, 0, None, 0, None)
+                    lost.error = exc
+                    read.part_done(lost)
+                return True
+        return True
 
-    def _store_callback(self, length: int) -> Done:
-        """What the sink calls when it has stored ``length`` bytes (or failed to)."""
+    def _store_callback(self, length: int, buf: memoryview) -> Done:
+        """What the sink calls when it has stored ``length`` bytes of ``buf`` (or failed)."""
         put = self.put
-        return lambda error: put((length, error))
+        return lambda error: put((length, error, buf))
 
-    def _read_complete(self, req: Request, buf: memoryview) -> None:
-        """Hand a completed read to the sink, zero runs as ``sink.zero``, and give its
-        buffer back to the pool (the sink does not keep the data)."""
+    def _read_complete(self, req: _Read, buf: memoryview) -> None:
+        """Hand a completed read to the sink, zero runs as ``sink.zero``; its buffer goes
+        back to the pool once the sink has done with it."""
         self.reads -= 1
         if self.failure is None and req.error is not None:
             self.failure = req.error
+        issued = total = 0
         if self.failure is None:
             sink, offset, stored = self.sink, req.offset, self._store_callback
             data = buf[: req.length]
             try:
                 # A read made only of holes is zero without looking at it.
                 runs = [(0, req.length, True)] if not req.data else _zero_runs(data, self.block)
+                total = len(runs)
+                self.pending[id(buf)] = total
                 for start, length, zero in runs:
-                    done = stored(length)
+                    done = stored(length, buf)
                     if zero:
                         sink.zero(offset + start, length, done)
                     else:
                         sink.write(offset + start, data[start : start + length], done)
+                    issued += 1
                     self.stores += 1
             except NBDError as exc:
                 self.failure = exc
+        # Completions are handled on this thread, after this: the count can still change.
+        if not issued:
+            self.pending.pop(id(buf), None)
+            self._give_back(buf)
+        elif issued < total:
+            self.pending[id(buf)] = issued
+
+    def _give_back(self, buf: memoryview) -> None:
         if len(buf) == self.step:
             self.free.append(buf)
 
-    def _store_complete(self, length: int, error: NBDError | None) -> None:
-        """Count a completed store and report progress, or record its error."""
+    def _store_complete(self, length: int, error: NBDError | None, buf: memoryview) -> None:
+        """Count a completed store and report progress, or record its error; the last
+        store of a buffer gives it back."""
         self.stores -= 1
+        left = self.pending[id(buf)] - 1
+        if left:
+            self.pending[id(buf)] = left
+        else:
+            del self.pending[id(buf)]
+            self._give_back(buf)
         if error is not None:
             self.failure = self.failure or error
         elif self.failure is None:
@@ -321,7 +386,8 @@ def copy_ranges(
     if in_flight < 1 or request_size < 1:
         raise NBDError("nbd: copy needs at least one request of at least one byte")
     block = max(src.min_block, sink.block)
-    largest = min(src.max_block, sink.max_request)
+    # A read larger than the server takes is sent in parts (see _Read).
+    largest = sink.max_request
     step = min(request_size, largest)
     step = max(block, step - step % block)
     # QEMU gets each request's buffer from posix_memalign, and glibc maps fresh pages for
