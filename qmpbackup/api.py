@@ -30,7 +30,7 @@ from . import observe
 from .errors import JobFailedError
 from .planner import (
     BackupPlan,
-    PullOptions,
+    BeginOptions,
     choose_disks,
     plan_backup_begin,
     plan_backup_end,
@@ -149,7 +149,7 @@ class VM:
         self,
         spec: BackupSpec,
         checkpoint: CheckpointSpec | None = None,
-        options: PullOptions | None = None,
+        options: BeginOptions | None = None,
     ) -> BackupPlan:
         """The plan ``backup_begin`` would run, checked against the live schema, not sent.
 
@@ -164,7 +164,7 @@ class VM:
         self,
         spec: BackupSpec,
         checkpoint: CheckpointSpec | None,
-        options: PullOptions | None,
+        options: BeginOptions | None,
         graph: BlockGraph | None = None,
     ) -> BackupPlan:
         graph = graph or await self.graph()
@@ -191,7 +191,7 @@ class VM:
         spec: BackupSpec,
         checkpoint: CheckpointSpec | None = None,
         on_step: StepCallback | None = None,
-        options: PullOptions | None = None,
+        options: BeginOptions | None = None,
         owned: bool = False,
         recover: bool = False,
     ) -> BackupBegun:

@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import QmpBackupError
 from .nbd import NBDClient
 from .planner.disks import DiskChoice
-from .planner.facts import BackupFacts, Inventory, PullOptions
+from .planner.facts import BackupFacts, BeginOptions, Inventory
 from .planner.probe import READ, WRITE, ProbePlan, plan_snapshot_probe
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
@@ -86,7 +86,7 @@ async def backup_facts(
     now: int,
     state_dir: Path,
     capabilities: Capabilities,
-    options: PullOptions | None = None,
+    options: BeginOptions | None = None,
 ) -> BackupFacts:
     """What a ``backup-begin`` of ``choices`` needs to know besides the graph: the files
     they name, the backups ``active`` now, QEMU's jobs, the NBD server, the host's probes
@@ -117,7 +117,10 @@ async def backup_facts(
         direct_io_dirs=frozenset(
             folder
             for folder in {os.path.dirname(c.target) for c in choices}
-            if spec.mode == "push" and local and direct_io_works(folder)
+            if spec.mode == "push"
+            and local
+            and (options is None or options.direct_io)
+            and direct_io_works(folder)
         ),
         free_space={
             folder: free_bytes(folder)

@@ -30,6 +30,7 @@ from qmpbackup.repo.restore import restore
 from qmpbackup.repo.verify import verify
 
 from .repo_builder import flip_byte, flip_data_byte
+from .support import Cli, CliResult
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 64 * KiB
@@ -157,3 +158,32 @@ async def test_a_sparse_disk_costs_its_data(tmp_path: Path) -> None:
     assert verify(repo).problems == []
     out = restore(repo, "vda", tmp_path / "out.raw", record.id, "raw").out
     assert images_equal(out, ref, fmt_a="raw")
+
+
+async def test_the_one_shot_writes_push_targets_through_the_page_cache(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    """``backup-begin`` writes a push full's target with O_DIRECT where the folder takes
+    it; the one-shot ``backup``, which reads its target right after, does not."""
+
+    def target_caches(run: CliResult) -> list[object]:
+        return [
+            c["arguments"].get("cache")
+            for c in run.qmp_commands()
+            if c["execute"] == "blockdev-add" and c["arguments"].get("driver") == "file"
+            and "qmpbackup" not in c["arguments"].get("filename", "qmpbackup")
+        ]  # fmt: skip
+
+    target = tmp_path / "b.qcow2"
+    spec = tmp_path / "b.xml"
+    spec.write_text(
+        "<domainbackup><disks><disk name='vda' backup='no'/>"
+        f"<disk name='vdb' type='file'><target file='{target}'/><driver type='qcow2'/></disk>"
+        "</disks></domainbackup>"
+    )
+    begun = await cli.ok("backup-begin", str(spec), verbose=True)
+    assert target_caches(begun) == [{"direct": True}]
+    await cli.ok("backup-end", "1")
+    one_shot = await cli.ok("backup", "--repo", str(tmp_path / "repo"), "--disk", "vdb",
+                            verbose=True)  # fmt: skip
+    assert target_caches(one_shot) == [None]

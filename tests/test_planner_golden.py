@@ -37,8 +37,8 @@ from qmpbackup.errors import (
 from qmpbackup.planner import (
     BackupFacts,
     BackupPlan,
+    BeginOptions,
     EndPlan,
-    PullOptions,
     plan_backup_begin,
     plan_backup_end,
     plan_checkpoint_create,
@@ -407,7 +407,7 @@ def pull_tls_auto_port() -> Result:
         [],
         facts(free_port=40123, **UNIX_FACTS),
         None,
-        PullOptions(tls_dir="/etc/pki/qemu", tls_allow=("O=Example,CN=backup-client",)),
+        BeginOptions(tls_dir="/etc/pki/qemu", tls_allow=("O=Example,CN=backup-client",)),
     )
     return begin_json(planned), [planned.plan]
 
@@ -434,7 +434,7 @@ def pull_bounded_scratch() -> Result:
         [CHECK1],
         facts(free_space={"/state/scratch": 10 << 30}, **UNIX_FACTS),
         CheckpointSpec(name="check2"),
-        PullOptions(scratch_reserve=64 << 20),
+        BeginOptions(scratch_reserve=64 << 20),
     )
     assert all(d.write_threshold == (10 << 30) // 2 - (64 << 20) for d in planned.record.disks)
     return begin_json(planned), [planned.plan]
@@ -828,7 +828,7 @@ def test_bounded_scratch_needs_room_beside_its_reserve() -> None:
     the reserves and a little room for each scratch; the whole-disk reservation is not in
     such a plan, and is in the default one."""
     spec = BackupSpec(mode="pull")
-    options = PullOptions(scratch_reserve=48 << 20)
+    options = BeginOptions(scratch_reserve=48 << 20)
     with pytest.raises(PlanError, match=r"/state/scratch has 100663296 bytes free: too little"):
         plan_backup_begin(
             spec,

@@ -13,7 +13,7 @@ import sys
 
 from ..api import VM
 from ..errors import InvalidInputError, QmpBackupError, SpecError
-from ..planner import PullOptions
+from ..planner import BeginOptions
 from ..repo.backup import backup_to_repository
 from ..repo.events import EventSink
 from ..request import load_backup_spec, load_checkpoint_spec
@@ -50,11 +50,11 @@ async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
     return 0
 
 
-def _pull_options(args: argparse.Namespace) -> PullOptions:
+def _pull_options(args: argparse.Namespace) -> BeginOptions:
     tls_dir = getattr(args, "tls_dir", None)
     if tls_dir is not None and not os.path.isdir(tls_dir):
         raise InvalidInputError(f"--tls-dir {tls_dir}: no such directory")
-    return PullOptions(
+    return BeginOptions(
         tls_dir=os.path.abspath(tls_dir) if tls_dir else None,
         tls_allow=tuple(getattr(args, "tls_allow", None) or ()),
     )

@@ -24,7 +24,7 @@ from ..state.checkpoints import Checkpoint, next_parent
 from . import naming, pull, push
 from .checkpoint import checkpoint_with_backup
 from .disks import DiskChoice, DiskContext, DiskPieces, choose_disks
-from .facts import BackupFacts, PullOptions
+from .facts import BackupFacts, BeginOptions
 from .plan import Plan, Step
 
 
@@ -38,7 +38,7 @@ class BackupPlan(BaseModel):
     checkpoint: Checkpoint | None
 
 
-ServerPlanner = Callable[[BackupSpec, BackupFacts, PullOptions], tuple[NbdServer, list[Step]]]
+ServerPlanner = Callable[[BackupSpec, BackupFacts, BeginOptions], tuple[NbdServer, list[Step]]]
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def plan_backup_begin(
     checkpoints: Sequence[Checkpoint],
     facts: BackupFacts,
     new_checkpoint: CheckpointSpec | None = None,
-    options: PullOptions | None = None,
+    options: BeginOptions | None = None,
     choices: Sequence[DiskChoice] | None = None,
 ) -> BackupPlan:
     """Plan a backup: prepare every disk, then one transaction sets the point in time.
@@ -147,7 +147,7 @@ def plan_backup_begin(
         facts.now,
     )
     server, shared = (
-        mode.plan_server(spec, facts, options or PullOptions())
+        mode.plan_server(spec, facts, options or BeginOptions())
         if mode.plan_server is not None
         else (None, [])
     )
@@ -156,7 +156,7 @@ def plan_backup_begin(
         checkpoints=checkpoints,
         facts=facts,
         choices=choices,
-        options=options or PullOptions(),
+        options=options or BeginOptions(),
         server=server,
     )
     pieces = [mode.plan_disk(context, c) for c in choices]

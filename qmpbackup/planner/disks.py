@@ -28,7 +28,7 @@ from ..state.active import DiskJob, NbdServer
 from ..state.checkpoints import Checkpoint, find_checkpoint
 from . import naming
 from .chain import merged_bitmap, usable_checkpoint_layers
-from .facts import BackupFacts, PullOptions
+from .facts import BackupFacts, BeginOptions
 from .plan import Step
 
 SyncKind = Literal["full", "top", "incremental"]
@@ -58,7 +58,7 @@ class DiskContext:
     checkpoints: Sequence[Checkpoint]
     facts: BackupFacts
     choices: Sequence[DiskChoice] = ()  # every disk of the backup
-    options: PullOptions = field(default_factory=PullOptions)
+    options: BeginOptions = field(default_factory=BeginOptions)
     server: NbdServer | None = None  # the NBD server of a pull backup
 
 

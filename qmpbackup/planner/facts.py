@@ -39,9 +39,10 @@ class BackupFacts(BaseModel):
     free_space: Mapping[str, int] = {}
 
 
-class PullOptions(BaseModel):
-    """What the user gives besides the spec for a pull backup: where TLS material lives,
-    and how much room the fleecing scratches take.
+class BeginOptions(BaseModel):
+    """What the caller gives besides the spec for one ``backup-begin``: for pull, where
+    TLS material lives and how much room the fleecing scratches take; for push, whether
+    targets may be written with O_DIRECT.
 
     ``scratch_reserve`` None: each scratch reserves its disk's whole size when it is made,
     so it can never fill up (QEMU's copy-before-write would fail the guest's write).
@@ -49,6 +50,10 @@ class PullOptions(BaseModel):
     bytes are kept free beside it in a reserve file, and a write threshold on the scratch
     raises ``BLOCK_WRITE_THRESHOLD`` while the reserve is still there; whoever begins such
     a backup must watch for it and end the backup (the one-shot ``backup`` does).
+
+    ``direct_io`` False: push targets go through the page cache even where O_DIRECT
+    works, for a caller that reads each target right after its job (the one-shot
+    ``backup`` digests it): it reads from memory instead of the disk.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -56,6 +61,7 @@ class PullOptions(BaseModel):
     tls_dir: str | None = None
     tls_allow: tuple[str, ...] = ()
     scratch_reserve: int | None = Field(default=None, gt=0)
+    direct_io: bool = True
 
 
 class Inventory(BaseModel):

@@ -41,7 +41,7 @@ from ..request.models import BackupSpec
 from ..state.active import DiskJob, NbdServer
 from . import naming
 from .disks import DiskChoice, DiskContext, DiskPieces, add_incremental_bitmap, create_steps
-from .facts import BackupFacts, PullOptions
+from .facts import BackupFacts, BeginOptions
 from .plan import Step
 
 # The cluster of QEMU's copy-before-write: max(64 KiB, the scratch's cluster size).
@@ -302,7 +302,7 @@ def _server_address(
     return server, InetAddress(data=InetHostPort(host=host, port=str(port)))
 
 
-def _tls_steps(facts: BackupFacts, options: PullOptions) -> tuple[list[Step], str, str | None]:
+def _tls_steps(facts: BackupFacts, options: BeginOptions) -> tuple[list[Step], str, str | None]:
     """Steps loading the server's x509 credentials and allow-list; their object ids."""
     assert options.tls_dir is not None
     creds = naming.tls_creds(facts.backup_id)
@@ -329,7 +329,7 @@ def _tls_steps(facts: BackupFacts, options: PullOptions) -> tuple[list[Step], st
 
 
 def plan_server(
-    spec: BackupSpec, facts: BackupFacts, options: PullOptions
+    spec: BackupSpec, facts: BackupFacts, options: BeginOptions
 ) -> tuple[NbdServer, list[Step]]:
     """The NBD server to export through, and the steps that start it (none if it runs).
 

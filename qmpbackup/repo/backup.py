@@ -31,7 +31,7 @@ import structlog
 
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
-from ..planner.facts import PullOptions
+from ..planner.facts import BeginOptions
 from ..planner.level import LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
@@ -173,8 +173,10 @@ class _OneShot:
             _backup_spec(graph, entry, self.decisions, self.mode),
             CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
             # This process watches its scratches while it reads them: they need not
-            # reserve their disks' whole size.
-            options=PullOptions(scratch_reserve=self.scratch_reserve),
+            # reserve their disks' whole size. It reads each push target once its job is
+            # done: through the page cache, that read is from memory (1 GiB of random
+            # data, QEMU 7.2: begin to sealed 0.96-0.99 s buffered, 1.34-1.35 s O_DIRECT).
+            options=BeginOptions(scratch_reserve=self.scratch_reserve, direct_io=False),
             owned=True,
             recover=recover,
         )

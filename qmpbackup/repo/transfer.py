@@ -109,7 +109,7 @@ async def read_exports(
 ) -> dict[str, CopyResult]:
     """Copy each export with the built-in client; what was written, per disk.
 
-    A bounded scratch that fills up (see :class:`~qmpbackup.planner.facts.PullOptions`)
+    A bounded scratch that fills up (see :class:`~qmpbackup.planner.facts.BeginOptions`)
     stops the copy with ScratchFullError; a failed copy raises QmpBackupError naming the
     disk and the image.
     """
