@@ -86,7 +86,7 @@ def _digests(
     if parent.format != fmt or parent_disk.digest_block_size != bs:
         # Digests of another kind cannot be derived from: read the whole chain once.
         found = digest_all(image, size, block_size=bs, algorithm=algorithm)
-        return found, found.count
+        return found, len(found.indexes)
     before = Digests.load(repo.digests_path(parent, disk.name))
     read = 0
     if own is None:
