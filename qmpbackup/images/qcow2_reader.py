@@ -13,12 +13,14 @@ guest blocks' digests too (one hash for both). The reads and hashes run on two t
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +35,10 @@ ENTRY_OFFSET = 0x00FFFFFFFFFFFE00
 ENTRY_COMPRESSED = 1 << 62
 ENTRY_ZERO = 1
 _INCOMPATIBLE_OK = 1 | 8  # dirty (a clean shutdown is not needed to read), zlib/zstd type
+CHUNK = 1 << 16  # the 64 KiB chunks of a format 2 file digest
 SEGMENT = 4 << 20  # bytes per read of a scan
 SCAN_THREADS = 2
+SCAN_AHEAD = 2 * SCAN_THREADS  # segments read ahead of the one being used: the memory
 
 
 class Qcow2Unsupported(QmpBackupError):
@@ -95,13 +99,17 @@ class Qcow2Map:
         return min(self.cluster_size, self.size - cluster * self.cluster_size)
 
 
+def _entries64(raw: bytes) -> array[int]:
+    table = array("Q", raw)
+    table.byteswap()  # big endian on disk
+    return table
+
+
 def _table(fd: int, offset: int, entries: int) -> array[int]:
     raw = os.pread(fd, entries * 8, offset)
     if len(raw) != entries * 8:
         raise Qcow2Unsupported(f"table at {offset} is past the end of the file")
-    table = array("Q", raw)
-    table.byteswap()  # big endian on disk
-    return table
+    return _entries64(raw)
 
 
 def read_map(path: Path) -> Qcow2Map:
@@ -148,9 +156,7 @@ def _entries(path: Path, raw: bytes, first: int, found: Qcow2Map) -> None:
     """Add the clusters of one L2 table (``raw``) that starts at guest cluster ``first``."""
     if len(raw) != found.cluster_size:
         raise Qcow2Unsupported(f"{path}: L2 table past the end of the file")
-    table = array("Q", raw)
-    table.byteswap()  # big endian on disk
-    for i, entry in enumerate(table):
+    for i, entry in enumerate(_entries64(raw)):
         if not entry:
             continue
         if entry & ENTRY_COMPRESSED:
@@ -171,37 +177,58 @@ class Scan:
     bytes_read: int
 
 
-def _segment(fd: int, offset: int, cluster: int) -> tuple[list[bytes], bytes]:
+def _segment(fd: int, offset: int) -> tuple[list[bytes], bytes]:
     data = os.pread(fd, SEGMENT, offset)
     view = memoryview(data)
-    return [blake3.blake3(view[i : i + cluster]).digest() for i in range(0, len(view), cluster)], (
-        data
-    )
+    return [blake3.blake3(view[i : i + CHUNK]).digest() for i in range(0, len(view), CHUNK)], data
 
 
-def _segments(fd: int, end: int, cluster: int) -> Iterator[tuple[int, list[bytes], bytes]]:
-    """(offset, chunk digests, bytes) of each segment, in file order, read on threads."""
+def _segments(fd: int, end: int) -> Iterator[tuple[int, list[bytes], bytes]]:
+    """(offset, chunk digests, bytes) of each segment, in file order, read and hashed on
+    threads, at most SCAN_AHEAD segments ahead of the caller."""
     with ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="qmpbackup-scan") as pool:
-        offsets = range(0, end, SEGMENT)
-        for offset, (digests, data) in zip(
-            offsets, pool.map(lambda o: _segment(fd, o, cluster), offsets), strict=True
-        ):
+        offsets = iter(range(0, end, SEGMENT))
+        ahead: deque[tuple[int, Future[tuple[list[bytes], bytes]]]] = deque()
+        for offset in itertools.islice(offsets, SCAN_AHEAD):
+            ahead.append((offset, pool.submit(_segment, fd, offset)))
+        while ahead:
+            offset, future = ahead.popleft()
+            digests, data = future.result()
+            following = next(offsets, None)
+            if following is not None:
+                ahead.append((following, pool.submit(_segment, fd, following)))
             yield offset, digests, data
+
+
+def chunks_digest(digests: Iterable[bytes]) -> str:
+    """The format 2 file digest: BLAKE3 over the BLAKE3 digests of the file's 64 KiB
+    chunks, given in file order (the last chunk may be short)."""
+    hasher = blake3.blake3()
+    for digest in digests:
+        hasher.update(digest)
+    return hasher.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The format 2 file digest of any file (OSError if it cannot be read)."""
+    with open(path, "rb", buffering=0) as handle:
+        segments = _segments(handle.fileno(), os.fstat(handle.fileno()).st_size)
+        return chunks_digest(digest for _, digests, _ in segments for digest in digests)
 
 
 def scan(image: Qcow2Map) -> Scan:
     """Read ``image``'s file once: its file digest and the digests of its data clusters
     (Qcow2Unsupported if the file is shorter than its clusters, OSError if unreadable)."""
-    if image.cluster_size != 1 << 16:
+    if image.cluster_size != CHUNK:
         raise Qcow2Unsupported(f"{image.path}: {image.cluster_size}-byte clusters, not 64 KiB")
-    cluster = image.cluster_size
+    cluster = CHUNK
     owner = {host // cluster: guest for guest, host in image.data.items()}
     hasher = blake3.blake3()
     blocks: dict[int, bytes] = {}
     read = 0
     with open(image.path, "rb", buffering=0) as handle:
         end = os.fstat(handle.fileno()).st_size
-        for offset, digests, data in _segments(handle.fileno(), end, cluster):
+        for offset, digests, data in _segments(handle.fileno(), end):
             read += len(data)
             for k, digest in enumerate(digests):
                 hasher.update(digest)
@@ -216,3 +243,15 @@ def scan(image: Qcow2Map) -> Scan:
     if owner:
         raise Qcow2Unsupported(f"{image.path}: data clusters past the end of the file")
     return Scan(hasher.hexdigest(), blocks, read)
+
+
+def read_own(path: Path, cluster_size: int) -> tuple[Qcow2Map, Scan] | None:
+    """The map of ``path`` and one scan of it; None where it is not a file this module
+    reads, or its clusters are not of ``cluster_size`` bytes (OSError if unreadable)."""
+    try:
+        found = read_map(path)
+        if found.cluster_size != cluster_size:
+            return None
+        return found, scan(found)
+    except Qcow2Unsupported:
+        return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Literal
 
 import blake3
 
+from ..files import pwrite_all
 from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_map
 from ..images.qcow2_writer import Qcow2Writer
 from .digests import Digests
@@ -87,10 +87,10 @@ def _runs(found: dict[int, tuple[int, int]], cluster: int) -> Iterator[tuple[int
 
 
 class _Output:
-    """The new image: raw written in place by any thread, or qcow2 through the writer."""
+    """The new image, raw or qcow2 (through the writer); either takes writes from any
+    thread."""
 
     def __init__(self, dest: Path, fmt: Literal["qcow2", "raw"], size: int) -> None:
-        self.lock = threading.Lock()
         self.writer: Qcow2Writer | None = None
         self.fd = -1
         if fmt == "qcow2":
@@ -102,11 +102,8 @@ class _Output:
 
     def write(self, offset: int, data: memoryview) -> None:
         if self.writer is None:
-            view = data
-            while view:
-                view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)) :]
-            return
-        with self.lock:
+            pwrite_all(self.fd, data, offset)
+        else:
             self.writer.write(offset, data)
 
     def finish(self) -> str | None:

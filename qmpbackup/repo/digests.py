@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Container, Iterable, Iterator, Mapping
@@ -35,13 +36,13 @@ import blake3
 
 from ..errors import QmpBackupError
 from ..files import atomic_write_bytes
+from ..images import qcow2_reader
 
 Algorithm = Literal["blake2b", "blake3"]
 DIGEST_SIZE = 32
 FORMATS = (1, 2)
 CURRENT_FORMAT = 2
-CHUNK = 1 << 16  # format 2: digest blocks and file chunks
-DEFAULT_BLOCK_SIZE = CHUNK
+DEFAULT_BLOCK_SIZE = qcow2_reader.CHUNK  # format 2: one qcow2 cluster
 _MAGIC1 = b"QMPBDIG1"
 _MAGIC2 = b"QMPBDIG2"
 _HEADER1 = struct.Struct("<8sQQ")
@@ -149,7 +150,7 @@ class Digests:
             atomic_write_bytes(path, _HEADER1.pack(_MAGIC1, self.block_size, self.size) + dense)
             return
         indexes = array("Q", self.indexes)
-        if struct.pack("=H", 1) != struct.pack("<H", 1):
+        if sys.byteorder == "big":  # the file is little endian
             indexes.byteswap()
         header = _HEADER2.pack(_MAGIC2, self.block_size, self.size, len(indexes))
         atomic_write_bytes(path, header + indexes.tobytes() + self.values)
@@ -169,7 +170,7 @@ class Digests:
             raise DigestError(f"{path}: digests file of the wrong length")
         indexes = array("Q")
         indexes.frombytes(body[: count * 8])
-        if struct.pack("=H", 1) != struct.pack("<H", 1):
+        if sys.byteorder == "big":
             indexes.byteswap()
         if any(indexes[i] >= indexes[i + 1] for i in range(len(indexes) - 1)):
             raise DigestError(f"{path}: block indexes out of order")
@@ -188,34 +189,13 @@ class Digests:
 def file_digest(path: Path, record_format: int = CURRENT_FORMAT) -> str:
     """The file digest (hex) of ``path`` in a record format: any change anywhere in the
     file shows (OSError if it cannot be read)."""
-    if algorithm_of(record_format) == "blake2b":
-        digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        with open(path, "rb", buffering=0) as handle:
-            while data := handle.read(4 << 20):
-                digest.update(data)
-        return digest.hexdigest()
-    chunks = FileChunks()
+    if algorithm_of(record_format) == "blake3":
+        return qcow2_reader.file_digest(path)
+    digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
     with open(path, "rb", buffering=0) as handle:
         while data := handle.read(4 << 20):
-            view = memoryview(data)
-            for start in range(0, len(view), CHUNK):
-                chunks.add(blake3.blake3(view[start : start + CHUNK]).digest())
-    return chunks.hexdigest()
-
-
-class FileChunks:
-    """A format 2 file digest made from its chunks' digests, given in file order."""
-
-    def __init__(self) -> None:
-        self._hasher = blake3.blake3()
-
-    def add(self, chunk_digest: bytes) -> None:
-        """The digest of the next 64 KiB chunk (the last may be short)."""
-        self._hasher.update(chunk_digest)
-
-    def hexdigest(self) -> str:
-        """The file digest."""
-        return self._hasher.hexdigest()
+            digest.update(data)
+    return digest.hexdigest()
 
 
 def changed_blocks(dirty_extents: Iterable[tuple[int, int]], block_size: int) -> set[int]:

@@ -2,7 +2,7 @@
 
 A pull image was hashed by this process as it wrote it (the copy's digests and file
 digest come with it). A push image, written by QEMU, is read once where its data lies
-(:func:`qmpbackup.images.qcow2_reader.scan`): the same pass gives its file digest and
+(:func:`qmpbackup.images.qcow2_reader.read_own`): the same pass gives its file digest and
 its data clusters' digests. An incremental records its own blocks and derives the
 others from its parent's digests. Images this process cannot read itself, and a chain
 whose parent has digests of another format, are read through ``qemu-nbd`` instead.
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
+from ..images.qcow2_reader import Runs, read_own
 from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
 from .digests import (
     Algorithm,
@@ -54,16 +54,11 @@ def _own_blocks(
 ) -> tuple[dict[int, bytes], Runs, str] | None:
     """The digests of the image's own data clusters, its zero clusters and its file
     digest, in one read of the file; None where the file is not one :func:`scan` reads."""
-    if algorithm != "blake3":
+    found = read_own(image, disk.digest_block_size) if algorithm == "blake3" else None
+    if found is None:
         return None
-    try:
-        found = read_map(image)
-        if found.cluster_size != disk.digest_block_size:
-            return None
-        scanned = scan(found)
-    except Qcow2Unsupported:
-        return None
-    return dict(scanned.blocks), found.zero, scanned.file_digest
+    image_map, scanned = found
+    return dict(scanned.blocks), image_map.zero, scanned.file_digest
 
 
 def _digests(

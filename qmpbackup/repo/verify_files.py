@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ..errors import QmpBackupError, one_line
-from ..images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
+from ..images.qcow2_reader import Runs, read_own
 from ..images.qemu_img import ImageError, image_info, qemu_img
 from .digests import DigestError, Digests, algorithm_of, file_digest
 from .records import BackupRecord, DiskRecord
@@ -100,15 +100,12 @@ class FileChecks:
         """The image's file digest; a format 2 image's own blocks' digests on the way."""
         fmt = item.record.format
         if algorithm_of(fmt) == "blake3":
-            try:
-                found = read_map(item.image)
-                if found.cluster_size == item.disk.digest_block_size:
-                    scanned = scan(found)
-                    item.own, item.zero = dict(scanned.blocks), found.zero
-                    item.blocks_hashed = len(scanned.blocks)
-                    return scanned.file_digest
-            except Qcow2Unsupported:
-                pass
+            found = read_own(item.image, item.disk.digest_block_size)
+            if found is not None:
+                image_map, scanned = found
+                item.own, item.zero = dict(scanned.blocks), image_map.zero
+                item.blocks_hashed = len(scanned.blocks)
+                return scanned.file_digest
         return file_digest(item.image, fmt)
 
     def _check_info(self, item: CheckedDisk, info: dict[str, Any]) -> bool:
