@@ -8,8 +8,6 @@ one line shown to the user.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 
 class QmpBackupError(Exception):
     """Base class of every qmpbackup error."""
@@ -94,6 +92,9 @@ class LeftoversError(QmpBackupError):
 
 def one_line(exc: BaseException) -> str:
     """A one-line account of ``exc`` (pydantic's and OSError's own texts are longer)."""
+    # Imported here: the commands that never validate a model start without pydantic.
+    from pydantic import ValidationError
+
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -14,7 +14,7 @@ import sys
 from ..api import VM
 from ..errors import InvalidInputError, QmpBackupError, SpecError
 from ..planner import BeginOptions
-from ..repo.backup import backup_to_repository
+from ..repo.backup import DEFAULT_SCRATCH_RESERVE, backup_to_repository
 from ..repo.events import EventSink
 from ..request import load_backup_spec, load_checkpoint_spec
 from ..request.models import CheckpointSpec, check_name
@@ -121,7 +121,7 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         disks=args.disk,
         on_event=_event_sink(args),
         recover=args.recover,
-        scratch_reserve=args.scratch_reserve,
+        scratch_reserve=args.scratch_reserve or DEFAULT_SCRATCH_RESERVE,
     )
     return 0
 

@@ -3,20 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from .. import __version__
-from ..api import VM
-from ..repo.backup import DEFAULT_SCRATCH_RESERVE
-from . import backups, checkpoints, repository
 
-Handler = Callable[[argparse.Namespace, VM], Awaitable[int]]
-OfflineHandler = Callable[[argparse.Namespace], Awaitable[int]]
+if TYPE_CHECKING:
+    from ..api import VM
+
+Handler = Callable[[argparse.Namespace, "VM"], Awaitable[int]]
+OfflineHandler = Callable[[argparse.Namespace], int]
 Adder = Callable[[str, Handler, str], argparse.ArgumentParser]
 OfflineAdder = Callable[[str, OfflineHandler, str], argparse.ArgumentParser]
+
+
+class _Handlers:
+    """The handlers of one module of ``qmpbackup.cli``, imported when a command runs:
+    a command pays only for the layers it uses (``restore`` never loads the planner)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = f"{__package__}.{module}"
+
+    def vm(self, name: str) -> Handler:
+        async def run(args: argparse.Namespace, vm: VM) -> int:
+            handler = getattr(importlib.import_module(self.module), name)
+            return await cast(Handler, handler)(args, vm)
+
+        return run
+
+    def offline(self, name: str) -> OfflineHandler:
+        def run(args: argparse.Namespace) -> int:
+            handler = getattr(importlib.import_module(self.module), name)
+            return cast(OfflineHandler, handler)(args)
+
+        return run
+
+
+backups, checkpoints, repository = (
+    _Handlers("backups"), _Handlers("checkpoints"), _Handlers("repository")
+)  # fmt: skip
 
 
 def _tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,17 +69,17 @@ def _size(text: str) -> int:
 
 
 def _backup_job_commands(add: Adder) -> None:
-    p = add("backup-begin", backups.cmd_backup_begin, "start a push or pull backup")
+    p = add("backup-begin", backups.vm("cmd_backup_begin"), "start a push or pull backup")
     p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
     p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
     _tls_arguments(p)
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
-    p = add("backup-end", backups.cmd_backup_end, "end a backup job")
+    p = add("backup-end", backups.vm("cmd_backup_end"), "end a backup job")
     p.add_argument("id", nargs="?", type=int)
     p.add_argument("--abort", action="store_true", help="cancel a copy still running")
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
-    p = add("jobinfo", backups.cmd_jobinfo, "state of the backup job")
+    p = add("jobinfo", backups.vm("cmd_jobinfo"), "state of the backup job")
     p.add_argument("id", nargs="?", type=int)
     p.add_argument("--json", action="store_true")
 
@@ -58,24 +87,30 @@ def _backup_job_commands(add: Adder) -> None:
 def _checkpoint_commands(add: Adder) -> None:
     p = add(
         "checkpoint-create",
-        checkpoints.cmd_checkpoint_create,
+        checkpoints.vm("cmd_checkpoint_create"),
         "create a checkpoint from a description",
     )
     p.add_argument("file")
     p.add_argument("--show-steps", action="store_true")
     p = add(
-        "checkpoint-create-as", checkpoints.cmd_checkpoint_create_as, "create a checkpoint by name"
+        "checkpoint-create-as",
+        checkpoints.vm("cmd_checkpoint_create_as"),
+        "create a checkpoint by name",
     )
     p.add_argument("name")
     p.add_argument("--description")
     p.add_argument("--show-steps", action="store_true")
-    p = add("checkpoint-list", checkpoints.cmd_checkpoint_list, "list checkpoints, oldest first")
+    p = add(
+        "checkpoint-list", checkpoints.vm("cmd_checkpoint_list"), "list checkpoints, oldest first"
+    )
     p.add_argument("--name", action="store_true", help="names only")
     p.add_argument("--tree", action="store_true", help="as a tree")
-    p = add("checkpoint-dumpxml", checkpoints.cmd_checkpoint_dumpxml, "<domaincheckpoint> XML")
+    p = add(
+        "checkpoint-dumpxml", checkpoints.vm("cmd_checkpoint_dumpxml"), "<domaincheckpoint> XML"
+    )
     p.add_argument("name")
     p.add_argument("--size", action="store_true", help="bytes dirtied since the checkpoint")
-    p = add("checkpoint-delete", checkpoints.cmd_checkpoint_delete, "delete a checkpoint")
+    p = add("checkpoint-delete", checkpoints.vm("cmd_checkpoint_delete"), "delete a checkpoint")
     p.add_argument("name")
     p.add_argument("--children", action="store_true")
     p.add_argument("--metadata-only", action="store_true")
@@ -84,14 +119,16 @@ def _checkpoint_commands(add: Adder) -> None:
 
 def _vm_commands(add: Adder) -> None:
     p = add(
-        "plan", backups.cmd_plan, "print the QMP sequence backup-begin would send, send nothing"
+        "plan",
+        backups.vm("cmd_plan"),
+        "print the QMP sequence backup-begin would send, send nothing",
     )
     p.add_argument("spec")
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
     p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
     _tls_arguments(p)
-    p = add("backup", backups.cmd_backup, "one-shot backup into a repository")
+    p = add("backup", backups.vm("cmd_backup"), "one-shot backup into a repository")
     p.add_argument("--repo", type=Path, required=True, help="repository folder")
     p.add_argument(
         "--level",
@@ -105,31 +142,39 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument(
         "--scratch-reserve",
         type=_size,
-        default=DEFAULT_SCRATCH_RESERVE,
+        default=None,
         metavar="SIZE",
         help="pull: room kept free beside each scratch, which otherwise grows with what the "
         "guest overwrites; a scratch that fills up ends the backup (default 256M)",
     )
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
-    p = add("recover", backups.cmd_recover, "clean what a crashed or killed run left")
+    p = add("recover", backups.vm("cmd_recover"), "clean what a crashed or killed run left")
     p.add_argument("--dry-run", action="store_true", help="say what would be cleaned, send nothing")
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
 
 
 def _repository_commands(add: OfflineAdder) -> None:
     vm_help = "VM folder in the repository (default: its only one)"
-    p = add("restore", repository.cmd_restore, "a standalone image of a disk at a backup")
+    p = add(
+        "restore", repository.offline("cmd_restore"), "a standalone image of a disk at a backup"
+    )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--disk", required=True)
     p.add_argument("--out", type=Path, required=True, help="new image file (never overwritten)")
     p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
-    p = add("verify", repository.cmd_verify, "check a repository's files, chains and digests")
+    p = add(
+        "verify", repository.offline("cmd_verify"), "check a repository's files, chains and digests"
+    )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--backup", help="only this backup and the chain it needs")
-    p = add("prune", repository.cmd_prune, "keep the newest N backups, merging older ones away")
+    p = add(
+        "prune",
+        repository.offline("cmd_prune"),
+        "keep the newest N backups, merging older ones away",
+    )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
@@ -166,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_commands(add)
     _vm_commands(add)
     _repository_commands(add_offline)
-    p = add("info", backups.cmd_info, "QEMU version, capabilities, disks, chains and bitmaps")
+    p = add("info", backups.vm("cmd_info"), "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")
     p.add_argument("--workdir", type=Path)

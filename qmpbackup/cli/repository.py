@@ -7,10 +7,9 @@ checkpoints no backup needs any more).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
-from ..api import VM
 from ..errors import QmpBackupError
-from ..repo.backup import release_checkpoints
 from ..repo.prune import prune
 from ..repo.repository import Repository
 from ..repo.restore import restore
@@ -23,7 +22,7 @@ def _repository(args: argparse.Namespace) -> Repository:
     return Repository.open(args.repo, args.vm)
 
 
-async def cmd_restore(args: argparse.Namespace) -> int:
+def cmd_restore(args: argparse.Namespace) -> int:
     result = restore(_repository(args), args.disk, args.out, args.backup, args.format)
     out(
         f"Disk {result.disk} of backup {result.backup_id} restored to {result.out} "
@@ -33,7 +32,7 @@ async def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(_repository(args), args.backup)
     for problem in report.problems:
         out(str(problem))
@@ -47,7 +46,7 @@ async def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_prune(args: argparse.Namespace) -> int:
+def cmd_prune(args: argparse.Namespace) -> int:
     repo = _repository(args)
     result = prune(repo, args.keep, dry_run=args.dry_run)
     would = "would be " if args.dry_run else ""
@@ -61,10 +60,20 @@ async def cmd_prune(args: argparse.Namespace) -> int:
         names = ", ".join(result.released)
         out(f"Checkpoints no backup needs any more: {names} (pass --qmp to delete them)")
         return 0
+    # Here: the repository's commands load asyncio and the API only to talk to QEMU.
+    import asyncio
+
+    for name in asyncio.run(_release(args, result.released)):
+        out(f"Domain checkpoint {name} deleted")
+    return 0
+
+
+async def _release(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    from ..api import VM
+    from ..repo.backup import release_checkpoints
+
     vm = await VM.connect(args.qmp, args.state_dir)
     try:
-        for name in await release_checkpoints(vm, result.released):
-            out(f"Domain checkpoint {name} deleted")
+        return await release_checkpoints(vm, names)
     finally:
         await vm.close()
-    return 0

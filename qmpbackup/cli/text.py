@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..planner.plan import Step
-from ..results import JobInfo, VMInfo
-from ..state.checkpoints import Checkpoint
 from .progress import human_size
+
+if TYPE_CHECKING:
+    from ..planner.plan import Step
+    from ..results import JobInfo, VMInfo
+    from ..state.checkpoints import Checkpoint
 
 
 def out(text: str = "") -> None:

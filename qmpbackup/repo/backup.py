@@ -32,7 +32,7 @@ import structlog
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
 from ..planner.facts import BeginOptions
-from ..planner.level import LevelDecision, decide_levels
+from ..planner.level import DiskHistory, LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
 from ..results import BackupBegun
@@ -262,6 +262,25 @@ class _OneShot:
         log.info("backup.abandoned", id=self.entry.id, reason=why)
 
 
+def _history(repo: Repository, disk: str) -> DiskHistory | None:
+    """What the level decision needs of ``disk``'s last complete backups in ``repo``."""
+    last = repo.parent_for(disk, "inc")
+    if last is None:
+        return None
+    full = repo.parent_for(disk, "diff")
+    entry = repo.disk_record(last, disk)
+    return DiskHistory(
+        disk=disk,
+        image=entry.source or "",
+        virtual_size=entry.virtual_size,
+        granularity=entry.granularity,
+        last_checkpoint=last.checkpoint,
+        last_checkpoint_time=last.checkpoint_time,
+        full_checkpoint=None if full is None else full.checkpoint,
+        full_checkpoint_time=None if full is None else full.checkpoint_time,
+    )
+
+
 def _decide(
     repo: Repository,
     vm: VM,
@@ -272,7 +291,7 @@ def _decide(
 ) -> list[LevelDecision]:
     """Each disk's level from the repository's history and the live graph, announced."""
     names = _chosen_disks(graph, disks)
-    history = {name: h for name in names if (h := repo.history(name)) is not None}
+    history = {name: h for name in names if (h := _history(repo, name)) is not None}
     decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
     for decision in decisions:
         emit(BackupEvent("level", disk=decision.disk, level=decision.level, reason=decision.reason))

@@ -11,9 +11,8 @@ import contextlib
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..images.qemu_nbd import serve_image
-from ..nbd import NBDClient
 from .digests import (
     Algorithm,
     DigestError,
@@ -23,6 +22,9 @@ from .digests import (
     block_length,
     zero_digest,
 )
+
+if TYPE_CHECKING:
+    from ..nbd import NBDClient
 
 _READ_BYTES = 16 << 20  # at most, per NBD read
 _ZERO_FLAG = 2  # base:allocation: reads as zero
@@ -119,6 +121,10 @@ def open_source(
     """An NBD client on a local image (served read-only by ``qemu-nbd``) or on an
     ``nbd://``/``nbd+unix://`` URI, with ``base:allocation`` negotiated."""
     with contextlib.ExitStack() as stack:
+        # Imported here: format 2 records are read from the files, not through NBD.
+        from ..images.qemu_nbd import serve_image
+        from ..nbd import NBDClient
+
         text = str(source)
         uri = text if text.startswith("nbd") else stack.enter_context(serve_image(Path(text), fmt))
         client = NBDClient.connect(uri, connections=connections, meta_contexts=["base:allocation"])

@@ -31,7 +31,6 @@ from pydantic import ValidationError
 
 from ..errors import InvalidInputError, one_line
 from ..files import advisory_lock, atomic_write_text
-from ..planner.level import DiskHistory
 from ..request.models import Level, Mode, check_name
 from .digests import CURRENT_FORMAT, file_digest
 from .records import (
@@ -361,24 +360,6 @@ class Repository:
             for disk in record.disks:
                 self.image_path(record, disk.name).unlink(missing_ok=True)
                 self.digests_path(record, disk.name).unlink(missing_ok=True)
-
-    def history(self, disk: str) -> DiskHistory | None:
-        """What the level decision needs of ``disk``'s last complete backups."""
-        last = self.parent_for(disk, "inc")
-        if last is None:
-            return None
-        full = self.parent_for(disk, "diff")
-        entry = self.disk_record(last, disk)
-        return DiskHistory(
-            disk=disk,
-            image=entry.source or "",
-            virtual_size=entry.virtual_size,
-            granularity=entry.granularity,
-            last_checkpoint=last.checkpoint,
-            last_checkpoint_time=last.checkpoint_time,
-            full_checkpoint=None if full is None else full.checkpoint,
-            full_checkpoint_time=None if full is None else full.checkpoint_time,
-        )
 
     def discard(self, entry: BackupEntry | BackupRecord) -> None:
         """Remove an incomplete backup: its images, digests and then its record."""
