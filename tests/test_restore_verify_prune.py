@@ -141,6 +141,22 @@ def test_restore_every_point_equals_its_reference(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_restore_leaves_clusters_of_zeroes_sparse(tmp_path: Path) -> None:
+    # A guest's zero-filled data (allocated in the backup) restores as holes in a raw
+    # image and as unallocated clusters in a qcow2, as qemu-img convert leaves them.
+    repo = Repository(tmp_path / "repo", "vm1")
+    writes: list[Write] = [(0x11, 0, MiB), (0, MiB, 2 * MiB), (0x12, 3 * MiB, 64 * KiB)]
+    add_backup(repo, {"vda": ("full", writes)}, 0)
+    ref = reference(tmp_path / "ref.qcow2", writes)
+    for fmt in ("raw", "qcow2"):
+        out = tmp_path / f"out.{fmt}"
+        restore(repo, "vda", out, fmt=fmt)  # type: ignore[arg-type]
+        assert same_content(out, ref, fmt)
+        extents = json.loads(qemu_img("map", "--output=json", "-f", fmt, str(out)))
+        data = [(e["start"], e["length"]) for e in extents if e["data"]]
+        assert data == [(0, MiB), (3 * MiB, 64 * KiB)], (fmt, extents)
+
+
 def test_restore_defaults_to_the_newest_backup(chain: Built, tmp_path: Path) -> None:
     result = restore(chain.repo, "vda", tmp_path / "latest.qcow2")
     assert result.backup_id == chain.ids[-1]

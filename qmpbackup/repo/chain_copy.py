@@ -23,7 +23,7 @@ import blake3
 from ..files import pwrite_all
 from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_map
 from ..images.qcow2_writer import Qcow2Writer
-from .digests import Digests
+from .digests import Digests, zero_digest
 
 _RUN = 64  # clusters per read: 4 MiB
 _THREADS = 2
@@ -106,6 +106,11 @@ class _Output:
         else:
             self.writer.write(offset, data)
 
+    def zero(self, offset: int, length: int) -> None:
+        """``length`` bytes at ``offset`` read as zeroes (in a new raw file they do)."""
+        if self.writer is not None:
+            self.writer.zero(offset, length)
+
     def finish(self) -> str | None:
         if self.writer is None:
             os.fsync(self.fd)
@@ -150,14 +155,23 @@ def copy_chain(
             length = min(n * cluster, size - first * cluster)
             if len(data) < length:
                 raise Qcow2Unsupported(f"{layers[layer].path}: data past the end of the file")
-            bad = [
-                first + k
-                for k in range(n)
-                if blake3.blake3(data[k * cluster : min((k + 1) * cluster, length)]).digest()
-                != expected.get(first + k)
+            pieces = [data[k * cluster : min((k + 1) * cluster, length)] for k in range(n)]
+            digests = [blake3.blake3(piece).digest() for piece in pieces]
+            # Clusters of zeroes are not written: the new image reads them as zeroes
+            # already (as qemu-img convert keeps them sparse); their digest proves it.
+            zero = [
+                d == zero_digest(len(p), "blake3") for d, p in zip(digests, pieces, strict=True)
             ]
-            out.write(first * cluster, data[:length])
-            return bad
+            k = 0
+            while k < n:
+                j = next((i for i in range(k, n) if zero[i] != zero[k]), n)
+                piece = data[k * cluster : min(j * cluster, length)]
+                if zero[k]:
+                    out.zero((first + k) * cluster, len(piece))
+                else:
+                    out.write((first + k) * cluster, piece)
+                k = j
+            return [first + k for k in range(n) if digests[k] != expected.get(first + k)]
 
         try:
             with ThreadPoolExecutor(_THREADS, thread_name_prefix="qmpbackup-restore") as pool:
