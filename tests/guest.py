@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -75,8 +74,10 @@ def skip_reason() -> str | None:
     """Why the guest tests cannot run here, or None when they can."""
     if guest_artifacts() is None:
         return SKIP_REASON
-    if shutil.which("debugfs") is None or shutil.which("e2fsck") is None:
-        return "e2fsprogs (debugfs, e2fsck) is missing: run scripts/setup --guest"
+    if not all(shutil.which(_tool(name)) for name in ("mkfs.ext4", "debugfs", "e2fsck")):
+        return (
+            "e2fsprogs (mkfs.ext4, debugfs, dumpe2fs, e2fsck) is missing: run scripts/setup --guest"
+        )
     return None
 
 
@@ -89,11 +90,6 @@ def expected_content(name: str) -> bytes:
 def cpu_for(accel: str) -> str:
     """The ``-cpu`` model for an accelerator: the host's under KVM, ``max`` under TCG."""
     return "host" if accel.startswith("kvm") else "max"
-
-
-def _qemu_version() -> str:
-    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False).stdout
-    return out.splitlines()[0] if out else QEMU
 
 
 def _boots_to_ready(artifacts: GuestArtifacts, accel: str, timeout: float) -> bool:
@@ -132,7 +128,8 @@ def guest_accel(kvm_timeout: float = 10.0) -> str:
     known: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(record.read_text())
-    version = f"{_qemu_version()}, {artifacts.kernel_package}"
+    qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False)
+    version = f"{(qemu.stdout or QEMU).splitlines()[0]}, {artifacts.kernel_package}"
     if version not in known:
         started = time.monotonic()
         accel = "kvm" if _boots_to_ready(artifacts, "kvm", kvm_timeout) else TCG
@@ -204,9 +201,8 @@ class GuestVM(ThrowawayVM):
 
     def console(self) -> str:
         """What the guest printed on its serial console so far."""
-        with contextlib.suppress(FileNotFoundError):
-            return self.console_path.read_text(errors="replace")
-        return ""
+        path = self.console_path
+        return path.read_text(errors="replace") if path.exists() else ""
 
     async def wait_ready(self, timeout: float = 120.0) -> float:
         """Wait for the guest's ready marker; return the seconds waited.  QmpBackupError
@@ -223,107 +219,23 @@ class GuestVM(ThrowawayVM):
 
     async def wait_exit(self, timeout: float = 60.0) -> bool:
         """Wait for QEMU to exit by itself (the guest powered off); False on timeout."""
-        if self.process is None:
-            return True
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout)
-        except TimeoutError:
-            return False
-        return True
+        if self.process is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self.process.wait), timeout)
+        return self.process is None or self.process.poll() is not None
 
     def _remove_sockets(self) -> None:
         super()._remove_sockets()
         self.agent_path.unlink(missing_ok=True)
 
 
-class GuestAgent:
-    """A minimal synchronous qemu-ga client over the agent's unix socket (test support)."""
-
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        self.timeout = timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buffer = b""
-        self.next_id = int(time.time()) % 1_000_000
-        self.sync()
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
-
-    def __enter__(self) -> GuestAgent:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _send(self, message: dict[str, Any], delimit: bool = False) -> None:
-        self.sock.sendall((b"\xff" if delimit else b"") + json.dumps(message).encode() + b"\n")
-
-    def _line(self, deadline: float) -> bytes:
-        while b"\n" not in self.buffer:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise QmpBackupError("the guest agent closed its socket")
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line
-
-    def sync(self, attempt: float = 2.0) -> None:
-        """``guest-sync-delimited`` until the agent answers with our id: drops whatever
-        an earlier client or a restarted agent left in the channel."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            self.next_id += 1
-            self._send({"execute": "guest-sync-delimited", "arguments": {"id": self.next_id}}, True)
-            try:
-                until = min(deadline, time.monotonic() + attempt)
-                while True:
-                    line = self._line(until)
-                    # The agent answers a delimited sync after a 0xFF byte.
-                    line = line.rpartition(b"\xff")[2].strip()
-                    if line and json.loads(line).get("return") == self.next_id:
-                        return
-            except (TimeoutError, ValueError):
-                if time.monotonic() >= deadline:
-                    raise QmpBackupError("the guest agent does not answer") from None
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run one command and return its ``return``; QmpBackupError on an ``error``."""
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = arguments
-        self._send(message)
-        reply = json.loads(self._line(time.monotonic() + self.timeout).rpartition(b"\xff")[2])
-        if "error" in reply:
-            raise QmpBackupError(f"guest agent {command}: {reply['error']}")
-        return reply.get("return")
-
-    def ping(self) -> None:
-        """``guest-ping``."""
-        self.execute("guest-ping")
-
-    def fsfreeze_freeze(self) -> int:
-        """Freeze the guest's filesystems; the number frozen."""
-        return int(self.execute("guest-fsfreeze-freeze"))
-
-    def fsfreeze_thaw(self) -> int:
-        """Thaw them; the number thawed."""
-        return int(self.execute("guest-fsfreeze-thaw"))
-
-    def fsfreeze_status(self) -> str:
-        """``frozen`` or ``thawed``."""
-        return str(self.execute("guest-fsfreeze-status"))
-
-    def shutdown(self, mode: str = "powerdown") -> None:
-        """``guest-shutdown``: it never answers; the guest unmounts and powers off."""
-        self._send({"execute": "guest-shutdown", "arguments": {"mode": mode}})
+def _tool(name: str) -> str:
+    """An e2fsprogs tool: from PATH, else from /usr/sbin or /sbin (not in a user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") or name
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.run([_tool(argv[0]), *argv[1:]], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise QmpBackupError(f"{' '.join(argv)}: {proc.stdout}{proc.stderr}".strip())
     return proc
@@ -334,21 +246,32 @@ def _image_format(image: Path) -> str:
 
 
 @contextlib.contextmanager
-def raw_copy(image: Path) -> Iterator[Path]:
-    """A temporary raw copy of ``image`` (any format QEMU reads), removed afterwards."""
+def raw_copy(image: Path, replay: bool = False) -> Iterator[Path]:
+    """A temporary raw copy of ``image`` (any format QEMU reads), removed afterwards;
+    ``replay``: with its ext4 journal replayed (as a mount would), nothing else repaired."""
     with tempfile.TemporaryDirectory(prefix="qmpbackup-fs-") as tmp:
         raw = Path(tmp, "fs.raw")
         qemu_img("convert", "-U", "-f", _image_format(image), "-O", "raw", str(image), str(raw))
+        if replay:
+            _replay_journal(raw)
         yield raw
+
+
+def _replay_journal(raw: Path) -> None:
+    cmd = [_tool("e2fsck"), "-y", "-E", "journal_only", str(raw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode not in (0, 1):  # 1: the journal was replayed
+        raise QmpBackupError(f"journal replay of {raw}: {proc.stdout}{proc.stderr}")
 
 
 def _debugfs(raw: Path, request: str) -> str:
     return _run("debugfs", "-R", request, str(raw)).stdout
 
 
-def read_manifest(image: Path) -> list[str]:
-    """The names in ``/MANIFEST`` of the ext4 filesystem in ``image``, unmounted."""
-    with raw_copy(image) as raw:
+def read_manifest(image: Path, replay: bool = False) -> list[str]:
+    """The names in ``/MANIFEST`` of the ext4 filesystem in ``image``, unmounted
+    (``replay``: after replaying its journal, needed after a crash; see :func:`raw_copy`)."""
+    with raw_copy(image, replay) as raw:
         return _debugfs(raw, "cat /MANIFEST").split()
 
 
@@ -361,10 +284,12 @@ class FileCheck(NamedTuple):
     missing: list[str]
 
 
-def check_files(image: Path) -> FileCheck:
-    """Read every file of the ext4 filesystem in ``image`` (unmounted) and compare each
-    one listed in its MANIFEST with :func:`expected_content`."""
-    with raw_copy(image) as raw, tempfile.TemporaryDirectory(prefix="qmpbackup-dump-") as out:
+def check_files(image: Path, replay: bool = False) -> FileCheck:
+    """Read every file of the ext4 filesystem in ``image`` (unmounted; ``replay``: after
+    replaying its journal) and compare each one its MANIFEST lists with
+    :func:`expected_content`."""
+    dump = tempfile.TemporaryDirectory(prefix="qmpbackup-dump-")
+    with raw_copy(image, replay) as raw, dump as out:
         _debugfs(raw, f"rdump / {out}")
         manifest = Path(out, "MANIFEST")
         names = manifest.read_text().split() if manifest.exists() else []
@@ -379,21 +304,25 @@ def check_files(image: Path) -> FileCheck:
 
 
 class Fsck(NamedTuple):
-    """``e2fsck -fn`` of an image: clean (no error found, no journal replayed),
-    whether the journal still needs recovery (``needs_recovery``), and its output."""
+    """``e2fsck -fn`` of an image: clean (no error found and, unless replayed, no journal
+    to replay), whether its journal needed recovery (``needs_recovery``), and the output."""
 
     clean: bool
     needs_recovery: bool
     output: str
 
 
-def e2fsck_clean(image: Path) -> Fsck:
-    """Check the ext4 filesystem in ``image`` read-only, without replaying its journal."""
+def e2fsck_clean(image: Path, replay: bool = False) -> Fsck:
+    """Check the ext4 filesystem in ``image`` without changing it: as it is (e2fsck -n does
+    not replay a journal) or, with ``replay``, after its journal is replayed on a copy."""
     with raw_copy(image) as raw:
         header = _run("dumpe2fs", "-h", str(raw)).stdout
         features = re.search(r"^Filesystem features:\s*(.*)$", header, re.M)
         recovery = features is not None and "needs_recovery" in features.group(1).split()
+        if replay:
+            _replay_journal(raw)
         proc = subprocess.run(
-            ["e2fsck", "-fn", str(raw)], capture_output=True, text=True, check=False
+            [_tool("e2fsck"), "-fn", str(raw)], capture_output=True, text=True, check=False
         )
-    return Fsck(proc.returncode == 0 and not recovery, recovery, proc.stdout + proc.stderr)
+    clean = proc.returncode == 0 and (replay or not recovery)
+    return Fsck(clean, recovery, proc.stdout + proc.stderr)

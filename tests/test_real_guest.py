@@ -14,7 +14,6 @@ import pytest
 from qmpbackup.demo.throwaway import DiskImage
 
 from .guest import (
-    GuestAgent,
     GuestVM,
     check_files,
     e2fsck_clean,
@@ -24,8 +23,8 @@ from .guest import (
     read_manifest,
     skip_reason,
 )
+from .guest_agent import GuestAgent
 
-pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 MIB = 1024 * 1024
 
 
@@ -44,6 +43,8 @@ def test_shell_and_python_agree_on_file_content(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == expected_content(name), name
 
 
+@pytest.mark.qemu
+@pytest.mark.guest
 async def test_guest_writes_freezes_and_shuts_down_clean(tmp_path: Path) -> None:
     reason = skip_reason()
     if reason is not None:
