@@ -46,10 +46,11 @@ from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover
 from .qmp.jobs import JobState, query_jobs, wait_job
 from .qmp.session import Address, QMPSession, describe_address, parse_address
+from .quiesce import agent_freeze
 from .recovery import Recovery
 from .request.models import BackupSpec, CheckpointSpec
 from .results import BackupBegun, BackupEnded, JobInfo, VMInfo
-from .runner import StepCallback, check_plan, run_journaled
+from .runner import Freeze, StepCallback, check_plan, run_journaled
 from .state.active import ActiveBackup, ActiveBackupStore, running_server
 from .state.checkpoints import Checkpoint, CheckpointStore, find_checkpoint
 from .state.directory import default_state_root, locked, scratch_folder, state_key
@@ -201,9 +202,15 @@ class VM:
         ``owned``: the backup belongs to this process, and is left over once it is gone.
         Raises what :meth:`plan_backup` raises, LeftoversError if an earlier run left
         anything (unless ``recover``), QMPCommandError or JobFailedError when a step
-        fails (what was done is undone first).
+        fails (what was done is undone first), GuestAgentError when ``options.quiesce``
+        finds no answering agent (before anything changes) or its freeze or thaw fails.
         """
-        with locked(self.state_dir):
+        opts = options or BeginOptions()
+        async with contextlib.AsyncExitStack() as stack:
+            freeze = await stack.enter_async_context(
+                agent_freeze(self.session, opts.quiesce, opts.guest_agent)
+            )
+            stack.enter_context(locked(self.state_dir))
             graph = None
             if recover:
                 await self._recovery.run(on_step)
@@ -218,7 +225,7 @@ class VM:
             planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":
                 scratch_folder(self.state_dir).mkdir(mode=0o700, exist_ok=True)
-            journal = await self._run(planned.plan, "backup-begin", on_step)
+            journal = await self._run(planned.plan, "backup-begin", on_step, freeze)
             server = planned.record.server
             if server is not None and server.socket and os.path.exists(server.socket):
                 os.chmod(server.socket, 0o600)
@@ -230,13 +237,15 @@ class VM:
             self._active.save(record)
             journal.close("done")
         log.info("backup.begun", id=record.id, checkpoint=record.checkpoint)
-        return BackupBegun(record=record, checkpoint=planned.checkpoint)
+        frozen = freeze.seconds if freeze else None
+        return BackupBegun(record=record, checkpoint=planned.checkpoint, frozen_seconds=frozen)
 
-    async def _run(self, plan: Plan, operation: str, on_step: StepCallback | None) -> Journal:
+    async def _run(
+        self, plan: Plan, operation: str, on_step: StepCallback | None, freeze: Freeze | None = None
+    ) -> Journal:
         """:func:`~qmpbackup.runner.run_journaled` in this VM's state directory."""
-        return await run_journaled(
-            self.session, self.schema, plan, self.state_dir, operation, on_step
-        )
+        session, schema, state_dir = self.session, self.schema, self.state_dir
+        return await run_journaled(session, schema, plan, state_dir, operation, on_step, freeze)
 
     async def _jobs_of(self, backup: ActiveBackup) -> dict[str, JobState]:
         jobs = await query_jobs(self.session)
@@ -319,31 +328,28 @@ class VM:
 
     # -- checkpoints --------------------------------------------------------
 
-    async def plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
-        """The plan that creates ``spec``, checked, not sent."""
-        plan, checkpoint = await self._plan_checkpoint_create(spec)
-        check_plan(plan, self.schema)
-        return plan, checkpoint
-
-    async def _plan_checkpoint_create(self, spec: CheckpointSpec) -> tuple[Plan, Checkpoint]:
-        return plan_checkpoint_create(
-            spec, await self.graph(), self.checkpoints(), int(time.time())
-        )
-
     async def checkpoint_create(
-        self, spec: CheckpointSpec, on_step: StepCallback | None = None
-    ) -> Checkpoint:
-        """Create a checkpoint on its own: one transaction of persistent bitmaps.
+        self,
+        spec: CheckpointSpec,
+        on_step: StepCallback | None = None,
+        quiesce: bool = False,
+        guest_agent: str | None = None,
+    ) -> tuple[Checkpoint, float | None]:
+        """Create a checkpoint on its own: one transaction of persistent bitmaps, with
+        ``quiesce`` sent with the guest frozen; the checkpoint, and the seconds the guest
+        was frozen.
 
         Raises InvalidInputError for a name or bitmap that exists, PlanError for a disk
-        that cannot hold a persistent bitmap.
+        that cannot hold a persistent bitmap, GuestAgentError as :meth:`backup_begin`.
         """
-        with locked(self.state_dir):
-            plan, checkpoint = await self._plan_checkpoint_create(spec)
-            journal = await self._run(plan, "checkpoint-create", on_step)
-            self._checkpoints.save(checkpoint)
-            journal.close("done")
-        return checkpoint
+        async with agent_freeze(self.session, quiesce, guest_agent) as freeze:
+            with locked(self.state_dir):
+                graph, checkpoints, now = await self.graph(), self.checkpoints(), int(time.time())
+                plan, checkpoint = plan_checkpoint_create(spec, graph, checkpoints, now, quiesce)
+                journal = await self._run(plan, "checkpoint-create", on_step, freeze)
+                self._checkpoints.save(checkpoint)
+                journal.close("done")
+        return checkpoint, freeze.seconds if freeze else None
 
     async def checkpoint_delete(
         self,
@@ -392,8 +398,3 @@ class VM:
         checkpoint = find_checkpoint(self.checkpoints(), name)
         sizes = await self.checkpoint_sizes(name, on_step) if size else None
         return checkpoint.to_xml(sizes, self.name)
-
-
-async def connect(address: str, state_dir: Path | str | None = None) -> VM:
-    """Shorthand for :meth:`VM.connect`."""
-    return await VM.connect(address, state_dir)

@@ -15,12 +15,13 @@ from pathlib import Path
 import structlog
 
 from . import observe
-from .errors import LeftoversError
+from .errors import GuestAgentError, LeftoversError
 from .planner.recover import RecoverPlan, plan_recover
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph
 from .qmp.session import QMPSession
+from .quiesce import thaw_left_frozen
 from .runner import StepCallback, check_plan, run_journaled
 from .state.active import ActiveBackupStore
 from .state.checkpoints import CheckpointStore
@@ -71,10 +72,14 @@ class Recovery:
     async def run(self, on_step: StepCallback | None = None) -> RecoverPlan:
         """Clean everything found, in QEMU and in the state directory; what was found.
 
-        Raises what :func:`~qmpbackup.runner.run_plan` raises (every cleanup step may
-        fail on its own without stopping the others).
+        A guest a killed run left frozen is thawed first.  Raises what
+        :func:`~qmpbackup.runner.run_plan` raises (every cleanup step may fail on its own
+        without stopping the others), and GuestAgentError, once the rest is clean, when a
+        guest could not be thawed: its journal stays, so a later ``recover`` tries again.
         """
         planned, _ = await self.plan()
+        unthawed = await thaw_left_frozen(planned.thaw)
+        keep = {str(j.path) for j in read_journals(self.state_dir) if j.frozen_agent in unthawed}
         if planned.plan.steps:
             journal = await run_journaled(
                 self.session, self.schema, planned.plan, self.state_dir, "recover", on_step
@@ -91,9 +96,13 @@ class Recovery:
         for backup_id in planned.stale_records:
             self.active.delete(backup_id)
         for journal_path in planned.journals:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(journal_path)
+            if journal_path not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(journal_path)
         log.info("recover.done", found=planned.summary())
+        if unthawed:
+            agent, why = next(iter(unthawed.items()))
+            raise GuestAgentError(f"the guest behind {agent} may still be frozen: {why}")
         return planned
 
     async def refuse_leftovers(self) -> BlockGraph:

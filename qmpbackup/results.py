@@ -20,6 +20,7 @@ class BackupBegun(BaseModel):
 
     record: ActiveBackup
     checkpoint: Checkpoint | None
+    frozen_seconds: float | None = None  # with quiesce: how long the guest was frozen
 
 
 class BackupEnded(BaseModel):

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from .errors import (
     DisconnectedError,
+    GuestAgentError,
     JobFailedError,
     QmpBackupError,
     QMPCommandError,
@@ -34,6 +36,29 @@ from .state.journal import Journal
 log = structlog.get_logger("qmpbackup.runner")
 
 StepCallback = Callable[[int, Step], None]
+
+
+class Agent(Protocol):
+    """What freezes a guest's filesystems (a :class:`~qmpbackup.qga.GuestAgent`)."""
+
+    @property
+    def path(self) -> str:
+        """Where the agent is reached: recorded in the journal for ``recover``."""
+
+    async def freeze(self) -> int:
+        """Freeze the guest's filesystems; how many."""
+
+    async def thaw(self) -> int:
+        """Thaw them; how many."""
+
+
+@dataclass
+class Freeze:
+    """The agent that freezes the guest around a plan's ``quiesce`` step, and, once
+    thawed, how long the guest was frozen (seconds)."""
+
+    agent: Agent
+    seconds: float | None = None
 
 
 def check_plan(plan: Plan, schema: QAPISchema) -> None:
@@ -73,8 +98,14 @@ async def run_plan(
     plan: Plan,
     journal: Journal | None = None,
     on_step: StepCallback | None = None,
+    freeze: Freeze | None = None,
 ) -> list[Any]:
     """Send ``plan`` step by step; on failure undo what was done, then raise.
+
+    A ``quiesce`` step is sent with the guest frozen through ``freeze``'s agent: the
+    freeze is journaled first (so that ``recover`` thaws a guest a killed run left
+    frozen), and the thaw follows the step's answer whatever it was, also when the
+    run is cancelled.  GuestAgentError when the freeze or the thaw fails.
 
     Within a run of laned steps (see :meth:`Plan.segments`) each lane is sent in
     order and the lanes side by side: their round trips and job waits overlap,
@@ -92,7 +123,9 @@ async def run_plan(
                 for step in plan.steps
             ]
         )
-    run = _Run(session, plan, journal, on_step, [None] * len(plan.steps))
+    if freeze is None and any(step.quiesce for step in plan.steps):
+        raise GuestAgentError("the plan quiesces the guest but no guest agent was given")
+    run = _Run(session, plan, journal, on_step, [None] * len(plan.steps), freeze)
     for segment in plan.segments():
         lanes: dict[str | None, list[int]] = {}
         for index in segment:
@@ -117,6 +150,7 @@ async def run_journaled(
     state_dir: Path,
     operation: str,
     on_step: StepCallback | None = None,
+    freeze: Freeze | None = None,
 ) -> Journal:
     """Check ``plan`` against ``schema``, then send it with a journal in ``state_dir``.
 
@@ -126,7 +160,7 @@ async def run_journaled(
     """
     check_plan(plan, schema)
     journal = Journal(state_dir, operation)
-    await run_plan(session, plan, journal, on_step)
+    await run_plan(session, plan, journal, on_step, freeze)
     return journal
 
 
@@ -139,6 +173,7 @@ class _Run:
     journal: Journal | None
     on_step: StepCallback | None
     replies: list[Any]
+    freeze: Freeze | None = None
     done: list[Step] = field(default_factory=list)
 
     async def lane(
@@ -165,7 +200,10 @@ class _Run:
                 if durable and grouped:
                     await self.journal.sync()
             try:
-                self.replies[number] = await _send_step(self.session, step)
+                if step.quiesce and self.freeze is not None:
+                    self.replies[number] = await self._send_frozen(step, self.freeze)
+                else:
+                    self.replies[number] = await _send_step(self.session, step)
             except QmpBackupError as exc:
                 failures.append((number, exc))
                 return
@@ -173,6 +211,38 @@ class _Run:
             if self.journal is not None:
                 # Made durable by the next entry's fsync; recover checks QEMU anyway.
                 self.journal.write("done", index=number, durable=False)
+
+    async def _send_frozen(self, step: Step, freeze: Freeze) -> Any:
+        """Send ``step`` with the guest frozen: freeze, the step, thaw, and nothing else
+        in between, so that the guest stays frozen for one round trip."""
+        if self.journal is not None:
+            self.journal.write("freeze", agent=freeze.agent.path)
+        started = time.monotonic()
+        try:
+            await freeze.agent.freeze()
+        except BaseException:
+            # A freeze that timed out may have frozen some filesystems: thaw them.
+            with contextlib.suppress(QmpBackupError):
+                await freeze.agent.thaw()
+            raise
+        try:
+            return await _send_step(self.session, step)
+        finally:
+            await self._thaw(freeze, started)
+
+    async def _thaw(self, freeze: Freeze, started: float) -> None:
+        try:
+            await freeze.agent.thaw()
+        except QmpBackupError as exc:
+            log.error("guest.thaw_failed", agent=freeze.agent.path, error=str(exc))
+            raise GuestAgentError(
+                f"the guest's filesystems could not be thawed ({exc}): "
+                "run 'qmpbackup recover' to thaw them"
+            ) from None
+        freeze.seconds = time.monotonic() - started
+        log.info("guest.thawed", agent=freeze.agent.path, frozen_ms=round(freeze.seconds * 1e3, 1))
+        if self.journal is not None:
+            self.journal.write("thawed", durable=False)
 
 
 async def _send_step(session: QMPSession, step: Step) -> Any:

@@ -19,7 +19,7 @@ from ..repo.events import EventSink
 from ..request import load_backup_spec, load_checkpoint_spec
 from ..request.models import CheckpointSpec, check_name
 from .progress import JsonLines, PlainLines, ProgressBar
-from .text import info_text, jobinfo_text, out, step_printer
+from .text import info_text, jobinfo_text, out, print_frozen, step_printer
 
 
 def _checkpoint_arg(value: str | None) -> CheckpointSpec | None:
@@ -38,8 +38,9 @@ async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
     spec = load_backup_spec(args.spec)
     checkpoint = _checkpoint_arg(args.checkpoint)
     begun = await vm.backup_begin(
-        spec, checkpoint, step_printer(args), _pull_options(args), recover=args.recover
+        spec, checkpoint, step_printer(args), _begin_options(args), recover=args.recover
     )
+    print_frozen(begun.frozen_seconds)
     out(f"Backup id {begun.record.id} created")
     out(f"backup used description from '{args.spec}'")
     if checkpoint is not None:
@@ -50,14 +51,24 @@ async def cmd_backup_begin(args: argparse.Namespace, vm: VM) -> int:
     return 0
 
 
-def _pull_options(args: argparse.Namespace) -> BeginOptions:
+def _begin_options(args: argparse.Namespace) -> BeginOptions:
     tls_dir = getattr(args, "tls_dir", None)
     if tls_dir is not None and not os.path.isdir(tls_dir):
         raise InvalidInputError(f"--tls-dir {tls_dir}: no such directory")
     return BeginOptions(
         tls_dir=os.path.abspath(tls_dir) if tls_dir else None,
         tls_allow=tuple(getattr(args, "tls_allow", None) or ()),
+        quiesce=getattr(args, "quiesce", False),
+        guest_agent=agent_socket(args),
     )
+
+
+def agent_socket(args: argparse.Namespace) -> str | None:
+    """``--guest-agent SOCKET``, absolute; refused without ``--quiesce``."""
+    path: str | None = getattr(args, "guest_agent", None)
+    if path is not None and not args.quiesce:
+        raise InvalidInputError("--guest-agent is only used with --quiesce")
+    return os.path.abspath(path) if path else None
 
 
 async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
@@ -95,7 +106,7 @@ async def cmd_jobinfo(args: argparse.Namespace, vm: VM) -> int:
 
 async def cmd_plan(args: argparse.Namespace, vm: VM) -> int:
     spec = load_backup_spec(args.spec)
-    planned = await vm.plan_backup(spec, _checkpoint_arg(args.checkpoint), _pull_options(args))
+    planned = await vm.plan_backup(spec, _checkpoint_arg(args.checkpoint), _begin_options(args))
     if args.explain:
         out(planned.plan.explain())
     else:
@@ -122,6 +133,8 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         on_event=_event_sink(args),
         recover=args.recover,
         scratch_reserve=args.scratch_reserve or DEFAULT_SCRATCH_RESERVE,
+        quiesce=args.quiesce,
+        guest_agent=agent_socket(args),
     )
     return 0
 

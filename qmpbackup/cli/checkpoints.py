@@ -14,12 +14,16 @@ from ..api import VM
 from ..errors import InvalidInputError
 from ..request import load_checkpoint_spec
 from ..request.models import CheckpointSpec, check_name
-from .text import checkpoint_tree, out, step_printer
+from .backups import agent_socket
+from .text import checkpoint_tree, out, print_frozen, step_printer
 
 
 async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
     spec = load_checkpoint_spec(args.file)
-    checkpoint = await vm.checkpoint_create(spec, step_printer(args))
+    checkpoint, frozen = await vm.checkpoint_create(
+        spec, step_printer(args), args.quiesce, agent_socket(args)
+    )
+    print_frozen(frozen)
     out(f"Domain checkpoint {checkpoint.name} created from '{args.file}'")
     return 0
 
@@ -31,7 +35,10 @@ async def cmd_checkpoint_create_as(args: argparse.Namespace, vm: VM) -> int:
         )
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
-    checkpoint = await vm.checkpoint_create(spec, step_printer(args))
+    checkpoint, frozen = await vm.checkpoint_create(
+        spec, step_printer(args), args.quiesce, agent_socket(args)
+    )
+    print_frozen(frozen)
     out(f"Domain checkpoint {checkpoint.name} created")
     return 0
 

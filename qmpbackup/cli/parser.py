@@ -60,6 +60,19 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quiesce_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quiesce",
+        action="store_true",
+        help="freeze the guest's filesystems through qemu-guest-agent around the instant",
+    )
+    parser.add_argument(
+        "--guest-agent",
+        metavar="SOCKET",
+        help="the agent's socket (default: the one QEMU's org.qemu.guest_agent.0 port uses)",
+    )
+
+
 def _size(text: str) -> int:
     """A size in bytes, or with a K, M, G or T suffix (powers of 1024)."""
     found = re.fullmatch(r"([0-9]+)([KMGT]?)", text.strip().upper())
@@ -73,6 +86,7 @@ def _backup_job_commands(add: Adder) -> None:
     p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
     p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
     _tls_arguments(p)
+    _quiesce_arguments(p)
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
     p = add("backup-end", backups.vm("cmd_backup_end"), "end a backup job")
@@ -92,6 +106,7 @@ def _checkpoint_commands(add: Adder) -> None:
     )
     p.add_argument("file")
     p.add_argument("--show-steps", action="store_true")
+    _quiesce_arguments(p)
     p = add(
         "checkpoint-create-as",
         checkpoints.vm("cmd_checkpoint_create_as"),
@@ -100,6 +115,7 @@ def _checkpoint_commands(add: Adder) -> None:
     p.add_argument("name")
     p.add_argument("--description")
     p.add_argument("--show-steps", action="store_true")
+    _quiesce_arguments(p)
     p = add(
         "checkpoint-list", checkpoints.vm("cmd_checkpoint_list"), "list checkpoints, oldest first"
     )
@@ -130,6 +146,7 @@ def _vm_commands(add: Adder) -> None:
     _tls_arguments(p)
     p = add("backup", backups.vm("cmd_backup"), "one-shot backup into a repository")
     p.add_argument("--repo", type=Path, required=True, help="repository folder")
+    _quiesce_arguments(p)
     p.add_argument(
         "--level",
         choices=["full", "inc", "diff", "auto"],

@@ -113,3 +113,9 @@ def info_text(info: VMInfo) -> str:
                     f"dirty={b.count} {' '.join(flags)}"
                 )
     return "\n".join(lines)
+
+
+def print_frozen(seconds: float | None) -> None:
+    """``guest frozen for N ms`` after a quiesced instant (nothing without one)."""
+    if seconds is not None:
+        out(f"guest frozen for {seconds * 1e3:.0f} ms")

@@ -74,7 +74,10 @@ def _refuse(choices: Sequence[DiskChoice], facts: BackupFacts, mode: ModePlanner
 
 
 def _transaction(
-    graph: BlockGraph, checkpoint: Checkpoint | None, pieces: Sequence[DiskPieces]
+    graph: BlockGraph,
+    checkpoint: Checkpoint | None,
+    pieces: Sequence[DiskPieces],
+    quiesce: bool,
 ) -> Step:
     """The one transaction: the new checkpoint's bitmaps in disk order, then each disk's
     actions; its undo cancels every job first (newest first), then removes bitmaps."""
@@ -99,7 +102,12 @@ def _transaction(
     reason = f"start the backup of {', '.join(p.job.disk for p in pieces)} at one instant"
     if checkpoint is not None:
         reason += f" and create checkpoint {checkpoint.name} at that instant"
-    return Step(command=Transaction(actions=tuple(actions)), reason=reason, undo=tuple(undo))
+    return Step(
+        command=Transaction(actions=tuple(actions)),
+        reason=reason,
+        undo=tuple(undo),
+        quiesce=quiesce,
+    )
 
 
 def _laned(pieces: Sequence[DiskPieces], attr: str) -> list[Step]:
@@ -161,7 +169,7 @@ def plan_backup_begin(
     )
     pieces = [mode.plan_disk(context, c) for c in choices]
     steps = _laned(pieces, "before")
-    steps.append(_transaction(graph, checkpoint, pieces))
+    steps.append(_transaction(graph, checkpoint, pieces, (options or BeginOptions()).quiesce))
     steps += _laned(pieces, "after") + shared + _laned(pieces, "exports")
     record = ActiveBackup(
         id=facts.backup_id,

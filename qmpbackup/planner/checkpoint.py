@@ -27,9 +27,14 @@ from .plan import Plan, Step
 
 
 def plan_checkpoint_create(
-    spec: CheckpointSpec, graph: BlockGraph, checkpoints: Sequence[Checkpoint], now: int
+    spec: CheckpointSpec,
+    graph: BlockGraph,
+    checkpoints: Sequence[Checkpoint],
+    now: int,
+    quiesce: bool = False,
 ) -> tuple[Plan, Checkpoint]:
-    """One transaction adding a persistent, recording bitmap on each disk's top layer."""
+    """One transaction adding a persistent, recording bitmap on each disk's top layer;
+    with ``quiesce``, sent with the guest's filesystems frozen."""
     if any(c.name == spec.name for c in checkpoints):
         raise InvalidInputError(f"checkpoint {spec.name!r} already exists")
     listed = {graph.disk(d.name).name: d for d in spec.disks}
@@ -64,6 +69,7 @@ def plan_checkpoint_create(
         command=Transaction(actions=tuple(actions)),
         reason=f"create checkpoint {spec.name} on every disk at one instant",
         undo=tuple(undo),
+        quiesce=quiesce,
     )
     return Plan(steps=(step,)), checkpoint
 

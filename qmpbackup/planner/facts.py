@@ -54,6 +54,10 @@ class BeginOptions(BaseModel):
     ``direct_io`` False: push targets go through the page cache even where O_DIRECT
     works, for a caller that reads each target right after its job (the one-shot
     ``backup`` digests it): it reads from memory instead of the disk.
+
+    ``quiesce``: the guest's filesystems are frozen through qemu-guest-agent around the
+    transaction alone; ``guest_agent`` is the agent's socket (None: the one QEMU's
+    ``org.qemu.guest_agent.0`` port is connected to).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -62,6 +66,8 @@ class BeginOptions(BaseModel):
     tls_allow: tuple[str, ...] = ()
     scratch_reserve: int | None = Field(default=None, gt=0)
     direct_io: bool = True
+    quiesce: bool = False
+    guest_agent: str | None = None
 
 
 class Inventory(BaseModel):

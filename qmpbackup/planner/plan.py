@@ -21,7 +21,9 @@ class Step(BaseModel):
     A step with ``may_fail`` is cleanup whose failure is logged, not raised.
     ``lane`` (a disk) marks steps that only touch that disk's own nodes: in a
     run of consecutive laned steps, each lane keeps its order while different
-    lanes may be sent concurrently.
+    lanes may be sent concurrently.  ``quiesce`` marks the step that sets a backup's or a
+    checkpoint's instant: the guest's filesystems are frozen through its agent right
+    before it is sent and thawed right after it answered.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -35,6 +37,7 @@ class Step(BaseModel):
     may_fail: bool = False
     created_files: tuple[str, ...] = ()
     lane: str | None = None
+    quiesce: bool = False
 
     def describe(self) -> str:
         """One line: the command and its reason."""
@@ -61,6 +64,11 @@ class Plan(BaseModel):
         lines: list[str] = []
         for number, step in enumerate(self.steps, 1):
             lines.append(f"{number}. {step.command.execute} -- {step.reason}")
+            if step.quiesce:
+                lines.append(
+                    "     quiesced: qemu-guest-agent's guest-fsfreeze-freeze right before, "
+                    "guest-fsfreeze-thaw right after (also if it fails)"
+                )
             if isinstance(step.command, Transaction):
                 for action in step.command.actions:
                     lines.append(f"     {action.execute} {json.dumps(action.arguments())}")

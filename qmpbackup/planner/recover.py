@@ -74,6 +74,8 @@ class RecoverPlan(_Frozen):
     # Damaged checkpoints left covering no disk: their metadata goes too.
     broken_checkpoints: tuple[str, ...] = ()
     repair_steps: int = 0  # the plan's last steps, which remove inconsistent bitmaps
+    # Agents of guests a run froze and did not see thawed: each is asked, and thawed.
+    thaw: tuple[str, ...] = ()
 
     @property
     def needed(self) -> bool:
@@ -89,11 +91,16 @@ class RecoverPlan(_Frozen):
             or self.drop_checkpoints
             or self.remove_files
             or self.unfinished
+            or self.thaw
         )
 
     def summary(self) -> list[str]:
         """One line per finding, for people."""
-        lines = [f"unfinished {op} (journal left open)" for op in self.unfinished]
+        lines = [
+            f"the guest may still be frozen by an interrupted run: thaw it through {agent}"
+            for agent in self.thaw
+        ]
+        lines += [f"unfinished {op} (journal left open)" for op in self.unfinished]
         lines += [f"backup id {r}: left over, its run is gone" for r in self.stale_records]
         lines += [step.reason for step in self.plan.steps]
         lines += [f"checkpoint {c}: its backup did not complete" for c in self.drop_checkpoints]
@@ -357,6 +364,7 @@ def plan_recover(
         damaged=damaged,
         broken_checkpoints=broken,
         repair_steps=len(repairs),
+        thaw=tuple(dict.fromkeys(j.frozen_agent for j in journals if j.frozen_agent)),
     )
 
 

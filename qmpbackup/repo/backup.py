@@ -157,10 +157,10 @@ class _OneShot:
         decisions: Sequence[LevelDecision],
         mode: Mode,
         emit: EventSink,
-        scratch_reserve: int,
+        options: BeginOptions,
     ) -> None:
         self.vm, self.repo, self.entry, self.mode, self.emit = vm, repo, entry, mode, emit
-        self.scratch_reserve = scratch_reserve
+        self.options = options
         self.decisions = decisions
         self.job: BackupBegun | None = None  # begun in QEMU and not ended yet
         assert entry.record.checkpoint is not None
@@ -172,14 +172,12 @@ class _OneShot:
         self.job = await self.vm.backup_begin(
             _backup_spec(graph, entry, self.decisions, self.mode),
             CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
-            # This process watches its scratches while it reads them: they need not
-            # reserve their disks' whole size. It reads each push target once its job is
-            # done: through the page cache, that read is from memory (1 GiB of random
-            # data, QEMU 7.2: begin to sealed 0.96-0.99 s buffered, 1.34-1.35 s O_DIRECT).
-            options=BeginOptions(scratch_reserve=self.scratch_reserve, direct_io=False),
+            options=self.options,
             owned=True,
             recover=recover,
         )
+        if self.job.frozen_seconds is not None:
+            self.emit(BackupEvent("quiesced", backup=entry.id, seconds=self.job.frozen_seconds))
         self.emit(BackupEvent("begin", backup=entry.id, message=f"checkpoint {self.checkpoint}"))
         hashed: dict[str, Hashed] = {}
         if self.mode == "push":
@@ -308,6 +306,8 @@ async def backup_to_repository(
     on_event: EventSink | None = None,
     recover: bool = False,
     scratch_reserve: int = DEFAULT_SCRATCH_RESERVE,
+    quiesce: bool = False,
+    guest_agent: str | None = None,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
     decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
@@ -315,7 +315,8 @@ async def backup_to_repository(
 
     A pull backup's scratches grow with what the guest overwrites, ``scratch_reserve``
     bytes kept free beside each; one that fills its room ends the backup
-    (ScratchFullError) before the guest's writes could fail.
+    (ScratchFullError) before the guest's writes could fail.  ``quiesce``: the guest's
+    filesystems are frozen around the instant (see :meth:`VM.backup_begin`).
 
     On failure or cancellation the backup job is aborted and the repository is left as
     it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
@@ -331,7 +332,17 @@ async def backup_to_repository(
         entry = repo.begin_backup(
             _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
         )
-        run = _OneShot(vm, repo, entry, decisions, mode, emit, scratch_reserve)
+        # This process watches its scratches while it reads them: they need not reserve
+        # their disks' whole size. It reads each push target once its job is done:
+        # through the page cache, that read is from memory (1 GiB of random data, QEMU
+        # 7.2: begin to sealed 0.96-0.99 s buffered, 1.34-1.35 s O_DIRECT).
+        options = BeginOptions(
+            scratch_reserve=scratch_reserve,
+            direct_io=False,
+            quiesce=quiesce,
+            guest_agent=guest_agent,
+        )
+        run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
         try:
             record = await run.run(graph, recover)
         except BaseException as exc:

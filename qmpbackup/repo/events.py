@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 EventKind = Literal[
     "level",  # a disk's level was decided: level, reason
+    "quiesced",  # the guest was frozen around the instant: seconds
     "begin",  # the backup's instant is set: backup id, checkpoint
     "progress",  # bytes copied so far of all disks: done, total
     "disk-done",  # one disk's image, digests and check are finished
@@ -32,6 +33,7 @@ class BackupEvent:
     done: int = 0
     total: int = 0
     message: str | None = None
+    seconds: float | None = None
     time: float = field(default_factory=time.time)
 
 

@@ -83,6 +83,8 @@ class JournalState:
     steps: tuple[dict[str, Any], ...]
     sent: int  # steps handed to QEMU (the last one may or may not have run)
     ended: str | None
+    # The agent of a freeze the run did not see thawed: the guest may still be frozen.
+    frozen_agent: str | None = None
 
     def sent_steps(self) -> tuple[dict[str, Any], ...]:
         """The planned steps that were sent."""
@@ -99,6 +101,7 @@ def read_journals(state_dir: Path) -> list[JournalState]:
         steps: tuple[dict[str, Any], ...] = ()
         sent = 0
         ended = None
+        frozen: str | None = None
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
@@ -110,6 +113,10 @@ def read_journals(state_dir: Path) -> list[JournalState]:
                 sent = max(sent, int(entry.get("index", 0)) + 1)
             elif entry.get("event") == "end":
                 ended = str(entry.get("outcome"))
+            elif entry.get("event") == "freeze":
+                frozen = str(entry.get("agent"))
+            elif entry.get("event") == "thawed":
+                frozen = None
         operation = path.stem.split("-", 2)[-1]
-        found.append(JournalState(path, operation, steps, sent, ended))
+        found.append(JournalState(path, operation, steps, sent, ended, frozen))
     return found

@@ -1,0 +1,235 @@
+"""Quiesced and crash-consistent backups of a real Linux guest that keeps writing files.
+
+The guest (scripts/build-guest) writes files of known content on ext4 ``vda`` and
+``vdb``, fsyncing each before listing it in ``MANIFEST``.  A backup taken with
+``--quiesce`` restores to filesystems that are clean without a journal replay; one
+taken without is crash-consistent (clean after the replay).  In both, every file the
+manifest lists is there with its exact content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpbackup.demo.throwaway import DiskImage
+
+from .guest import GuestVM, check_files, e2fsck_clean, guest_artifacts, make_ext4_disk, skip_reason
+from .guest_agent import GuestAgent
+from .qmp_cutter import QmpCutter
+from .support import Cli, CliResult
+from .test_faults import spawn
+
+pytestmark = [pytest.mark.qemu, pytest.mark.guest]
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+async def guest(tmp_path: Path) -> AsyncIterator[GuestVM]:
+    """The guest on two qcow2 ext4 disks, its workload running."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    artifacts = guest_artifacts()
+    assert artifacts is not None
+    work = tmp_path / "vm"
+    work.mkdir()
+    disks = [
+        DiskImage(name, make_ext4_disk(work / f"{name}.qcow2", 64 * MIB, "qcow2"), "qcow2")
+        for name in ("vda", "vdb")
+    ]
+    machine = GuestVM(work, disks, artifacts, append="qmpbackup.interval=0.02")
+    await machine.start()
+    try:
+        await machine.wait_ready(180)
+        await asyncio.sleep(1.0)  # the workload lists its first files
+        yield machine
+    finally:
+        await machine.stop()
+
+
+def restore_raw(repo: Path, backup_id: str, disk: str, out: Path) -> None:
+    """``qmpbackup restore`` of one disk to a raw image (a repository command: no QEMU)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpbackup", "restore", "--repo", str(repo), "--disk", disk,
+         "--backup", backup_id, "--out", str(out), "--format", "raw"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def restored_checks(repo: Path, backup_id: str, tmp_path: Path, quiesced: bool) -> dict[str, int]:
+    """Restore each disk of ``backup_id`` to raw, check its filesystem and its files; the
+    number of files each manifest lists (every one present with its content)."""
+    counts = {}
+    for disk in ("vda", "vdb"):
+        out = tmp_path / f"{backup_id}-{disk}.raw"
+        restore_raw(repo, backup_id, disk, out)
+        # Frozen, ext4 flushed its journal: clean as it is.  Not frozen: the journal
+        # holds what the instant had in flight, and the filesystem is clean once replayed.
+        as_is = e2fsck_clean(out)
+        if quiesced:
+            assert as_is.clean and not as_is.needs_recovery, as_is.output
+        else:
+            assert as_is.needs_recovery, "a live ext4 is caught with its journal in use"
+            replayed = e2fsck_clean(out, replay=True)
+            assert replayed.clean, replayed.output
+        check = check_files(out, replay=not quiesced)
+        assert check.listed > 0 and check.correct == check.listed, check
+        counts[disk] = check.listed
+    kind = "quiesced" if quiesced else "crash-consistent"
+    print(f"backup {backup_id} ({kind}): files listed {counts}, every one present and exact")
+    return counts
+
+
+def events(result: CliResult) -> list[dict[str, Any]]:
+    """The JSON log lines of a ``-v --log-format json`` run."""
+    return [json.loads(line) for line in result.err.splitlines() if line.startswith("{")]
+
+
+def frozen_window(logged: list[dict[str, Any]]) -> list[str]:
+    """The QMP commands sent between the agent's freeze and its thaw."""
+    inside, sent = False, []
+    for entry in logged:
+        what = entry.get("execute")
+        if entry.get("event") == "qga.command" and what == "guest-fsfreeze-freeze":
+            inside = True
+        elif entry.get("event") == "qga.command" and what == "guest-fsfreeze-thaw":
+            return sent
+        elif inside and entry.get("event") == "qmp.command":
+            sent.append(str(what))
+    raise AssertionError("no freeze and thaw in the log")
+
+
+async def test_quiesced_pull_backups_restore_clean_without_replay(
+    guest: GuestVM, tmp_path: Path
+) -> None:
+    cli, repo = Cli(guest, tmp_path / "state"), tmp_path / "repo"
+    totals = []
+    for level in ("full", "auto", "auto"):
+        ran = await cli.ok("backup", "--repo", str(repo), "--level", level, "--mode", "pull",
+                           "--quiesce", "--no-progress", verbose=True)  # fmt: skip
+        assert re.search(r"^guest frozen for \d+ ms$", ran.out, re.M), ran.out
+        assert frozen_window(events(ran)) == ["transaction"]
+        backup_id = re.findall(r"^Backup (\S+) completed$", ran.out, re.M)[-1]
+        totals.append(await asyncio.to_thread(restored_checks, repo, backup_id, tmp_path, True))
+        await asyncio.sleep(0.5)
+    assert "incremental" in ran.out
+    assert all(a["vda"] <= b["vda"] for a, b in itertools.pairwise(totals))
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+
+
+async def test_crash_consistent_push_backups_are_clean_after_replay(
+    guest: GuestVM, tmp_path: Path
+) -> None:
+    cli, repo = Cli(guest, tmp_path / "state"), tmp_path / "repo"
+    for level in ("full", "auto"):
+        ran = await cli.ok("backup", "--repo", str(repo), "--level", level, "--mode", "push",
+                           "--no-progress")  # fmt: skip
+        assert "guest frozen" not in ran.out
+        backup_id = re.findall(r"^Backup (\S+) completed$", ran.out, re.M)[-1]
+        await asyncio.to_thread(restored_checks, repo, backup_id, tmp_path, False)
+        await asyncio.sleep(0.5)
+
+
+async def test_quiesce_without_an_agent_is_refused(tmp_path: Path) -> None:
+    from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
+
+    machine = ThrowawayVM(tmp_path / "vm", make_slides_images(tmp_path / "vm"), name="noagent")
+    await machine.start()
+    try:
+        cli = Cli(machine, tmp_path / "state")
+        before = await machine.session.execute("query-named-block-nodes", {"flat": True})
+        ran = await cli("backup", "--repo", str(tmp_path / "repo"), "--quiesce")
+        assert ran.rc == 1 and ran.err.count("\n") == 1, ran.err
+        assert ran.err.startswith("error: --quiesce needs qemu-guest-agent"), ran.err
+        after = await machine.session.execute("query-named-block-nodes", {"flat": True})
+        assert [n["node-name"] for n in after] == [n["node-name"] for n in before]
+        assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("*.qcow2"))
+    finally:
+        await machine.stop()
+
+
+async def frozen_then(guest: GuestVM, cli: Cli, tmp_path: Path, sig: signal.Signals) -> int:
+    """Start a quiesced one-shot whose transaction never reaches QEMU, send ``sig`` once
+    the guest is frozen; the run's exit status."""
+    proxy = tmp_path / "hold.sock"
+    async with QmpCutter(proxy, guest.qmp_path, lambda m: m.get("execute") == "transaction",
+                         "hold") as cutter:  # fmt: skip
+        proc = await spawn(Cli(guest, cli.state_dir, qmp=proxy),
+                           "backup", "--repo", str(tmp_path / "repo"), "--quiesce",
+                           "--no-progress")  # fmt: skip
+        await asyncio.wait_for(cutter.cut_seen.wait(), 120)
+        proc.send_signal(sig)
+        return await asyncio.wait_for(proc.wait(), 60)
+
+
+async def manifest_length(guest: GuestVM) -> int:
+    """Files listed on vda now, as the guest sees them (read through the agent)."""
+    with GuestAgent(guest.agent_path) as agent:
+        started = agent.execute(
+            "guest-exec",
+            {"path": "/bin/sh", "arg": ["-c", "wc -l < /data/a/MANIFEST"], "capture-output": True},
+        )
+        for _ in range(100):
+            status = agent.execute("guest-exec-status", {"pid": started["pid"]})
+            if status.get("exited"):
+                return int(base64.b64decode(status.get("out-data", "")).decode().strip())
+            await asyncio.sleep(0.1)
+    raise AssertionError("guest-exec did not finish")
+
+
+async def test_killed_while_frozen_recover_thaws(guest: GuestVM, tmp_path: Path) -> None:
+    """SIGKILL between freeze and thaw leaves the guest frozen (nothing can thaw it);
+    ``recover`` finds the freeze in the journal and thaws it; the workload resumes."""
+    cli = Cli(guest, tmp_path / "state")
+    assert await frozen_then(guest, cli, tmp_path, signal.SIGKILL) == -signal.SIGKILL
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "frozen"
+    listed = await manifest_length(guest)
+    await asyncio.sleep(1.0)
+    assert await manifest_length(guest) == listed, "a frozen guest writes nothing"
+    recovered = await cli.ok("recover")
+    assert "the guest may still be frozen by an interrupted run: thaw it through" in recovered.out
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    await asyncio.sleep(1.0)
+    assert await manifest_length(guest) > listed, "the workload resumes once thawed"
+    assert (await cli.ok("recover")).out.strip() == "Nothing to recover"
+
+
+async def test_sigterm_while_frozen_thaws_before_exit(guest: GuestVM, tmp_path: Path) -> None:
+    cli = Cli(guest, tmp_path / "state")
+    assert await frozen_then(guest, cli, tmp_path, signal.SIGTERM) == 1
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    await cli.ok("recover")
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+
+
+async def test_failed_transaction_thaws(guest: GuestVM, tmp_path: Path) -> None:
+    """QMP drops at the transaction (the run cannot know whether QEMU ran it): the run
+    fails with one line, and the guest is thawed all the same."""
+    cli = Cli(guest, tmp_path / "state")
+    proxy = tmp_path / "cut.sock"
+    async with QmpCutter(proxy, guest.qmp_path, lambda m: m.get("execute") == "transaction",
+                         "before"):  # fmt: skip
+        ran = await Cli(guest, cli.state_dir, qmp=proxy)(
+            "backup", "--repo", str(tmp_path / "repo"), "--quiesce", "--no-progress"
+        )
+    assert ran.rc == 1 and "lost the connection to QEMU during transaction" in ran.err, ran.err
+    with GuestAgent(guest.agent_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
