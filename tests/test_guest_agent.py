@@ -192,7 +192,9 @@ class SilentAgentVM(ThrowawayVM):
 async def test_an_absent_agent_times_out(tmp_path: Path) -> None:
     work = tmp_path / "vm"
     work.mkdir()
-    async with SilentAgentVM(work) as vm:
+    vm = SilentAgentVM(work)
+    await vm.start()
+    try:
         found = await find_agent_socket(vm.session)
         assert found is not None and found.path == vm.agent_path
         assert not found.guest_open and not found.client_connected
@@ -201,6 +203,8 @@ async def test_an_absent_agent_times_out(tmp_path: Path) -> None:
             await GuestAgent.connect(found.socket_path(), timeout=2)
         assert time.monotonic() - started < 2 + 1
         assert str(vm.agent_path) in str(absent.value)
+    finally:
+        await vm.stop()
 
 
 @pytest.mark.qemu
