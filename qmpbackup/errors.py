@@ -69,6 +69,24 @@ class QMPCommandError(QmpBackupError):
         super().__init__(f"{command} failed: {error_class}: {desc}")
 
 
+class GuestAgentError(QmpBackupError):
+    """The guest agent could not be reached, did not answer in time, or refused a command
+    (then ``command``, ``error_class`` and ``desc`` say which and why)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        command: str | None = None,
+        error_class: str | None = None,
+        desc: str | None = None,
+    ) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(message)
+
+
 class JobFailedError(QmpBackupError):
     """A QEMU job concluded with an error."""
 
