@@ -46,7 +46,7 @@ from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover
 from .qmp.jobs import JobState, query_jobs, wait_job
 from .qmp.session import Address, QMPSession, describe_address, parse_address
-from .quiesce import agent_freeze
+from .quiesce import agent_freeze, describe_agent
 from .recovery import Recovery
 from .request.models import BackupSpec, CheckpointSpec
 from .results import BackupBegun, BackupEnded, JobInfo, VMInfo
@@ -137,12 +137,12 @@ class VM:
 
     async def info(self) -> VMInfo:
         """QEMU version, capabilities used, and the disks with their chains and bitmaps."""
+        version, name, labels = self.capabilities.version, self.name, self.capabilities.labels()
+        agent = await describe_agent(self.session)
         return VMInfo(
-            version=self.capabilities.version,
-            name=self.name,
-            capabilities=self.capabilities.labels(),
-            graph=await self.graph(),
-        )
+            version=version, name=name, capabilities=labels, graph=await self.graph(),
+            guest_agent=agent,
+        )  # fmt: skip
 
     # -- backups ------------------------------------------------------------
 

@@ -104,11 +104,6 @@ class BackupNotFoundError(InvalidInputError):
     """No backup job with that id."""
 
 
-class GuestAgentError(QmpBackupError):
-    """qemu-guest-agent could not be reached, did not answer in time, or failed a
-    command (a freeze or a thaw)."""
-
-
 class LeftoversError(QmpBackupError):
     """An earlier run left jobs, nodes, exports, bitmaps, files or journals behind."""
 

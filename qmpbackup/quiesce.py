@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 import structlog
 
 from .errors import GuestAgentError
-from .qga import GuestAgent, find_agent_socket
+from .qga.agent import GuestAgent
+from .qga.discover import find_agent_socket
 from .qmp.session import QMPSession
 from .runner import Freeze
 
@@ -35,8 +36,16 @@ async def open_agent(session: QMPSession, given: str | None) -> GuestAgent:
                 "--quiesce needs qemu-guest-agent, and this VM has no org.qemu.guest_agent.0 "
                 "port (add a virtserialport with that name, or pass --guest-agent SOCKET)"
             )
-        path = found.path
+        path = str(found.socket_path())
     return await GuestAgent.connect(path)
+
+
+async def describe_agent(session: QMPSession) -> str | None:
+    """For ``info``: the agent's socket, or why it cannot be used; None without one."""
+    found = await find_agent_socket(session)
+    if found is None:
+        return None
+    return str(found.path) if found.path is not None else f"unusable: {found.problem}"
 
 
 @contextlib.asynccontextmanager

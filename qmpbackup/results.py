@@ -121,3 +121,5 @@ class VMInfo(BaseModel):
     name: str | None
     capabilities: dict[str, bool]
     graph: BlockGraph
+    # The guest agent's socket as QEMU connects it, why it cannot be used, or None.
+    guest_agent: str | None = None

@@ -144,6 +144,7 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
     p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
     _tls_arguments(p)
+    _quiesce_arguments(p)
     p = add("backup", backups.vm("cmd_backup"), "one-shot backup into a repository")
     p.add_argument("--repo", type=Path, required=True, help="repository folder")
     _quiesce_arguments(p)

@@ -84,6 +84,7 @@ def info_text(info: VMInfo) -> str:
     lines = [
         f"QEMU:          {info.version}",
         f"VM name:       {info.name or '-'}",
+        f"Guest agent:   {info.guest_agent or 'none (no org.qemu.guest_agent.0 port)'}",
         "Capabilities:",
     ]
     for label, present in info.capabilities.items():
