@@ -209,7 +209,7 @@ async def test_killed_while_frozen_recover_thaws(guest: GuestVM, tmp_path: Path)
     with GuestAgent(guest.agent_path) as agent:
         assert agent.fsfreeze_status() == "frozen"
     recovered = await cli.ok("recover")
-    assert "the guest may still be frozen by an interrupted run: thaw it through" in recovered.out
+    assert "guest left frozen by an interrupted run: thaw it through" in recovered.out
     with GuestAgent(guest.agent_path) as agent:
         assert agent.fsfreeze_status() == "thawed"
     listed = await manifest_length(guest)

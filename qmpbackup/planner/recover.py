@@ -1,10 +1,9 @@
 """Plan ``recover``: reconcile what QEMU holds with the state directory and journals.
 
 Everything qmpbackup creates in QEMU is named ``qmpbackup-<backup id>-…``
-(``qmpbackup-size-…`` for measuring bitmaps), so a leftover is any such job,
-node, export, object or bitmap that no live backup record owns.  A record is
-live while all its jobs still exist and the process owning it (if one does)
-is alive; a stale record is cleaned like any leftover.
+(``qmpbackup-size-…`` for measuring bitmaps): a leftover is any such job, node,
+export, object or bitmap no live backup record owns.  A record is live while all
+its jobs exist and its owning process (if any) is alive; a stale one is cleaned.
 
 The cleanup order follows the block graph: exports, the NBD server (only one
 qmpbackup started) and its TLS objects; the point-in-time views, which sit on
@@ -24,7 +23,7 @@ bitmap on that disk; the checkpoint stops covering the disk, and goes when it
 covers no disk any more, so the next backup of the disk is a full.  A disk
 that is not attached at all is left out of this: its bitmaps may be fine in
 its image.  These repairs alone do not make ``backup-begin`` refuse: a full
-backup needs no bitmap.
+backup needs no bitmap.  A guest a run froze and did not see thawed is thawed.
 """
 
 from __future__ import annotations
@@ -53,12 +52,10 @@ from .pull import stop_server
 _CHECKPOINT_OPERATIONS = ("backup-begin", "checkpoint-create")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-
-class RecoverPlan(_Frozen):
+class RecoverPlan(BaseModel):
     """The QMP steps of a recovery and the state-directory changes that follow them."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     plan: Plan
     stale_records: tuple[int, ...]
@@ -74,8 +71,7 @@ class RecoverPlan(_Frozen):
     # Damaged checkpoints left covering no disk: their metadata goes too.
     broken_checkpoints: tuple[str, ...] = ()
     repair_steps: int = 0  # the plan's last steps, which remove inconsistent bitmaps
-    # Agents of guests a run froze and did not see thawed: each is asked, and thawed.
-    thaw: tuple[str, ...] = ()
+    thaw: tuple[str, ...] = ()  # agents of guests a run may have left frozen
 
     @property
     def needed(self) -> bool:
@@ -96,10 +92,7 @@ class RecoverPlan(_Frozen):
 
     def summary(self) -> list[str]:
         """One line per finding, for people."""
-        lines = [
-            f"the guest may still be frozen by an interrupted run: thaw it through {agent}"
-            for agent in self.thaw
-        ]
+        lines = [f"guest left frozen by an interrupted run: thaw it through {a}" for a in self.thaw]
         lines += [f"unfinished {op} (journal left open)" for op in self.unfinished]
         lines += [f"backup id {r}: left over, its run is gone" for r in self.stale_records]
         lines += [step.reason for step in self.plan.steps]
