@@ -8,6 +8,7 @@ Without QEMU: discovery over the replies recorded by ``scripts/record-agent-fixt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -150,8 +151,15 @@ async def test_refusal_and_timeout_leave_the_client_usable(guest: GuestVM) -> No
         with pytest.raises(GuestAgentError, match="CommandNotFound") as refused:
             await agent.execute("guest-no-such-command")
         assert refused.value.command == "guest-no-such-command"
-        with pytest.raises(GuestAgentError, match="did not answer guest-ping within"):
-            await agent.ping(timeout=0.001)
+        # A paused guest cannot answer: deterministic, where a short timeout is not.
+        await guest.session.execute("stop")
+        try:
+            with pytest.raises(
+                GuestAgentError, match=re.escape("did not answer guest-ping within 0.5 s")
+            ):
+                await agent.ping(timeout=0.5)
+        finally:
+            await guest.session.execute("cont")
         # The late reply of that ping is skipped by the resync before the next command.
         assert await agent.status() == "thawed"
 
@@ -161,8 +169,18 @@ async def test_refusal_and_timeout_leave_the_client_usable(guest: GuestVM) -> No
 @MODULE
 async def test_a_freeze_without_answer_is_thawed(guest: GuestVM) -> None:
     async with await GuestAgent.connect(guest.agent_path) as agent:
-        with pytest.raises(GuestAgentError, match=r"a thaw sent after it thawed [1-9]"):
-            await agent.freeze(timeout=0.01)  # the guest needs longer than that
+        await guest.session.execute("stop")
+        try:
+            freeze = asyncio.create_task(agent.freeze(timeout=0.5))
+            await asyncio.sleep(1.5)
+            # The freeze has timed out; the thaw sent after it waits for the paused guest.
+            assert not freeze.done()
+        finally:
+            await guest.session.execute("cont")
+        # Resumed, the guest freezes late, then thaws.
+        with pytest.raises(GuestAgentError, match=r"a thaw sent after it thawed [1-9]") as late:
+            await freeze
+        assert "did not answer guest-fsfreeze-freeze within 0.5 s" in str(late.value)
         assert await agent.status() == "thawed"
 
 
