@@ -37,6 +37,11 @@ async def open_agent(session: QMPSession, given: str | None) -> GuestAgent:
                 "port (add a virtserialport with that name, or pass --guest-agent SOCKET)"
             )
         path = str(found.socket_path())
+        if found.client_connected:
+            raise GuestAgentError(
+                f"the guest agent socket {path} already has a client, and QEMU serves one at "
+                "a time: close it (or pass --guest-agent with another agent's socket)"
+            )
     return await GuestAgent.connect(path)
 
 
