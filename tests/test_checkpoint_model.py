@@ -311,7 +311,8 @@ class CheckpointModel(RuleBasedStateMachine):
                 self.run(self.api.checkpoint_create(spec))
             return
         event(f"create: {len(wanted)} disk(s)")
-        made = self.run(self.api.checkpoint_create(spec))
+        made, frozen = self.run(self.api.checkpoint_create(spec))
+        assert frozen is None
         assert {d.name: d.bitmap for d in made.bitmap_disks()} == wanted
         assert made.parent == (self.live[-1].name if self.live else None)
         self.live.append(Point(name, wanted))
@@ -452,7 +453,8 @@ def test_same_second_checkpoints_keep_creation_order(rig: Rig) -> None:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(qmpbackup.api, "time", Clock(ticking=False))
             made = [
-                rig.run(api.checkpoint_create(CheckpointSpec(name=n))) for n in ("c2", "c1", "c3")
+                rig.run(api.checkpoint_create(CheckpointSpec(name=n)))[0]
+                for n in ("c2", "c1", "c3")
             ]
             assert [(c.name, c.parent) for c in made] == [("c2", None), ("c1", "c2"), ("c3", "c1")]
             assert [c.name for c in api.checkpoints()] == ["c2", "c1", "c3"]
