@@ -54,6 +54,11 @@ class BeginOptions(BaseModel):
     ``direct_io`` False: push targets go through the page cache even where O_DIRECT
     works, for a caller that reads each target right after its job (the one-shot
     ``backup`` digests it): it reads from memory instead of the disk.
+
+    ``volatile_bitmaps`` True: a disk of the new checkpoint that cannot keep a persistent
+    bitmap (raw, pflash NVRAM, read-only) gets a non-persistent one, valid while this
+    QEMU process runs, recorded as such (the one-shot ``backup`` asks for it). False, as
+    libvirt: such a disk must be left out of the checkpoint (``checkpoint='no'``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -62,6 +67,7 @@ class BeginOptions(BaseModel):
     tls_allow: tuple[str, ...] = ()
     scratch_reserve: int | None = Field(default=None, gt=0)
     direct_io: bool = True
+    volatile_bitmaps: bool = False
 
 
 class Inventory(BaseModel):
