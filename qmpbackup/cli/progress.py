@@ -33,6 +33,8 @@ def describe(event: BackupEvent) -> str | None:
     if event.kind == "level":
         word = {"full": "full", "inc": "incremental", "diff": "differential"}[event.level or ""]
         return f"{event.disk}: {word} ({event.reason})"
+    if event.kind == "skipped":
+        return f"{event.disk}: not backed up ({event.reason})"
     if event.kind == "begin":
         return f"Backup {event.backup} started" + (f": {event.message}" if event.message else "")
     if event.kind == "disk-done":
