@@ -477,7 +477,43 @@ def pull_end_aborted_shared_server() -> Result:
     return end_json(ended), [ended.plan]
 
 
+# The one-shot's checkpoint on the every-disk VM: persistent bitmaps on the qcow2 disks,
+# non-persistent ones on the raw disk and the NVRAM (pflash0, the firmware, left out).
+EVERY_CHECK1 = Checkpoint(
+    name="check1",
+    creation_time=NOW - 2000,
+    disks=tuple(
+        CheckpointDisk(name=d, bitmap="check1", persistent=d in ("vda", "vdb"))
+        for d in ("vda", "vdb", "vdc", "pflash1")
+    ),
+)
+
+
+def pull_incremental_every_disk() -> Result:
+    """The one-shot's second pull backup of a VM with every kind of disk: a qcow2 -drive,
+    a throttled qcow2, a raw disk and a pflash NVRAM, each an incremental from check1,
+    creating check2 with non-persistent bitmaps where no persistent one can live."""
+    spec = BackupSpec(
+        mode="pull",
+        incremental="check1",
+        disks=(
+            DiskBackupSpec(name="pflash0", backup=False),
+            *(DiskBackupSpec(name=d) for d in ("vda", "vdb", "vdc", "pflash1")),
+        ),
+    )
+    planned = plan_backup_begin(
+        spec,
+        graph("every-disk-check1"),
+        [EVERY_CHECK1],
+        facts(**UNIX_FACTS),
+        CheckpointSpec(name="check2"),
+        BeginOptions(volatile_bitmaps=True),
+    )
+    return begin_json(planned), [planned.plan]
+
+
 CASES: dict[str, Callable[[], Result]] = {
+    "pull-incremental-every-disk": pull_incremental_every_disk,
     "pull-full-slides": pull_full_slides,
     "pull-incremental-check1-new-check2": pull_incremental_check1_new_check2,
     "pull-tls-auto-port": pull_tls_auto_port,

@@ -35,6 +35,8 @@ def describe(event: BackupEvent) -> str | None:
         return f"{event.disk}: {word} ({event.reason})"
     if event.kind == "quiesced":
         return f"guest frozen for {(event.seconds or 0) * 1e3:.0f} ms"
+    if event.kind == "skipped":
+        return f"{event.disk}: not backed up ({event.reason})"
     if event.kind == "begin":
         return f"Backup {event.backup} started" + (f": {event.message}" if event.message else "")
     if event.kind == "disk-done":

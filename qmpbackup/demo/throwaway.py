@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import QmpBackupError
 from ..images.qemu_img import qemu_img as run_qemu_img
@@ -49,6 +50,14 @@ def qemu_io(image: str, command: str, fmt: str = "raw") -> None:
         raise QmpBackupError(f"qemu-io {command!r} on {image}: {proc.stdout}{proc.stderr}")
 
 
+# How a disk is attached: ``blockdev`` (file and format nodes, virtio-blk on the format
+# node), ``drive`` (legacy ``-drive if=none`` and virtio-blk), ``throttle`` (as blockdev,
+# with the device on a throttle filter over the format node), ``pflash`` (``-drive
+# if=pflash``, unit N of a disk called ``pflashN``) and ``pflash-blockdev`` (blockdev
+# nodes given to the machine as ``pflashN=NODE``).
+Attach = Literal["blockdev", "drive", "throttle", "pflash", "pflash-blockdev"]
+
+
 @dataclass(frozen=True)
 class DiskImage:
     """A guest disk: its qdev id, its top image and format, optional backing image."""
@@ -62,6 +71,15 @@ class DiskImage:
     # takes ``latency_ns``, so a copy of it runs long while a cancel stays quick.
     null_size: int | None = None
     latency_ns: int = 0
+    attach: Attach = "blockdev"
+    read_only: bool = False
+
+    @property
+    def qdev(self) -> str:
+        """The QOM path of the disk's device, as ``qemu-io -d`` takes it."""
+        if self.attach.startswith("pflash"):
+            return f"/machine/system.flash{self.name.removeprefix('pflash')}"
+        return f"/machine/peripheral/{self.name}/virtio-backend"
 
     @classmethod
     def slow(cls, name: str, size: int, latency_ns: int) -> DiskImage:
@@ -113,29 +131,9 @@ class ThrowawayVM:
             "-qmp", f"unix:{self.harness_path},server=on,wait=off",
         ]  # fmt: skip
         for disk in self.disks:
-            node = f"{disk.name}-fmt"
-            if disk.backing is not None:
-                argv += [
-                    "-blockdev",
-                    f"driver=file,filename={disk.backing},node-name={disk.name}-base-file,"
-                    "read-only=on",
-                    "-blockdev",
-                    f"driver={disk.backing_fmt},file={disk.name}-base-file,"
-                    f"node-name={disk.name}-base,read-only=on",
-                ]
-            if disk.null_size is not None:
-                protocol = (
-                    f"driver=null-co,size={disk.null_size},latency-ns={disk.latency_ns},"
-                    "read-zeroes=off"
-                )
-            else:
-                protocol = f"driver=file,filename={disk.path}"
-            # discard=unmap: a guest's trims reach the image, as on a real VM set up for it.
-            argv += ["-blockdev", f"{protocol},node-name={disk.name}-file,discard=unmap"]
-            fmt = f"driver={disk.fmt},file={disk.name}-file,node-name={node},discard=unmap"
-            if disk.backing is not None:
-                fmt += f",backing={disk.name}-base"
-            argv += ["-blockdev", fmt, "-device", f"virtio-blk,drive={node},id={disk.name}"]
+            argv += _disk_args(disk)
+        flashes = [d for d in self.disks if d.attach == "pflash-blockdev"]
+        argv[2] += "".join(f",{d.name}={d.name}-fmt" for d in flashes)
         return argv
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -190,7 +188,9 @@ class ThrowawayVM:
         """Run a qemu-io command against ``disk`` as the guest would (through its device);
         QmpBackupError if it fails."""
         seen = self.log_path.stat().st_size
-        out = await self.hmp(f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "{command}"')
+        device = next((d.qdev for d in self.disks if d.name == disk), None)
+        device = device or f"/machine/peripheral/{disk}/virtio-backend"
+        out = await self.hmp(f'qemu-io -d {device} "{command}"')
         # HMP's qemu-io prints an I/O error to QEMU's stderr (our log), not into its reply.
         with self.log_path.open(errors="replace") as log:
             log.seek(seen)
@@ -250,6 +250,62 @@ class ThrowawayVM:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _disk_args(disk: DiskImage) -> list[str]:
+    """The command-line arguments attaching one disk."""
+    ro = ",read-only=on" if disk.read_only else ""
+    if disk.attach == "pflash":
+        unit = disk.name.removeprefix("pflash")
+        readonly = ",readonly=on" if disk.read_only else ""
+        return ["-drive", f"if=pflash,format={disk.fmt},unit={unit},file={disk.path}{readonly}"]
+    if disk.attach == "drive":
+        assert disk.backing is None and disk.null_size is None
+        drive = f"if=none,id={disk.name}-drive,file={disk.path},format={disk.fmt},discard=unmap"
+        return ["-drive", drive, "-device", f"virtio-blk,drive={disk.name}-drive,id={disk.name}"]
+    node = f"{disk.name}-fmt"
+    argv: list[str] = []
+    if disk.backing is not None:
+        argv += [
+            "-blockdev",
+            f"driver=file,filename={disk.backing},node-name={disk.name}-base-file,read-only=on",
+            "-blockdev",
+            f"driver={disk.backing_fmt},file={disk.name}-base-file,"
+            f"node-name={disk.name}-base,read-only=on",
+        ]
+    if disk.null_size is not None:
+        protocol = (
+            f"driver=null-co,size={disk.null_size},latency-ns={disk.latency_ns},read-zeroes=off"
+        )
+    else:
+        protocol = f"driver=file,filename={disk.path}"
+    # discard=unmap: a guest's trims reach the image, as on a real VM set up for it.
+    argv += ["-blockdev", f"{protocol},node-name={disk.name}-file,discard=unmap{ro}"]
+    fmt = f"driver={disk.fmt},file={disk.name}-file,node-name={node},discard=unmap{ro}"
+    if disk.backing is not None:
+        fmt += f",backing={disk.name}-base"
+    argv += ["-blockdev", fmt]
+    if disk.attach == "throttle":
+        # A throttle group of 100 MiB/s: what the guest sees is unchanged, only paced.
+        group = f"{disk.name}-tg"
+        argv += [
+            "-object", f"throttle-group,id={group},x-bps-total={100 << 20}",
+            "-blockdev", f"driver=throttle,throttle-group={group},file={node},"
+            f"node-name={disk.name}-throttle",
+        ]  # fmt: skip
+        node = f"{disk.name}-throttle"
+    if disk.attach != "pflash-blockdev":
+        argv += ["-device", f"virtio-blk,drive={node},id={disk.name}"]
+    return argv
+
+
+def firmware_code(path: Path) -> Path:
+    """A 64 KiB stand-in for OVMF_CODE, to give as pflash0 (QEMU takes a pflash1 NVRAM only
+    with a pflash0, each a multiple of 4 KiB): its reset vector halts the CPU for good."""
+    code = bytearray(b"\xff" * 65536)
+    code[-16:-12] = bytes([0xFA, 0xF4, 0xEB, 0xFD])  # cli; hlt; jmp back to hlt
+    path.write_bytes(bytes(code))
+    return path
 
 
 def images_equal(a: Path | str, b: Path | str, fmt_a: str | None = None) -> bool:

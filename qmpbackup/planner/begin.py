@@ -88,7 +88,7 @@ def _transaction(
             assert entry.bitmap is not None
             actions.append(
                 BlockDirtyBitmapAdd(
-                    node=graph.disk(entry.name).top, name=entry.bitmap, persistent=True
+                    node=graph.disk(entry.name).top, name=entry.bitmap, persistent=entry.persistent
                 )
             )
     for piece in pieces:
@@ -153,6 +153,7 @@ def plan_backup_begin(
         checkpoints,
         next_parent(checkpoints),
         facts.now,
+        volatile=(options or BeginOptions()).volatile_bitmaps,
     )
     server, shared = (
         mode.plan_server(spec, facts, options or BeginOptions())

@@ -7,17 +7,31 @@ from ..qapi.commands import BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerg
 from ..qmp.graph import BitmapLayer, BlockGraph, BlockNode
 
 
-def require_persistent_bitmaps(graph: BlockGraph, disk: str) -> BlockNode:
-    """The top node of ``disk``, which must be qcow2 to keep a checkpoint bitmap."""
+def persistent_bitmap_problem(graph: BlockGraph, disk: str) -> str | None:
+    """Why the top layer of ``disk`` cannot keep a persistent bitmap, or None if it can."""
     top = graph.top_node(disk)
     if top.driver != "qcow2":
-        raise PlanError(
-            f"disk {disk!r}: checkpoints need a qcow2 top layer, not {top.driver} "
+        return (
+            f"checkpoints need a qcow2 top layer, not {top.driver} "
             "(persistent bitmaps live in qcow2 files)"
         )
     if top.read_only:
-        raise PlanError(f"disk {disk!r} is read-only: it cannot hold a checkpoint")
-    return top
+        return "it is read-only: it cannot hold a checkpoint"
+    return None
+
+
+def require_persistent_bitmaps(graph: BlockGraph, disk: str) -> BlockNode:
+    """The top node of ``disk``, which must be a writable qcow2 to keep a checkpoint bitmap.
+
+    PlanError otherwise, telling to leave the disk out, as libvirt does.
+    """
+    problem = persistent_bitmap_problem(graph, disk)
+    if problem is not None:
+        raise PlanError(
+            f"disk {disk!r}: {problem}; leave it out of the checkpoint with "
+            f"checkpoint='no' for that disk"
+        )
+    return graph.top_node(disk)
 
 
 def usable_checkpoint_layers(graph: BlockGraph, disk: str, bitmap: str) -> list[BitmapLayer]:

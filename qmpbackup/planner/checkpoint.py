@@ -22,7 +22,7 @@ from ..state.checkpoints import (
     next_seq,
 )
 from . import naming
-from .chain import merged_bitmap, require_persistent_bitmaps
+from .chain import merged_bitmap, persistent_bitmap_problem, require_persistent_bitmaps
 from .plan import Plan, Step
 
 
@@ -81,8 +81,12 @@ def checkpoint_with_backup(
     checkpoints: Sequence[Checkpoint],
     parent: str | None,
     now: int,
+    volatile: bool = False,
 ) -> Checkpoint | None:
     """The checkpoint a backup of ``disks`` creates in its transaction, if it asks for one.
+
+    A disk that cannot hold a persistent bitmap gets a non-persistent one with
+    ``volatile`` (recorded ``persistent=False``); without, it is refused.
 
     Raises InvalidInputError for a name or bitmap that exists or a checkpoint disk the
     backup leaves out, PlanError for a disk that cannot hold a persistent bitmap.
@@ -102,10 +106,13 @@ def checkpoint_with_backup(
             entries.append(CheckpointDisk(name=disk, checkpoint="no"))
             continue
         bitmap = (listed.bitmap if listed else None) or spec.name
-        top = require_persistent_bitmaps(graph, disk)
+        persistent = not volatile or persistent_bitmap_problem(graph, disk) is None
+        top = require_persistent_bitmaps(graph, disk) if persistent else graph.top_node(disk)
         if top.bitmap(bitmap) is not None:
             raise InvalidInputError(f"disk {disk!r} already has a bitmap named {bitmap!r}")
-        entries.append(CheckpointDisk(name=disk, checkpoint="bitmap", bitmap=bitmap))
+        entries.append(
+            CheckpointDisk(name=disk, checkpoint="bitmap", bitmap=bitmap, persistent=persistent)
+        )
     return Checkpoint(
         name=spec.name,
         parent=parent,

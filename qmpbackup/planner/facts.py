@@ -58,6 +58,11 @@ class BeginOptions(BaseModel):
     ``quiesce``: the guest's filesystems are frozen through qemu-guest-agent around the
     transaction alone; ``guest_agent`` is the agent's socket (None: the one QEMU's
     ``org.qemu.guest_agent.0`` port is connected to).
+
+    ``volatile_bitmaps`` True: a disk of the new checkpoint that cannot keep a persistent
+    bitmap (raw, pflash NVRAM, read-only) gets a non-persistent one, valid while this
+    QEMU process runs, recorded as such (the one-shot ``backup`` asks for it). False, as
+    libvirt: such a disk must be left out of the checkpoint (``checkpoint='no'``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -68,6 +73,7 @@ class BeginOptions(BaseModel):
     direct_io: bool = True
     quiesce: bool = False
     guest_agent: str | None = None
+    volatile_bitmaps: bool = False
 
 
 class Inventory(BaseModel):

@@ -6,6 +6,11 @@ back.  A chain is valid when the disk was backed up before under the same
 identity and size, and the checkpoint that backup created still has a
 usable bitmap (present on the top layer, recording, consistent, not busy) of
 the granularity recorded then.
+
+A disk that cannot keep a persistent bitmap (raw, a pflash NVRAM) has in the
+one-shot's checkpoint a non-persistent bitmap: its chain is valid while the
+QEMU that made it runs; once QEMU restarted, the bitmap is gone and the disk
+gets a full, the reason saying so.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..errors import PlanError
 from ..qmp.graph import BlockGraph
 from ..request.models import Level, RequestedLevel
 from ..state.checkpoints import Checkpoint
-from .chain import usable_checkpoint_layers
+from .chain import persistent_bitmap_problem, usable_checkpoint_layers
 
 
 class DiskHistory(BaseModel):
@@ -47,6 +52,30 @@ class LevelDecision(BaseModel):
     reason: str
 
 
+_GONE = (
+    "{kind}: its bitmap of checkpoint {name} was not persistent and is gone (QEMU restarted since)"
+)
+
+
+def _kind(graph: BlockGraph, disk: str) -> str:
+    """What kind of disk cannot keep a persistent bitmap: ``raw disk``, ``read-only disk``."""
+    top = graph.top_node(disk)
+    return f"{top.driver} disk" if top.driver != "qcow2" else "read-only disk"
+
+
+def _since(
+    graph: BlockGraph, disk: str, name: str | None, checkpoints: Sequence[Checkpoint]
+) -> str:
+    """The reason of an incremental or differential from ``name``."""
+    entry = next((c.disk(disk) for c in checkpoints if c.name == name), None)
+    if entry is not None and not entry.persistent:
+        return (
+            f"changes since {name}; {_kind(graph, disk)}: "
+            "a non-persistent bitmap, valid while this QEMU runs"
+        )
+    return f"changes since {name}"
+
+
 def _chain_problem(
     disk: str,
     graph: BlockGraph,
@@ -71,8 +100,15 @@ def _chain_problem(
     if created is not None and checkpoint.creation_time != created:
         return f"checkpoint {name} was made again after the backup: it belongs to another chain"
     entry = checkpoint.disk(disk)
+    volatile = persistent_bitmap_problem(graph, disk) is not None
+    if entry is not None and not entry.persistent and entry.checkpoint != "bitmap":
+        return _GONE.format(kind=_kind(graph, disk), name=name)
     if entry is None or entry.checkpoint != "bitmap" or entry.bitmap is None:
+        if volatile:
+            return f"{_kind(graph, disk)}: no persistent bitmap, and checkpoint {name} has none"
         return f"checkpoint {name} does not cover {disk}"
+    if not entry.persistent and not graph.bitmap_layers(disk, entry.bitmap):
+        return _GONE.format(kind=_kind(graph, disk), name=name)
     try:
         layers = usable_checkpoint_layers(graph, disk, entry.bitmap)
     except PlanError as exc:
@@ -107,7 +143,12 @@ def decide_levels(
         problem = _chain_problem(disk, graph, checkpoints, past, name, created)
         if problem is None:
             decisions.append(
-                LevelDecision(disk=disk, level=level, since=name, reason=f"changes since {name}")
+                LevelDecision(
+                    disk=disk,
+                    level=level,
+                    since=name,
+                    reason=_since(graph, disk, name, checkpoints),
+                )
             )
         elif requested == "auto":
             decisions.append(LevelDecision(disk=disk, level="full", since=None, reason=problem))

@@ -24,6 +24,8 @@ FILTER_DRIVERS = frozenset(
 PROTOCOL_DRIVERS = frozenset(
     {"file", "host_device", "host_cdrom", "nbd", "nvme", "null-co", "null-aio", "iscsi", "rbd"}
 )
+# The QOM path of the machine's flash devices (pc and q35: pflash0 code, pflash1 NVRAM).
+SYSTEM_FLASH = "/machine/system.flash"
 
 
 class _Frozen(BaseModel):
@@ -75,6 +77,12 @@ class Disk(_Frozen):
     def top(self) -> str:
         """The top format node: where checkpoints live and backups read from."""
         return self.chain[0]
+
+    @property
+    def firmware_code(self) -> bool:
+        """A read-only flash of the machine (pflash0 holding OVMF_CODE): the firmware the
+        host's package installed, not the VM's data (its NVRAM is a writable flash)."""
+        return self.read_only and self.qdev.startswith(SYSTEM_FLASH)
 
 
 class BitmapLayer(_Frozen):
@@ -145,11 +153,15 @@ class BlockGraph(_Frozen):
 
 
 def disk_name_from_qdev(qdev: str) -> str | None:
-    """The qdev id of a frontend, from ``query-block``'s ``qdev`` path or id."""
+    """The qdev id of a frontend, from ``query-block``'s ``qdev`` path or id; ``pflashN``
+    for the machine's flash N (``/machine/system.flashN``, which has no qdev id, and whose
+    BlockBackend is called ``pflashN`` when it was attached with ``-drive if=pflash``)."""
     if not qdev:
         return None
     if not qdev.startswith("/"):
         return qdev
+    if qdev.startswith(SYSTEM_FLASH) and qdev[len(SYSTEM_FLASH) :].isdigit():
+        return "pflash" + qdev[len(SYSTEM_FLASH) :]
     parts = qdev.strip("/").split("/")
     if len(parts) >= 3 and parts[0] == "machine" and parts[1] == "peripheral":
         return parts[2]
@@ -259,10 +271,9 @@ def build_graph(
             continue
         backend = entry.get("device", "")
         qdev = entry.get("qdev", "")
-        name = disk_name_from_qdev(qdev) or backend
-        if not name:
-            continue
         root = inserted["node-name"]
+        # A frontend with neither a qdev id nor a BlockBackend name: its node's name.
+        name = disk_name_from_qdev(qdev) or backend or root
         disks[name] = Disk(
             name=name,
             backend=backend,

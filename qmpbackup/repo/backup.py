@@ -63,9 +63,14 @@ class RepositoryBackup:
     released: tuple[str, ...]
 
 
+FIRMWARE_CODE = "read-only firmware code from the host's firmware package, not the VM's data"
+
+
 def _chosen_disks(graph: BlockGraph, names: Sequence[str] | None) -> list[str]:
+    """The disks named, or every disk but the firmware's code (pflash0 of a UEFI guest:
+    the host's OVMF_CODE, which libvirt does not back up either; its NVRAM is)."""
     if not names:
-        return list(graph.disks)
+        return [name for name, disk in graph.disks.items() if not disk.firmware_code]
     chosen = [graph.disk(name).name for name in names]
     return list(dict.fromkeys(chosen))
 
@@ -289,6 +294,9 @@ def _decide(
 ) -> list[LevelDecision]:
     """Each disk's level from the repository's history and the live graph, announced."""
     names = _chosen_disks(graph, disks)
+    for name in graph.disks:
+        if name not in names and graph.disks[name].firmware_code and not disks:
+            emit(BackupEvent("skipped", disk=name, reason=FIRMWARE_CODE))
     history = {name: h for name in names if (h := _history(repo, name)) is not None}
     decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
     for decision in decisions:
@@ -335,12 +343,15 @@ async def backup_to_repository(
         # This process watches its scratches while it reads them: they need not reserve
         # their disks' whole size. It reads each push target once its job is done:
         # through the page cache, that read is from memory (1 GiB of random data, QEMU
-        # 7.2: begin to sealed 0.96-0.99 s buffered, 1.34-1.35 s O_DIRECT).
+        # 7.2: begin to sealed 0.96-0.99 s buffered, 1.34-1.35 s O_DIRECT). Raw disks
+        # and pflash NVRAM get a non-persistent bitmap in the checkpoint: the next run
+        # takes an incremental of them while this QEMU still runs.
         options = BeginOptions(
             scratch_reserve=scratch_reserve,
             direct_io=False,
             quiesce=quiesce,
             guest_agent=guest_agent,
+            volatile_bitmaps=True,
         )
         run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
         try:

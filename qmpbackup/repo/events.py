@@ -12,6 +12,7 @@ from typing import Literal, Protocol
 EventKind = Literal[
     "level",  # a disk's level was decided: level, reason
     "quiesced",  # the guest was frozen around the instant: seconds
+    "skipped",  # a disk is not backed up by default (the firmware's code): reason
     "begin",  # the backup's instant is set: backup id, checkpoint
     "progress",  # bytes copied so far of all disks: done, total
     "disk-done",  # one disk's image, digests and check are finished

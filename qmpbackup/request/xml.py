@@ -227,9 +227,12 @@ def checkpoint_from_xml(root: Element) -> _Data:
 
 def _checkpoint_disk(el: Element, index: int) -> _Data:
     where = disk_label(el.attrib, index) + ": "
-    # 'size' is what `checkpoint-dumpxml --size` reports; it is an output only.
-    attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size"), where)
+    # 'size' is what `checkpoint-dumpxml --size` reports, 'persistent' what it says of a
+    # bitmap kept only by the running QEMU (a raw disk's, in a one-shot backup's
+    # checkpoint); they are outputs only.
+    attrs = _leaf(el, ("name", "checkpoint", "bitmap", "size", "persistent"), where)
     attrs.pop("size", None)
+    attrs.pop("persistent", None)
     return dict(attrs)
 
 

@@ -25,6 +25,9 @@ class CheckpointDisk(BaseModel):
     name: str
     checkpoint: str = "bitmap"
     bitmap: str | None = None
+    # False for a disk that cannot keep a persistent bitmap (a raw disk, a pflash NVRAM):
+    # its bitmap lives in this QEMU process only, and is gone once QEMU restarts.
+    persistent: bool = True
 
 
 class Checkpoint(BaseModel):
@@ -62,6 +65,8 @@ class Checkpoint(BaseModel):
             bitmap = disk.bitmap if disk.checkpoint == "bitmap" and disk.bitmap else None
             size = sizes.get(disk.name) if bitmap and sizes is not None else None
             attrs = {"name": disk.name, "checkpoint": disk.checkpoint, "bitmap": bitmap}
+            # Not libvirt's: a bitmap kept only while this QEMU runs says so.
+            attrs["persistent"] = "no" if bitmap and not disk.persistent else None
             disks.append(XmlElement("disk", {**attrs, "size": None if size is None else str(size)}))
         children.append(XmlElement("disks", children=disks))
         if domain:
@@ -142,7 +147,7 @@ class CheckpointStore:
         """Checkpoint ``name`` no longer covers ``disks`` (their bitmaps are gone)."""
         checkpoint = find_checkpoint(self.load_all(), name)
         entries = tuple(
-            CheckpointDisk(name=d.name, checkpoint="no") if d.name in disks else d
+            d.model_copy(update={"checkpoint": "no", "bitmap": None}) if d.name in disks else d
             for d in checkpoint.disks
         )
         self.save(checkpoint.model_copy(update={"disks": entries}))
