@@ -31,6 +31,16 @@ def qemu_version() -> str:
     return out.splitlines()[0] if out else "qemu-system-x86_64 printed no version"
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The real-guest tests' counts of files verified, also when they pass."""
+    from .guest import GUEST_REPORT
+
+    if GUEST_REPORT:
+        terminalreporter.section("real guest: files verified in restored images")
+        for line in GUEST_REPORT:
+            terminalreporter.write_line(line)
+
+
 def pytest_report_header() -> str:
     """Which QEMU the suite runs on (the suite runs once per end of the supported range)."""
     return f"QEMU: {qemu_version()}"
