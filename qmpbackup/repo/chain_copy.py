@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -127,6 +128,12 @@ class _Output:
             os.close(self.fd)
 
 
+def _read(fd: int, buffer: bytearray, length: int, offset: int) -> memoryview:
+    """Up to ``length`` bytes at ``offset`` of ``fd``, read into ``buffer``."""
+    view = memoryview(buffer)[:length]
+    return view[: os.preadv(fd, [view], offset)]
+
+
 def copy_chain(
     chain: Sequence[Path], dest: Path, fmt: Literal["qcow2", "raw"], expected: Digests
 ) -> ChainCopy:
@@ -149,9 +156,15 @@ def copy_chain(
         files = [stack.enter_context(open(layer.path, "rb", buffering=0)) for layer in layers]
         fds = [handle.fileno() for handle in files]
 
+        local = threading.local()
+
         def copy(run: tuple[int, int, int, int]) -> list[int]:
             first, layer, host, n = run
-            data = memoryview(os.pread(fds[layer], n * cluster, host))
+            # One buffer per thread, reused: a new one per read costs a page fault per
+            # 4 KiB (0.3 s of system time per GiB); the write below is done before return.
+            if not hasattr(local, "buffer"):
+                local.buffer = bytearray(_RUN * cluster)
+            data = _read(fds[layer], local.buffer, n * cluster, host)
             length = min(n * cluster, size - first * cluster)
             if len(data) < length:
                 raise Qcow2Unsupported(f"{layers[layer].path}: data past the end of the file")

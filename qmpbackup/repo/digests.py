@@ -125,6 +125,16 @@ class Digests:
         for pos, index in enumerate(self.indexes):
             yield index, self.values[pos * DIGEST_SIZE : (pos + 1) * DIGEST_SIZE]
 
+    def differing(self, other: Digests) -> set[int]:
+        """The blocks whose digests differ from ``other``'s (of the same block size).
+
+        Blocks that read as zeroes are not stored, so a block stored on one side only
+        differs; two dicts compared at C speed, where a lookup per block cost verify
+        0.1 s per 2 GiB incremental."""
+        mine, theirs = dict(self.items()), dict(other.items())
+        same_place = mine.keys() & theirs.keys()
+        return (mine.keys() ^ theirs.keys()) | {i for i in same_place if mine[i] != theirs[i]}
+
     @classmethod
     def from_map(
         cls, block_size: int, size: int, algorithm: Algorithm, digests: Mapping[int, bytes]

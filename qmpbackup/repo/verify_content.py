@@ -139,12 +139,7 @@ class ContentChecks:
         wanted |= resized_blocks(theirs.size, item.disk.virtual_size, bs)
         wanted |= set(range(known, count))
         wanted |= {i for i in parent.unproven if i < count}
-        mine = item.digests
-        wanted |= {
-            i
-            for i in {*mine.indexes, *theirs.indexes}
-            if i < known and mine.get(i) != theirs.get(i)
-        }
+        wanted |= {i for i in item.digests.differing(theirs) if i < known}
         return {i for i in wanted if i < count}
 
     def _blame(
