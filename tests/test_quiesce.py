@@ -258,3 +258,25 @@ async def test_failed_transaction_thaws(guest: GuestVM, tmp_path: Path) -> None:
     assert ran.rc == 1 and "lost the connection to QEMU during transaction" in ran.err, ran.err
     with GuestAgent(guest.agent_path) as agent:
         assert agent.fsfreeze_status() == "thawed"
+
+
+async def test_plan_explains_the_quiesced_step(tmp_path: Path) -> None:
+    """``plan --quiesce`` needs no agent (nothing is sent): it shows the freeze around the
+    transaction, and only there."""
+    from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
+
+    machine = ThrowawayVM(tmp_path / "vm", make_slides_images(tmp_path / "vm"), name="plan")
+    await machine.start()
+    try:
+        spec = tmp_path / "b.xml"
+        spec.write_text(
+            "<domainbackup><disks><disk name='vda' type='file'>"
+            f"<target file='{tmp_path}/t.qcow2'/><driver type='qcow2'/></disk>"
+            "</disks></domainbackup>"
+        )
+        lines = (await Cli(machine, tmp_path / "state")
+                 .ok("plan", str(spec), "--quiesce", "--explain")).out.splitlines()  # fmt: skip
+        marked = [i for i, line in enumerate(lines) if line.strip().startswith("quiesced:")]
+        assert len(marked) == 1 and " transaction -- " in lines[marked[0] - 1], lines
+    finally:
+        await machine.stop()
