@@ -30,13 +30,19 @@ from typing import Any
 from xml.etree import ElementTree
 
 import pytest
+import yaml
 
 from qmpbackup.errors import QmpBackupError, SpecError
 from qmpbackup.planner import BackupFacts, plan_backup_begin, plan_checkpoint_create
 from qmpbackup.qapi.capabilities import Capabilities
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.qmp.graph import BlockGraph, graph_from_replies
-from qmpbackup.request import load_backup_spec, load_checkpoint_spec
+from qmpbackup.request import (
+    load_backup_spec,
+    load_checkpoint_spec,
+    parse_backup_spec,
+    parse_checkpoint_spec,
+)
 from qmpbackup.request.models import BackupSpec
 from qmpbackup.runner import check_plan
 from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
@@ -442,3 +448,157 @@ def test_needs_items_4_and_5_are_marked() -> None:
     for document in marked:
         text = (LIBVIRT / document).read_text()
         assert "dev='/dev/block'" in text or "<encryption" in text
+
+
+# -- what libvirt refuses, or means, where qmpbackup used to ignore ----------------------
+
+PULL = "<domainbackup mode='pull'><disks>{}</disks></domainbackup>"
+PUSH = "<domainbackup mode='push'><disks>{}</disks></domainbackup>"
+
+REFUSALS = {
+    # libvirt's schema: a pull scratch's driver is qcow2 only (qemu_backup.c: "pull mode
+    # backup for disk … requires qcow2 driver").
+    "pull raw scratch": (
+        PULL.format("<disk name='vda' type='file'><driver type='raw'/></disk>"),
+        {"mode": "pull", "disks": [{"name": "vda", "driver": {"type": "raw"}}]},
+        "disk 'vda': a pull backup's scratch is always qcow2 (driver type 'raw')",
+    ),
+    # The schema makes backupmode='full' and incremental= exclusive.
+    "full with incremental": (
+        PUSH.format("<disk name='vda' backupmode='full' incremental='c1'/>"),
+        {"disks": [{"name": "vda", "backupmode": "full", "incremental": "c1"}]},
+        "backupmode='full' and incremental='c1' contradict each other",
+    ),
+    # exportname and exportbitmap exist in the pull schema only.
+    "exportname in push": (
+        PUSH.format("<disk name='vda' exportname='e'/>"),
+        {"disks": [{"name": "vda", "exportname": "e"}]},
+        "disk 'vda': exportname is for pull mode",
+    ),
+    "exportbitmap in push": (
+        PUSH.format("<disk name='vda' exportbitmap='b'/>"),
+        {"disks": [{"name": "vda", "exportbitmap": "b"}]},
+        "disk 'vda': exportbitmap is for pull mode",
+    ),
+    # absFilePath: an empty file names nothing.
+    "empty target file": (
+        PUSH.format("<disk name='vda' type='file'><target file=''/></disk>"),
+        {"disks": [{"name": "vda", "target": {"file": ""}}]},
+        "disk 'vda': target",
+    ),
+    "empty scratch file": (
+        PULL.format("<disk name='vda' type='file'><scratch file=''/></disk>"),
+        {"mode": "pull", "disks": [{"name": "vda", "scratch": ""}]},
+        "an empty path names no file",
+    ),
+    # libvirt-only: the reason is said.
+    "fd transport": (
+        "<domainbackup mode='pull'><server transport='fd'/></domainbackup>",
+        {"mode": "pull", "server": {"transport": "fd"}},
+        "server transport: 'fd' needs libvirt's fd passing",
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", ["xml", "yaml", "json"])
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refused_with_its_reason(case: str, fmt: str) -> None:
+    xml, mapping, reason = REFUSALS[case]
+    texts = {"xml": xml, "json": json.dumps(mapping), "yaml": yaml.safe_dump(mapping)}
+    text = texts[fmt]
+    with pytest.raises(SpecError) as refused:
+        parse_backup_spec(text)
+    message = str(refused.value)
+    assert reason in message and "\n" not in message, message
+    assert refused.value.exit_code == 2
+
+
+def test_checkpoint_no_with_bitmap_is_refused() -> None:
+    for text in (
+        "<domaincheckpoint><disks><disk name='vda' checkpoint='no' bitmap='b'/></disks>"
+        "</domaincheckpoint>",
+        json.dumps({"disks": [{"name": "vda", "checkpoint": "no", "bitmap": "b"}]}),
+    ):
+        with pytest.raises(SpecError, match=r"disk 'vda': checkpoint='no' takes no bitmap"):
+            parse_checkpoint_spec(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (
+            "<domainbackup mode='pull'><server transport='fd' fdgroup='nbdfd'/></domainbackup>",
+            "server fdgroup needs libvirt's fd passing",
+        ),
+        (
+            "<domainbackup><privateData><objects/></privateData></domainbackup>",
+            "<privateData> is libvirt's internal status XML, not a request",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda' state='running'/></disks></domainbackup>",
+            "disk 'vda': attribute 'state' is libvirt's internal status XML, not a request",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda' index='3'/></disks></domainbackup>",
+            "disk 'vda': attribute 'index' is libvirt's internal status XML, not a request",
+        ),
+    ],
+)
+def test_libvirt_only_parts_say_why(text: str, reason: str) -> None:
+    with pytest.raises(SpecError) as refused:
+        parse_backup_spec(text)
+    assert reason in str(refused.value)
+
+
+def test_active_in_a_checkpoint_says_why() -> None:
+    with pytest.raises(SpecError, match=r"<active> is libvirt's internal status XML"):
+        parse_checkpoint_spec(
+            "<domaincheckpoint><name>c</name><active>1</active></domaincheckpoint>"
+        )
+
+
+def test_seclabel_is_accepted_and_ignored() -> None:
+    """<seclabel> asks libvirt's security driver to (not) relabel: nothing to do here."""
+    label = (
+        "<seclabel model='dac' relabel='no'/><seclabel model='selinux'><label>x</label></seclabel>"
+    )
+    push = parse_backup_spec(
+        PUSH.format(f"<disk name='vda' type='file'><target file='/b/vda'>{label}</target></disk>")
+    )
+    assert push == parse_backup_spec(
+        PUSH.format("<disk name='vda' type='file'><target file='/b/vda'/></disk>")
+    )
+    pull = parse_backup_spec(
+        PULL.format(f"<disk name='vda' type='file'><scratch file='/s/vda'>{label}</scratch></disk>")
+    )
+    assert pull.disks[0].scratch == "/s/vda"
+
+
+@pytest.mark.parametrize("name", ["_underscore", "-dash", "a.b+c", "1525889631", "x" * 200])
+def test_checkpoint_names_libvirt_allows(name: str) -> None:
+    spec = parse_checkpoint_spec(f"<domaincheckpoint><name>{name}</name></domaincheckpoint>")
+    plan, made = plan_checkpoint_create(spec, graph("qemu-7.2", "libvirt-domain"), [], NOW)
+    assert made.name == name
+    check_plan(plan, schema("qemu-7.2"))
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", ".hidden", "a/b", "a b", "+plus", "x" * 201, "a\u00e9"]
+)
+def test_checkpoint_names_that_could_escape_are_refused(name: str) -> None:
+    with pytest.raises(SpecError, match="invalid checkpoint name"):
+        parse_checkpoint_spec(json.dumps({"name": name}))
+
+
+def test_unnamed_checkpoint_is_named_after_its_creation_time() -> None:
+    """libvirt's default name; with a backup too, where it also suffixes default targets."""
+    spec = parse_checkpoint_spec("<domaincheckpoint/>")
+    assert spec.name is None
+    _, made = plan_checkpoint_create(spec, graph("qemu-7.2", "libvirt-domain"), [], NOW)
+    assert made.name == str(NOW)
+    backup = parse_backup_spec(PUSH.format("<disk name='vda'/>"))
+    planned = plan_backup_begin(
+        backup, graph("qemu-7.2", "libvirt-domain"), [], facts("qemu-7.2"), spec
+    )
+    assert planned.checkpoint is not None and planned.checkpoint.name == str(NOW)
+    assert planned.record.disks[0].target == f"/srv/vm/vda.qcow2.{NOW}"
