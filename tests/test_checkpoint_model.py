@@ -299,10 +299,12 @@ class CheckpointModel(RuleBasedStateMachine):
         """checkpoint_create: refused for a taken name or bitmap, or when it covers no disk."""
         entries = [disk_entry(d, h, bitmap) for d, h in zip(DISKS, how, strict=True)]
         spec = CheckpointSpec(name=name, disks=tuple(e for e in entries if e is not None))
+        # libvirt's meaning: once any disk is listed, an unlisted one gets no bitmap.
+        listed = any(h != "unlisted" for h in how)
         wanted = {
             d: bitmap if h == "bitmap" else name
             for d, h in zip(DISKS, how, strict=True)
-            if h != "no"
+            if h != "no" and not (h == "unlisted" and listed)
         }
         taken = any(b == p.bitmaps.get(d) for p in self.live for d, b in wanted.items())
         if self.point(name) is not None or not wanted or taken:

@@ -51,7 +51,7 @@ def test_demo_walks_the_slides(tmp_path: Path) -> None:
     assert "Backup1.full.raw equals vda at the instant" in pull
     assert "Backup2.qcow2 equals vdb at the instant" in pull
     assert "scratch.qcow2 is still there" in pull
-    assert "NBD_CMD_BLOCK_STATUS on qemu:dirty-bitmap:vda" in pull
+    assert "NBD_CMD_BLOCK_STATUS on qemu:dirty-bitmap:backup-vda" in pull
     assert "  ---!!!!-   (! = dirty MiB)" in pull
     assert "ok: Backup1.1.qcow2 ← Backup1.4.qcow2" in pull
     assert "ok: Backup2.1.qcow2 ← Backup2.2.qcow2 ← Backup2.3.qcow2" in pull

@@ -317,7 +317,9 @@ async def test_pull_source_read_error(bad_vm: FilteredVM, tmp_path: Path) -> Non
     begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "2.xml", "check1")), "check2")
     uri = uris(begun.out)["vdb"]
     with pytest.raises(NBDError) as failed:
-        await asyncio.to_thread(pull_copy, uri, tmp_path / "b2.qcow2", backing=base, bitmap="vdb")
+        await asyncio.to_thread(
+            pull_copy, uri, tmp_path / "b2.qcow2", backing=base, bitmap="backup-vdb"
+        )
     assert f"read of 65536 bytes at offset {BAD} failed: EIO" in str(failed.value)
     assert not (tmp_path / "b2.qcow2").exists()
     assert [j["status"] for j in await vm.session.execute("query-jobs")] == ["running"]
@@ -332,7 +334,7 @@ async def test_pull_source_read_error(bad_vm: FilteredVM, tmp_path: Path) -> Non
     begun = await cli.ok("backup-begin", str(pull_vdb(tmp_path / "3.xml", "check1")), "check3")
     await vm.write("vdb", 0x99, BAD, MiB)
     copy = await asyncio.to_thread(
-        pull_copy, uris(begun.out)["vdb"], tmp_path / "b3.qcow2", backing=base, bitmap="vdb"
+        pull_copy, uris(begun.out)["vdb"], tmp_path / "b3.qcow2", backing=base, bitmap="backup-vdb"
     )
     assert images_equal(copy.image, ref)
     assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
@@ -493,7 +495,7 @@ async def test_pull_scratch_out_of_space(
     # SPEC §1: the guest is never disturbed, even when it overwrites the whole disk.
     assert await guest_write_error(vm, "vdb", 0x99, 0, 100 * MiB) is None
     copy = await asyncio.to_thread(
-        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="vdb"
+        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="backup-vdb"
     )
     assert images_equal(copy.image, ref)  # the view still holds the instant
     assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
@@ -535,7 +537,7 @@ async def test_reader_disconnects_mid_pull(vm: ThrowawayVM, cli: Cli, tmp_path: 
     assert await reader.wait() == -signal.SIGKILL
     # A new reader gets the whole instant from the same export.
     inc2 = await asyncio.to_thread(
-        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="vdb"
+        pull_copy, uri, tmp_path / "inc2.qcow2", backing=base, bitmap="backup-vdb"
     )
     assert images_equal(inc2.image, ref2)
     assert (await cli.ok("backup-end", "1")).out == "Backup id 1 completed\n"
@@ -546,7 +548,7 @@ async def test_reader_disconnects_mid_pull(vm: ThrowawayVM, cli: Cli, tmp_path: 
     await vm.write("vdb", 0x77, 0, MiB)
     inc3 = await asyncio.to_thread(
         pull_copy, uris(begun.out)["vdb"], tmp_path / "inc3.qcow2", backing=inc2.image,
-        bitmap="vdb",
+        bitmap="backup-vdb",
     )  # fmt: skip
     await cli.ok("backup-end", "1")
     assert images_equal(inc3.image, ref3)

@@ -50,7 +50,13 @@ from qmpbackup.qapi.capabilities import Capabilities
 from qmpbackup.qapi.schema import QAPISchema
 from qmpbackup.qmp.graph import Bitmap, BlockGraph, BlockNode, graph_from_replies
 from qmpbackup.qmp.jobs import JobState
-from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
+from qmpbackup.request.models import (
+    BackupSpec,
+    CheckpointDiskSpec,
+    CheckpointSpec,
+    DiskBackupSpec,
+    ServerSpec,
+)
 from qmpbackup.runner import check_plan
 from qmpbackup.state.active import ActiveBackup, NbdServer
 from qmpbackup.state.checkpoints import Checkpoint, CheckpointDisk
@@ -443,7 +449,9 @@ def pull_bounded_scratch() -> Result:
 def pull_joins_running_server() -> Result:
     """A second pull backup of vdb while backup 1 serves vda: no second server."""
     running = NbdServer(transport="tcp", host="localhost", port=10809)
-    spec = BackupSpec(mode="pull", disks=(DiskBackupSpec(name="vda", backup=False),))
+    spec = BackupSpec(
+        mode="pull", disks=(DiskBackupSpec(name="vda", backup=False), DiskBackupSpec(name="vdb"))
+    )
     planned = plan_backup_begin(
         spec,
         graph("slides"),
@@ -754,7 +762,10 @@ def test_throttle_resolves_to_the_format_node_under_the_filter() -> None:
 def test_drive_setup_accepts_qdev_id_and_blockbackend_name(name: str) -> None:
     found = graph("drive")
     assert found.disk(name).name == "vdb"
-    spec = BackupSpec(mode="push", disks=(DiskBackupSpec(name=name, target="/backups/vdb.qcow2"),))
+    spec = BackupSpec(
+        mode="push",
+        disks=(DiskBackupSpec(name=name, target="/backups/vdb.qcow2"), DiskBackupSpec(name="vda")),
+    )
     planned = plan_backup_begin(spec, found, [], facts())
     jobs = {d.disk: d for d in planned.record.disks}
     assert jobs["vdb"].target == "/backups/vdb.qcow2"
@@ -763,9 +774,42 @@ def test_drive_setup_accepts_qdev_id_and_blockbackend_name(name: str) -> None:
 
 
 def test_drive_setup_excludes_disk_by_blockbackend_name() -> None:
-    spec = BackupSpec(mode="push", disks=(DiskBackupSpec(name="drive-vdb", backup=False),))
+    spec = BackupSpec(
+        mode="push",
+        disks=(DiskBackupSpec(name="vda"), DiskBackupSpec(name="drive-vdb", backup=False)),
+    )
     planned = plan_backup_begin(spec, graph("drive"), [], facts())
     assert [d.disk for d in planned.record.disks] == ["vda"]
+
+
+@pytest.mark.parametrize("mode", ["push", "pull"])
+def test_unlisted_disks_are_left_out(mode: str) -> None:
+    """libvirt's meaning: once <disks> lists any disk, a disk it does not list is as
+    backup='no'; with no <disks> at all, every disk is backed up."""
+    listed = BackupSpec.model_validate({"mode": mode, "disks": [{"name": "vdb"}]})
+    planned = plan_backup_begin(listed, graph("slides"), [], facts(**UNIX_FACTS))
+    assert [d.disk for d in planned.record.disks] == ["vdb"]
+    assert "vda" not in json.dumps(planned.plan.commands()).replace("Active1", "")
+    everything = BackupSpec.model_validate({"mode": mode})
+    planned = plan_backup_begin(everything, graph("slides"), [], facts(**UNIX_FACTS))
+    assert [d.disk for d in planned.record.disks] == ["vda", "vdb"]
+    only_no = BackupSpec.model_validate({"mode": mode, "disks": [{"name": "vda", "backup": False}]})
+    with pytest.raises(InvalidInputError, match="the request backs up no disk"):
+        plan_backup_begin(only_no, graph("slides"), [], facts(**UNIX_FACTS))
+
+
+def test_checkpoint_leaves_unlisted_disks_out() -> None:
+    """A checkpoint that lists vda gives vdb no bitmap, on its own and with a backup."""
+    spec = CheckpointSpec(name="c1", disks=(CheckpointDiskSpec(name="vda"),))
+    plan, made = plan_checkpoint_create(spec, graph("slides"), [], NOW)
+    assert {a["data"]["node"] for a in _actions(plan)} == {"vda-fmt"}
+    assert [(d.name, d.checkpoint) for d in made.disks] == [("vda", "bitmap"), ("vdb", "no")]
+    planned = plan_backup_begin(BackupSpec(mode="push"), graph("slides"), [], facts(), spec)
+    assert planned.checkpoint is not None
+    assert [(d.name, d.checkpoint) for d in planned.checkpoint.disks] == [
+        ("vda", "bitmap"),
+        ("vdb", "no"),
+    ]
 
 
 # -- purity -------------------------------------------------------------------

@@ -45,7 +45,7 @@ from qmpbackup.request import (
     parse_backup_spec,
     parse_checkpoint_spec,
 )
-from qmpbackup.request.models import NAME_RE
+from qmpbackup.request.models import CHECKPOINT_NAME_RE, NAME_RE
 
 T = TypeVar("T")
 Spec = BackupSpec | CheckpointSpec
@@ -72,15 +72,23 @@ def bounded(default: int) -> Callable[[T], T]:
 STRICT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
-def is_name(value: str) -> bool:
-    """True when ``value`` is a safe name by the documented rule."""
-    return STRICT_NAME.fullmatch(value) is not None
+# Checkpoint and bitmap names: libvirt's rule (a leading '_' or '-' too, no leading '.'),
+# '+' kept, at most 200.
+STRICT_CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.+-]{0,199}")
+CHECKPOINT_FIELDS = ("incremental", "disk.incremental", "disk.exportbitmap", "name", "disk.bitmap")
+
+
+def is_name(value: str, field: str = "disk.name") -> bool:
+    """True when ``value`` is a safe name for ``field`` by the documented rule."""
+    rule = STRICT_CHECKPOINT_NAME if field in CHECKPOINT_FIELDS else STRICT_NAME
+    return rule.fullmatch(value) is not None
 
 
 def test_strict_rule_agrees_with_name_re_on_single_lines() -> None:
-    """The oracle above is NAME_RE itself, except for what ``$`` lets through."""
-    for value in ["c1", "a" * 64, "a" * 65, "-a", "a b", ".", "Z9_.+-"]:
+    """The oracles above are NAME_RE and CHECKPOINT_NAME_RE, but for what ``$`` lets through."""
+    for value in ["c1", "a" * 64, "a" * 65, "a" * 200, "a" * 201, "-a", "_a", "+a", "a b", "."]:
         assert is_name(value) == bool(NAME_RE.match(value))
+        assert is_name(value, "name") == bool(CHECKPOINT_NAME_RE.match(value))
 
 
 @contextlib.contextmanager
@@ -115,18 +123,25 @@ def outcome(parse: Callable[[], Spec]) -> Spec | SpecError:
         assert time.monotonic() - start < PARSE_LIMIT
 
 
-def spec_names(spec: Spec) -> list[str]:
-    """Every name a loaded spec carries (disk, checkpoint, export, bitmap)."""
+def spec_names(spec: Spec) -> list[tuple[str, str]]:
+    """Every name a loaded spec carries (disk, checkpoint, export, bitmap), with its field."""
     if isinstance(spec, CheckpointSpec):
-        names = [spec.name]
+        names = [] if spec.name is None else [(spec.name, "name")]
         for cdisk in spec.disks:
-            names += [cdisk.name] + ([cdisk.bitmap] if cdisk.bitmap is not None else [])
+            names += [(cdisk.name, "disk.name")]
+            names += [] if cdisk.bitmap is None else [(cdisk.bitmap, "disk.bitmap")]
         return names
-    names = [spec.incremental] if spec.incremental is not None else []
+    names = [] if spec.incremental is None else [(spec.incremental, "incremental")]
     for disk in spec.disks:
-        names.append(disk.name)
+        names.append((disk.name, "disk.name"))
         names += [
-            n for n in (disk.incremental, disk.exportname, disk.exportbitmap) if n is not None
+            (n, f"disk.{field}")
+            for n, field in (
+                (disk.incremental, "incremental"),
+                (disk.exportname, "exportname"),
+                (disk.exportbitmap, "exportbitmap"),
+            )
+            if n is not None
         ]
     return names
 
@@ -134,7 +149,7 @@ def spec_names(spec: Spec) -> list[str]:
 def check_accepted(result: Spec | SpecError) -> None:
     """Whatever a loader accepts carries only safe names."""
     if not isinstance(result, SpecError):
-        bad = [n for n in spec_names(result) if not is_name(n)]
+        bad = [n for n, field in spec_names(result) if not is_name(n, field)]
         assert not bad, f"accepted unsafe names {bad!r} in {result!r}"
 
 
@@ -163,7 +178,8 @@ paths = st.one_of(
     st.builds(
         lambda parts: "/" + "/".join(parts), st.lists(st.text(XML_CHARS, min_size=1), max_size=4)
     ),
-    free_text,
+    # A relative path: the models resolve it against the current directory.
+    st.text(XML_CHARS, min_size=1, max_size=40),
 )
 
 
@@ -180,18 +196,21 @@ def servers(draw: st.DrawFn) -> ServerSpec:
 
 @st.composite
 def backup_disks(draw: st.DrawFn, name: str, mode: str) -> DiskBackupSpec:
-    """A valid ``<disk>`` of a backup in ``mode``."""
+    """A valid ``<disk>`` of a backup in ``mode``: export names in pull mode only, no
+    checkpoint with backupmode='full', a pull scratch qcow2 (as libvirt's schema says)."""
     path = draw(st.none() | paths)
+    pull = mode == "pull"
+    backupmode = draw(st.sampled_from([None, "full", "incremental"]))
     return DiskBackupSpec(
         name=name,
         backup=draw(st.booleans()),
-        backupmode=draw(st.sampled_from([None, "full", "incremental"])),
-        incremental=draw(st.none() | names),
-        exportname=draw(st.none() | names),
-        exportbitmap=draw(st.none() | names),
+        backupmode=backupmode,
+        incremental=None if backupmode == "full" else draw(st.none() | names),
+        exportname=draw(st.none() | names) if pull else None,
+        exportbitmap=draw(st.none() | names) if pull else None,
         target=path if mode == "push" else None,
-        scratch=path if mode == "pull" else None,
-        format=draw(st.sampled_from([None, "qcow2", "raw"])),
+        scratch=path if pull else None,
+        format=draw(st.sampled_from([None, "qcow2"] if pull else [None, "qcow2", "raw"])),
         shallow=draw(st.booleans()),
         reuse=draw(st.booleans()),
     )
@@ -214,15 +233,18 @@ def backup_specs(draw: st.DrawFn) -> BackupSpec:
 def checkpoint_specs(draw: st.DrawFn) -> CheckpointSpec:
     """A valid ``<domaincheckpoint>``."""
     disk_names = draw(st.lists(names, unique=True, max_size=4))
+    kinds = [draw(st.sampled_from(["bitmap", "no"])) for _ in disk_names]
     disks = tuple(
         CheckpointDiskSpec(
             name=n,
-            checkpoint=draw(st.sampled_from(["bitmap", "no"])),
-            bitmap=draw(st.none() | names),
+            checkpoint="bitmap" if kind == "bitmap" else "no",
+            bitmap=draw(st.none() | names) if kind == "bitmap" else None,
         )
-        for n in disk_names
+        for n, kind in zip(disk_names, kinds, strict=True)
     )
-    return CheckpointSpec(name=draw(names), description=draw(st.none() | free_text), disks=disks)
+    return CheckpointSpec(
+        name=draw(st.none() | names), description=draw(st.none() | free_text), disks=disks
+    )
 
 
 # --------------------------------------------------------------------------
@@ -325,7 +347,7 @@ DUMPXML_EXTRAS = [
 
 def checkpoint_xml(spec: CheckpointSpec, rnd: random.Random) -> str:
     """``spec`` as libvirt ``<domaincheckpoint>`` XML, sometimes with dumpxml's extras."""
-    children = [f"<name>{padded(spec.name, rnd)}</name>"]
+    children = [] if spec.name is None else [f"<name>{padded(spec.name, rnd)}</name>"]
     if spec.description is not None:
         children.append(f"<description>{xml_text(spec.description)}</description>")
     children += [extra for extra in DUMPXML_EXTRAS if rnd.random() < 0.3]
@@ -491,14 +513,16 @@ def name_document(kind: str, field: str, value: str, fmt: str) -> str:
     if fmt == "xml":
         if field in ("incremental", "name"):
             tag = "domainbackup" if kind == "backup" else "domaincheckpoint"
-            return f"<{tag}><{field}>{xml_text(value)}</{field}></{tag}>"
+            mode = " mode='pull'" if kind == "backup" else ""
+            return f"<{tag}{mode}><{field}>{xml_text(value)}</{field}></{tag}>"
         disk = f"<disk name={quoteattr(value)}/>"
         if attr != "name":
             disk = f"<disk name='vda' {attr}={quoteattr(value)}/>"
         if kind == "backup":
-            return f"<domainbackup><disks>{disk}</disks></domainbackup>"
+            return f"<domainbackup mode='pull'><disks>{disk}</disks></domainbackup>"
         return f"<domaincheckpoint><name>c1</name><disks>{disk}</disks></domaincheckpoint>"
-    data: dict[str, Any] = {} if kind == "backup" else {"name": "c1"}
+    # Pull mode: export names are for pull backups only.
+    data: dict[str, Any] = {"mode": "pull"} if kind == "backup" else {"name": "c1"}
     if field.startswith("disk."):
         data["disks"] = [{"name": value} if attr == "name" else {"name": "vda", attr: value}]
     else:
@@ -535,9 +559,9 @@ def test_names_obey_the_rule(where: tuple[str, str, str], fmt: str, value: str) 
     if isinstance(result, SpecError):
         # XML cannot carry every character, even one that str.strip() would remove.
         unsayable = fmt == "xml" and not all(map(xml_legal, value))
-        assert unsayable or not is_name(expected), f"{expected!r} obeys the rule: {result}"
+        assert unsayable or not is_name(expected, field), f"{expected!r} obeys the rule: {result}"
     else:
-        assert is_name(expected), (
+        assert is_name(expected, field), (
             f"{value!r} in {field} ({fmt}) accepted as {name_in(result, field)!r}"
         )
         assert name_in(result, field) == expected
@@ -553,7 +577,9 @@ def test_names_obey_the_rule(where: tuple[str, str, str], fmt: str, value: str) 
     tag=st.sampled_from(["target", "scratch"]),
 )
 def test_paths_are_kept_verbatim(path: str, fmt: str, tag: str) -> None:
-    """A target or scratch path is refused with SpecError or loaded exactly as written."""
+    """A target or scratch path is refused with SpecError or loaded exactly as written, a
+    relative one joined to the current directory (never normalised); an empty one is
+    refused."""
     mode = "push" if tag == "target" else "pull"
     if fmt == "xml":
         document = (
@@ -565,10 +591,14 @@ def test_paths_are_kept_verbatim(path: str, fmt: str, tag: str) -> None:
         document = json.dumps(data) if fmt == "json" else yaml.safe_dump(data)
     result = outcome(lambda: parse_backup_spec(document, "paths"))
     if not isinstance(result, SpecError):
-        assert getattr(result.disks[0], tag) == path
-    else:
+        assert path
+        expected = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+        assert getattr(result.disks[0], tag) == expected
+    elif path:
         # Only what XML cannot carry is refused.
         assert fmt == "xml" and not all(map(xml_legal, path)), str(result)
+    else:
+        assert "an empty path names no file" in str(result)
 
 
 # --------------------------------------------------------------------------

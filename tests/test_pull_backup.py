@@ -55,10 +55,11 @@ def nbd_map(uri: str, context: str = "base:allocation", *extra: str) -> list[tup
     ]
 
 
-def dirty_clusters(uri: str, disk: str) -> set[int]:
-    """Clusters marked dirty in the export's ``qemu:dirty-bitmap:<disk>`` context."""
+def dirty_clusters(uri: str, disk: str, bitmap: str | None = None) -> set[int]:
+    """Clusters marked dirty in the export's ``qemu:dirty-bitmap:backup-<disk>`` context
+    (libvirt's name, which its clients ask for), or ``qemu:dirty-bitmap:<bitmap>``."""
     out: set[int] = set()
-    for offset, length, flags in nbd_map(uri, f"qemu:dirty-bitmap:{disk}"):
+    for offset, length, flags in nbd_map(uri, f"qemu:dirty-bitmap:{bitmap or 'backup-' + disk}"):
         if flags & 1:
             out |= clusters_of(offset, length)
     return out
@@ -138,18 +139,36 @@ async def test_pull_incremental_dirty_extents(vm: ThrowawayVM, cli: Cli, tmp_pat
     assert not scratch.exists()
 
 
+async def test_pull_incremental_exportbitmap_names_the_context(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    """exportbitmap='changes' overrides libvirt's default name: a client asks for
+    qemu:dirty-bitmap:changes, and backup-vda is not offered."""
+    await cli.ok("backup-begin", str(pull_xml(tmp_path / "p1.xml")), "check1")
+    await cli.ok("backup-end", "1")
+    await vm.write("vda", 0x43, 3 * MiB, 2 * CLUSTER)
+    spec = pull_xml(tmp_path / "p2.xml", {"vda": {"exportbitmap": "changes"}}, "check1")
+    uri = uris((await cli.ok("backup-begin", str(spec))).out)["vda"]
+    assert dirty_clusters(uri, "vda", "changes") == clusters_of(3 * MiB, 2 * CLUSTER)
+    with pytest.raises(subprocess.CalledProcessError):
+        nbd_map(uri, "qemu:dirty-bitmap:backup-vda")
+    await cli.ok("backup-end", "1")
+    await assert_clean(vm, cli.state_dir)
+
+
 async def test_pull_tcp_auto_port_twice_and_disjoint(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
 ) -> None:
     tcp = ServerSpec(name="localhost")
     for round_ in range(2):
-        spec = pull_xml(tmp_path / f"t{round_}.xml", {"vdb": {"backup": False}}, server=tcp)
+        vda_only = {"vda": {}, "vdb": {"backup": False}}
+        spec = pull_xml(tmp_path / f"t{round_}.xml", vda_only, server=tcp)
         begun = await cli.ok("backup-begin", str(spec))
         uri = uris(begun.out)["vda"]
         assert re.fullmatch(r"nbd://localhost:\d+/vda", uri), uri
         assert nbd_map(uri)  # readable
         # A second backup of the other disk runs at the same time on the same server.
-        other = pull_xml(tmp_path / f"o{round_}.xml", {"vda": {"backup": False}})
+        other = pull_xml(tmp_path / f"o{round_}.xml", {"vda": {"backup": False}, "vdb": {}})
         second = await cli.ok("backup-begin", str(other))
         assert "Backup id 2 created" in second.out
         assert uris(second.out)["vdb"] == uri.replace("/vda", "/vdb")
@@ -216,7 +235,7 @@ async def test_pull_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) ->
     ref = await vm.reference("vda", tmp_path / "ref.raw")
     spec = pull_xml(
         tmp_path / "t.xml",
-        {"vdb": {"backup": False}},
+        {"vda": {}, "vdb": {"backup": False}},
         server=ServerSpec(name="localhost", tls=True),
     )
     begun = await cli.ok(
@@ -254,7 +273,7 @@ async def test_reads_across_saved_clusters_see_the_instant(
     view must split reads so that no reader, ours or anyone's, sees that."""
     await vm.write("vdb", 0x59, MiB, 6 * MiB)
     ref = await vm.reference("vdb", tmp_path / "ref.raw")
-    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}})
+    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}, "vdb": {}})
     uri = uris((await cli.ok("backup-begin", str(spec))).out)["vdb"]
     await vm.write("vdb", 0x7A, 3 * MiB + 64 * 1024, 2 * MiB)
     # One read from inside the overwritten clusters to well past them.
@@ -277,7 +296,7 @@ async def test_a_probe_decides_whether_the_view_splits_reads(
     reads past saved clusters, so its view splits reads; 10.0 does not, so it exports
     snapshot-access itself (``test_reads_across_saved_clusters_see_the_instant`` proves
     either view reads the instant). The probe leaves nothing behind."""
-    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}})
+    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}, "vdb": {}})
     await cli.ok("backup-begin", str(spec))
     probes = json.loads((cli.state_dir / "probes.json").read_text())
     (build,) = probes

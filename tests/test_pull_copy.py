@@ -23,7 +23,7 @@ async def test_pull_chain_written_by_builtin_client(
     async def take(n: int, incremental: str | None, checkpoint: str | None,
                    backing: int | None, writes: list[tuple[int, int]]) -> None:  # fmt: skip
         ref = await vm.reference("vda", tmp_path / f"ref-{n}.raw")
-        spec = pull_xml(tmp_path / f"b{n}.xml", {"vdb": {"backup": False}}, incremental)
+        spec = pull_xml(tmp_path / f"b{n}.xml", {"vda": {}, "vdb": {"backup": False}}, incremental)
         begun = await cli.ok("backup-begin", str(spec), *([checkpoint] if checkpoint else []))
         uri = uris(begun.out)["vda"]
         # The guest keeps writing while the copy runs.
@@ -37,7 +37,7 @@ async def test_pull_chain_written_by_builtin_client(
             uri,
             out,
             backing=images[backing] if backing else None,
-            bitmap="vda" if incremental else None,
+            bitmap="backup-vda" if incremental else None,
         )
         assert result.image == out
         images[n] = out
@@ -68,7 +68,7 @@ async def test_pull_chain_written_by_builtin_client(
 async def test_pull_full_raw_and_qcow2_sparse(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
     await vm.write("vdb", 0x58, 10 * MiB, 2 * MiB)
     ref = await vm.reference("vdb", tmp_path / "ref.raw")
-    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}})
+    spec = pull_xml(tmp_path / "p.xml", {"vda": {"backup": False}, "vdb": {}})
     uri = uris((await cli.ok("backup-begin", str(spec))).out)["vdb"]
     await vm.write("vdb", 0x99, 0, 16 * MiB)
     raw = await asyncio.to_thread(pull_copy, uri, tmp_path / "vdb.raw", fmt="raw")

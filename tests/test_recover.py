@@ -153,7 +153,7 @@ async def test_pull_incremental_cut_at_every_step(
     ref_a = await vm.reference("vda", tmp_path / "a.raw")
     begun = await cli.ok("backup-begin", str(inc), "c2")  # the server was stopped
     inc_a = tmp_path / "inc-a.qcow2"
-    pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="vda")
+    pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="backup-vda")
     await cli.ok("backup-end", "1")
     assert images_equal(inc_a, ref_a)
 
@@ -211,6 +211,6 @@ async def test_connection_dropped_at_every_step(
     begun = await cli.ok("backup-begin", str(inc), "c2")
     await vm.write("vda", 0x33, 7 * MiB, MiB)
     inc_a = tmp_path / "inc-a.qcow2"
-    pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="vda")
+    pull_copy(uris(begun.out)["vda"], inc_a, backing=base_a, bitmap="backup-vda")
     await cli.ok("backup-end", "1")
     assert images_equal(inc_a, ref_a)

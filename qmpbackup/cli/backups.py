@@ -17,7 +17,7 @@ from ..planner import BeginOptions
 from ..repo.backup import DEFAULT_SCRATCH_RESERVE, backup_to_repository
 from ..repo.events import EventSink
 from ..request import load_backup_spec, load_checkpoint_spec
-from ..request.models import CheckpointSpec, check_name
+from ..request.models import CheckpointSpec, check_checkpoint_name
 from .progress import JsonLines, PlainLines, ProgressBar
 from .text import info_text, jobinfo_text, out, print_frozen, step_printer
 
@@ -29,7 +29,7 @@ def _checkpoint_arg(value: str | None) -> CheckpointSpec | None:
     if os.path.exists(value) or "/" in value or value.endswith((".xml", ".yaml", ".yml", ".json")):
         return load_checkpoint_spec(value)
     try:
-        return CheckpointSpec(name=check_name(value, "checkpoint"))
+        return CheckpointSpec(name=check_checkpoint_name(value))
     except ValueError as exc:
         raise SpecError(str(exc)) from exc
 

@@ -13,7 +13,7 @@ import time
 from ..api import VM
 from ..errors import InvalidInputError
 from ..request import load_checkpoint_spec
-from ..request.models import CheckpointSpec, check_name
+from ..request.models import CheckpointSpec, check_checkpoint_name
 from .backups import agent_socket
 from .text import checkpoint_tree, out, print_frozen, step_printer
 
@@ -30,9 +30,7 @@ async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
 
 async def cmd_checkpoint_create_as(args: argparse.Namespace, vm: VM) -> int:
     try:
-        spec = CheckpointSpec(
-            name=check_name(args.name, "checkpoint"), description=args.description
-        )
+        spec = CheckpointSpec(name=check_checkpoint_name(args.name), description=args.description)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from exc
     checkpoint, frozen = await vm.checkpoint_create(

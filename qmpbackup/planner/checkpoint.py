@@ -34,7 +34,12 @@ def plan_checkpoint_create(
     quiesce: bool = False,
 ) -> tuple[Plan, Checkpoint]:
     """One transaction adding a persistent, recording bitmap on each disk's top layer;
-    with ``quiesce``, sent with the guest's filesystems frozen."""
+    with ``quiesce``, sent with the guest's filesystems frozen.
+
+    As in libvirt: without a name, the checkpoint is named after ``now``; once
+    ``spec.disks`` lists any disk, the disks it does not list get no bitmap.
+    """
+    spec = spec.named(now)
     if any(c.name == spec.name for c in checkpoints):
         raise InvalidInputError(f"checkpoint {spec.name!r} already exists")
     listed = {graph.disk(d.name).name: d for d in spec.disks}
@@ -43,7 +48,7 @@ def plan_checkpoint_create(
     undo: list[QMPCommand] = []
     for name, disk in graph.disks.items():
         entry = listed.get(name)
-        if entry is not None and entry.checkpoint == "no":
+        if (entry is not None and entry.checkpoint == "no") or (entry is None and listed):
             entries.append(CheckpointDisk(name=name, checkpoint="no"))
             continue
         if entry is None and (disk.read_only or not disk.chain):
@@ -93,6 +98,7 @@ def checkpoint_with_backup(
     """
     if spec is None:
         return None
+    spec = spec.named(now)
     if any(c.name == spec.name for c in checkpoints):
         raise InvalidInputError(f"checkpoint {spec.name!r} already exists")
     for entry in spec.disks:
@@ -102,7 +108,7 @@ def checkpoint_with_backup(
     entries: list[CheckpointDisk] = []
     for disk in disks:
         listed = next((d for d in spec.disks if graph.aliases.get(d.name, d.name) == disk), None)
-        if listed is not None and listed.checkpoint == "no":
+        if (listed is not None and listed.checkpoint == "no") or (listed is None and spec.disks):
             entries.append(CheckpointDisk(name=disk, checkpoint="no"))
             continue
         bitmap = (listed.bitmap if listed else None) or spec.name

@@ -94,6 +94,9 @@ def _backed_up_disks(spec: BackupSpec, graph: BlockGraph) -> list[str]:
         entry = _spec_entry(spec, graph, name)
         if entry is not None and not entry.backup:
             continue
+        if entry is None and spec.disks:
+            # libvirt: once <disks> lists any disk, an unlisted one is as backup='no'.
+            continue
         if entry is None and (disk.read_only or not disk.chain):
             continue
         if not disk.chain:
@@ -135,7 +138,7 @@ def choose_disks(
     asks an incremental of a checkpoint that does not cover the disk, UnknownDiskError and
     UnknownCheckpointError for unknown names, PlanError for a disk without a medium.
     """
-    suffix = new_checkpoint.name if new_checkpoint else str(now)
+    suffix = new_checkpoint.named(now).name if new_checkpoint else str(now)
     pull = spec.mode == "pull"
     choices: list[DiskChoice] = []
     for name in _backed_up_disks(spec, graph):
@@ -164,7 +167,7 @@ def choose_disks(
                 reuse=bool(entry and entry.reuse),
                 shallow=shallow,
                 export=((entry.exportname if entry else None) or name) if pull else None,
-                export_bitmap=((entry.exportbitmap if entry else None) or name)
+                export_bitmap=((entry.exportbitmap if entry else None) or f"backup-{name}")
                 if pull and incremental
                 else None,
             )

@@ -6,6 +6,7 @@ load into these models (see :mod:`qmpbackup.request.loader`).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -34,6 +35,34 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+# Checkpoint and bitmap names as libvirt's schema allows them (no leading '.', no '/',
+# no blank), '+' kept for names made before: they name bitmaps (QEMU takes up to 1023
+# bytes), and files: '<name>.json' in the state directory, '<image>.<name>' targets.
+CHECKPOINT_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.+-]{0,199}$")
+
+
+def check_checkpoint_name(value: str, what: str = "checkpoint") -> str:
+    """Return ``value`` if it is a checkpoint (or bitmap) name libvirt would accept."""
+    if not CHECKPOINT_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid {what} name {value!r}: use letters, digits, '_', '-', '.', '+' "
+            "(at most 200, not starting with '.' or '+')"
+        )
+    return value
+
+
+def absolute_path(value: str | None) -> str | None:
+    """``value`` resolved against the current directory, as the file QEMU would open.
+
+    Not normalised: ``a/../b`` stays as the kernel resolves it (through symlinks).
+    """
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("an empty path names no file")
+    return value if os.path.isabs(value) else os.path.join(os.getcwd(), value)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -46,6 +75,17 @@ class ServerSpec(_Model):
     port: int | None = Field(default=None, ge=1, le=65535)
     socket: str | None = None
     tls: bool = False
+
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _transport(cls, value: object) -> object:
+        if value == "fd":
+            raise ValueError(
+                "'fd' needs libvirt's fd passing (virDomainFDAssociate): use tcp or unix"
+            )
+        return value
+
+    _socket = field_validator("socket")(lambda v: absolute_path(v))
 
     @field_validator("port", mode="before")
     @classmethod
@@ -83,11 +123,25 @@ class DiskBackupSpec(_Model):
     reuse: bool = False
 
     _check = field_validator("name")(lambda v: check_name(v, "disk"))
+    _paths = field_validator("target", "scratch")(lambda v: absolute_path(v))
 
-    @field_validator("incremental", "exportname", "exportbitmap")
+    @field_validator("incremental", "exportbitmap")
     @classmethod
     def _names(cls, value: str | None) -> str | None:
-        return None if value is None else check_name(value, "checkpoint/export")
+        return None if value is None else check_checkpoint_name(value, "checkpoint/bitmap")
+
+    @field_validator("exportname")
+    @classmethod
+    def _export(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "export")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> DiskBackupSpec:
+        if self.backupmode == "full" and self.incremental is not None:
+            raise ValueError(
+                f"backupmode='full' and incremental={self.incremental!r} contradict each other"
+            )
+        return self
 
 
 class BackupSpec(_Model):
@@ -101,7 +155,7 @@ class BackupSpec(_Model):
     @field_validator("incremental")
     @classmethod
     def _incremental(cls, value: str | None) -> str | None:
-        return None if value is None else check_name(value, "checkpoint")
+        return None if value is None else check_checkpoint_name(value)
 
     @model_validator(mode="after")
     def _check(self) -> BackupSpec:
@@ -116,11 +170,24 @@ class BackupSpec(_Model):
                 raise ValueError(f"disk {disk.name!r}: <scratch> is for pull mode")
             if self.mode == "pull" and disk.target is not None:
                 raise ValueError(f"disk {disk.name!r}: <target> is for push mode")
+            _check_disk_mode(self.mode, disk)
         return self
 
     def disk(self, name: str) -> DiskBackupSpec | None:
         """The disk entry named ``name``, if the spec lists it."""
         return next((d for d in self.disks if d.name == name), None)
+
+
+def _check_disk_mode(mode: Mode, disk: DiskBackupSpec) -> None:
+    """Refuse what libvirt's schema allows in the other mode only."""
+    if mode == "push":
+        for field, value in (("exportname", disk.exportname), ("exportbitmap", disk.exportbitmap)):
+            if value is not None:
+                raise ValueError(f"disk {disk.name!r}: {field} is for pull mode")
+    elif disk.format == "raw":
+        raise ValueError(
+            f"disk {disk.name!r}: a pull backup's scratch is always qcow2 (driver type 'raw')"
+        )
 
 
 class CheckpointDiskSpec(_Model):
@@ -135,14 +202,36 @@ class CheckpointDiskSpec(_Model):
     @field_validator("bitmap")
     @classmethod
     def _bitmap(cls, value: str | None) -> str | None:
-        return None if value is None else check_name(value, "bitmap")
+        return None if value is None else check_checkpoint_name(value, "bitmap")
+
+    @model_validator(mode="after")
+    def _check_bitmap(self) -> CheckpointDiskSpec:
+        if self.checkpoint == "no" and self.bitmap is not None:
+            raise ValueError(f"checkpoint='no' takes no bitmap (bitmap={self.bitmap!r})")
+        return self
 
 
 class CheckpointSpec(_Model):
-    """A ``<domaincheckpoint>``: a named point in time to create."""
+    """A ``<domaincheckpoint>``: a point in time to create; without a name, libvirt's
+    default, the creation time in seconds (see :meth:`named`)."""
 
-    name: str
+    name: str | None = None
     description: str | None = None
     disks: tuple[CheckpointDiskSpec, ...] = ()
 
-    _check = field_validator("name")(lambda v: check_name(v, "checkpoint"))
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else check_checkpoint_name(value)
+
+    def named(self, now: int) -> NamedCheckpointSpec:
+        """This checkpoint with its name: the one given, else ``now`` in seconds."""
+        return NamedCheckpointSpec(
+            name=self.name or str(now), description=self.description, disks=self.disks
+        )
+
+
+class NamedCheckpointSpec(CheckpointSpec):
+    """A checkpoint whose name is settled."""
+
+    name: str

@@ -13,16 +13,14 @@ dumped checkpoint loads as-is.  Documents are parsed with defusedxml; any
 DOCTYPE is refused (so no entity expansion).
 
 Writing turns a model into a document that loads back as an equal model, laid
-out as libvirt's documentation and the slides write it; :func:`render_xml` is
-the element writer underneath.
+out as libvirt's documentation and the slides write it, by
+:func:`~qmpbackup.request.render.render_xml`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Collection, Mapping
+from typing import Any
 from xml.etree.ElementTree import Element, ParseError
 from xml.parsers.expat import ErrorString
 
@@ -31,6 +29,7 @@ import defusedxml.ElementTree as DefusedET
 
 from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
 from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
+from qmpbackup.request.render import Quote, XmlElement, render_xml
 
 __all__ = [
     "Quote",
@@ -134,17 +133,47 @@ _YES_NO = {"yes": True, "no": False}
 _ON_OFF = {"on": True, "off": False}
 
 
+# What only libvirt itself can give meaning to: refused, saying why.
+_STATUS_XML = "is libvirt's internal status XML, not a request"
+_LIBVIRT_ONLY_ELEMENTS = {
+    "privateData": f"<privateData> {_STATUS_XML}",
+    "active": f"<active> {_STATUS_XML}",
+}
+_LIBVIRT_ONLY_ATTRIBUTES = {
+    "state": f"attribute 'state' {_STATUS_XML}",
+    "index": f"attribute 'index' {_STATUS_XML}",
+    "fdgroup": "server fdgroup needs libvirt's fd passing (virDomainFDAssociate): "
+    "use transport tcp or unix",
+}
+
+# <seclabel> only asks libvirt's security driver to (not) relabel a file: qmpbackup
+# relabels nothing, so it is accepted and ignored.
+_IGNORED_IN_FILE = ("seclabel",)
+
+
+def _libvirt_only(el: Element, where: str) -> None:
+    """Refuse, with the reason, attributes and children only libvirt gives meaning to."""
+    for name in el.attrib:
+        if name in _LIBVIRT_ONLY_ATTRIBUTES:
+            raise InvalidDocument(f"{where}{_LIBVIRT_ONLY_ATTRIBUTES[name]}")
+    for child in el:
+        if child.tag in _LIBVIRT_ONLY_ELEMENTS:
+            raise InvalidDocument(f"{where}{_LIBVIRT_ONLY_ELEMENTS[child.tag]}")
+
+
 def backup_from_xml(root: Element) -> _Data:
     """The fields of a :class:`BackupSpec` from a parsed ``<domainbackup>``.
 
     Raises InvalidDocument for what the format does not allow.
     """
+    _libvirt_only(root, "")
     fields: _Data = dict(_attrs(root, ("mode",), ""))
     children = _children(root, ("incremental", "server", "disks"), "")
     if "incremental" in children:
         fields["incremental"] = _text(children["incremental"])
     if "server" in children:
         server = children["server"]
+        _libvirt_only(server, "")
         _children(server, (), "server: ")
         attrs: _Data = dict(_attrs(server, ("transport", "name", "port", "socket", "tls"), ""))
         if "tls" in attrs:
@@ -170,6 +199,7 @@ def _backup_disk(el: Element, index: int) -> _Data:
         "type",
         "reuse",
     )
+    _libvirt_only(el, where)
     disk: _Data = dict(_attrs(el, allowed, where))
     for flag in ("backup", "reuse"):
         if flag in disk:
@@ -177,7 +207,7 @@ def _backup_disk(el: Element, index: int) -> _Data:
     children = _children(el, ("target", "scratch", "driver"), where)
     for tag in ("target", "scratch"):
         if tag in children:
-            file = _leaf(children[tag], ("file",), where).get("file")
+            file = _leaf(children[tag], ("file",), where, _IGNORED_IN_FILE).get("file")
             if file is not None:
                 disk[tag] = file
     if "driver" in children:
@@ -189,9 +219,11 @@ def _backup_disk(el: Element, index: int) -> _Data:
     return disk
 
 
-def _leaf(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
-    """Attributes of an element that has neither children nor text."""
-    _children(el, (), where)
+def _leaf(
+    el: Element, allowed: Collection[str], where: str, ignored: Collection[str] = ()
+) -> dict[str, str]:
+    """Attributes of an element that has neither text nor children (but ``ignored`` ones)."""
+    _children(el, (), where, ignored)
     return _attrs(el, allowed, where)
 
 
@@ -205,6 +237,7 @@ def checkpoint_from_xml(root: Element) -> _Data:
 
     Raises InvalidDocument for what the format does not allow.
     """
+    _libvirt_only(root, "")
     _attrs(root, (), "")
     children = _children(root, ("name", "description", "disks"), "", _CHECKPOINT_IGNORED)
     fields: _Data = {}
@@ -238,75 +271,6 @@ def _checkpoint_disk(el: Element, index: int) -> _Data:
 
 # --------------------------------------------------------------------------
 # Writing
-
-Quote = Literal['"', "'"]
-"""How attribute values are quoted: libvirt's documentation writes ``"``, its dumpxml ``'``."""
-
-
-@dataclass(frozen=True)
-class XmlElement:
-    """An element to write: its tag, its attributes in order, and text or children.
-
-    An attribute whose value is None is left out.  With ``children`` None the
-    element is a leaf, ``<tag/>`` or ``<tag>text</tag>``; with a sequence, even
-    an empty one, its start and end tags stand on lines of their own.
-    """
-
-    tag: str
-    attrs: Mapping[str, str | None] = field(default_factory=dict)
-    text: str | None = None
-    children: Sequence[XmlElement] | None = None
-
-    def __post_init__(self) -> None:
-        if self.text is not None and self.children is not None:
-            raise ValueError(f"<{self.tag}> takes text or children, not both")
-
-
-def render_xml(element: XmlElement, quote: Quote = '"') -> str:
-    """``element`` as a document: an element a line, two spaces a level, a final newline.
-
-    Raises ValueError for a character that XML 1.0 cannot carry (a NUL, say).
-    """
-    lines: list[str] = []
-    _render(element, quote, "", lines)
-    return "\n".join(lines) + "\n"
-
-
-def _render(element: XmlElement, quote: Quote, indent: str, lines: list[str]) -> None:
-    table = _ATTR_ESCAPES[quote]
-    attrs = "".join(
-        f" {name}={quote}{_escape(value, table)}{quote}"
-        for name, value in element.attrs.items()
-        if value is not None
-    )
-    head = f"{indent}<{element.tag}{attrs}"
-    if element.children is not None:
-        lines.append(head + ">")
-        for child in element.children:
-            _render(child, quote, indent + "  ", lines)
-        lines.append(f"{indent}</{element.tag}>")
-    elif element.text is not None:
-        lines.append(f"{head}>{_escape(element.text, _TEXT_ESCAPES)}</{element.tag}>")
-    else:
-        lines.append(head + "/>")
-
-
-# A parser turns a raw carriage return into a newline, and a raw newline or
-# tab in an attribute into a space: references keep them as they were.
-_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord("\r"): "&#13;"}
-_DOUBLE_QUOTED = {**_TEXT_ESCAPES, ord('"'): "&quot;", ord("\n"): "&#10;", ord("\t"): "&#9;"}
-_ATTR_ESCAPES: dict[Quote, dict[int, str]] = {
-    '"': _DOUBLE_QUOTED,
-    "'": {**_DOUBLE_QUOTED, ord("'"): "&apos;"},
-}
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def _escape(value: str, table: Mapping[int, str]) -> str:
-    bad = _NOT_XML.search(value)
-    if bad is not None:
-        raise ValueError(f"character U+{ord(bad.group()):04X} cannot be written in XML")
-    return value.translate(table)
 
 
 def backup_to_xml(spec: BackupSpec) -> str:
@@ -362,7 +326,7 @@ def checkpoint_to_xml(spec: CheckpointSpec) -> str:
     Fields at their default are left out.  Raises ValueError for a character
     that XML 1.0 cannot carry (in the description, say).
     """
-    children = [XmlElement("name", text=spec.name)]
+    children = [] if spec.name is None else [XmlElement("name", text=spec.name)]
     if spec.description is not None:
         children.append(XmlElement("description", text=spec.description))
     if spec.disks:

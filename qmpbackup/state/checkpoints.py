@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import UnknownCheckpointError
-from ..request.xml import XmlElement, render_xml
+from ..request.render import XmlElement, render_xml
 from .store import JsonStore
 
 
