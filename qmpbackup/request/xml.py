@@ -19,18 +19,23 @@ the element writer underneath.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Collection, Mapping
+from typing import Any
 from xml.etree.ElementTree import Element, ParseError
 from xml.parsers.expat import ErrorString
 
 import defusedxml
 import defusedxml.ElementTree as DefusedET
 
-from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
+from qmpbackup.request.models import (
+    BackupSpec,
+    CheckpointSpec,
+    DiskBackupSpec,
+    EncryptionSpec,
+    ServerSpec,
+)
 from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
+from qmpbackup.request.xml_render import Quote, XmlElement, render_xml
 
 __all__ = [
     "Quote",
@@ -177,9 +182,7 @@ def _backup_disk(el: Element, index: int) -> _Data:
     children = _children(el, ("target", "scratch", "driver"), where)
     for tag in ("target", "scratch"):
         if tag in children:
-            file = _leaf(children[tag], ("file",), where).get("file")
-            if file is not None:
-                disk[tag] = file
+            _store(children[tag], disk, where)
     if "driver" in children:
         driver = _leaf(children["driver"], ("type", "shallow"), where)
         if "type" in driver:
@@ -187,6 +190,35 @@ def _backup_disk(el: Element, index: int) -> _Data:
         if "shallow" in driver:
             disk["shallow"] = _choice(driver["shallow"], _ON_OFF, where + "driver shallow")
     return disk
+
+
+def _store(el: Element, disk: _Data, where: str) -> None:
+    """A ``<target>`` or ``<scratch>``: its file (``type='file'``) or device
+    (``type='block'``), and its ``<encryption>``, into ``disk``."""
+    attrs = _attrs(el, ("file", "dev"), where)
+    block = disk.get("type") == "block"
+    if "dev" in attrs and not block:
+        raise InvalidDocument(f"{where}<{el.tag} dev=…/> is a block device: it needs type='block'")
+    if "file" in attrs and block:
+        raise InvalidDocument(f"{where}type='block' names its device with <{el.tag} dev=…/>")
+    path = attrs.get("dev" if block else "file")
+    if path is not None:
+        disk[el.tag] = path
+    children = _children(el, ("encryption",), where)
+    if "encryption" in children:
+        disk["encryption"] = _encryption(children["encryption"], where)
+
+
+def _encryption(el: Element, where: str) -> _Data:
+    """``<encryption format='luks'><secret type='passphrase' uuid=|usage=/></encryption>``."""
+    fields: _Data = dict(_attrs(el, ("format",), where))
+    if "format" not in fields:
+        raise InvalidDocument(f"{where}<encryption> needs format='luks'")
+    children = _children(el, ("secret",), where)
+    if "secret" not in children:
+        raise InvalidDocument(f"{where}<encryption> needs a <secret type='passphrase' uuid=…/>")
+    fields["secret"] = _leaf(children["secret"], ("type", "uuid", "usage"), where)
+    return fields
 
 
 def _leaf(el: Element, allowed: Collection[str], where: str) -> dict[str, str]:
@@ -239,75 +271,6 @@ def _checkpoint_disk(el: Element, index: int) -> _Data:
 # --------------------------------------------------------------------------
 # Writing
 
-Quote = Literal['"', "'"]
-"""How attribute values are quoted: libvirt's documentation writes ``"``, its dumpxml ``'``."""
-
-
-@dataclass(frozen=True)
-class XmlElement:
-    """An element to write: its tag, its attributes in order, and text or children.
-
-    An attribute whose value is None is left out.  With ``children`` None the
-    element is a leaf, ``<tag/>`` or ``<tag>text</tag>``; with a sequence, even
-    an empty one, its start and end tags stand on lines of their own.
-    """
-
-    tag: str
-    attrs: Mapping[str, str | None] = field(default_factory=dict)
-    text: str | None = None
-    children: Sequence[XmlElement] | None = None
-
-    def __post_init__(self) -> None:
-        if self.text is not None and self.children is not None:
-            raise ValueError(f"<{self.tag}> takes text or children, not both")
-
-
-def render_xml(element: XmlElement, quote: Quote = '"') -> str:
-    """``element`` as a document: an element a line, two spaces a level, a final newline.
-
-    Raises ValueError for a character that XML 1.0 cannot carry (a NUL, say).
-    """
-    lines: list[str] = []
-    _render(element, quote, "", lines)
-    return "\n".join(lines) + "\n"
-
-
-def _render(element: XmlElement, quote: Quote, indent: str, lines: list[str]) -> None:
-    table = _ATTR_ESCAPES[quote]
-    attrs = "".join(
-        f" {name}={quote}{_escape(value, table)}{quote}"
-        for name, value in element.attrs.items()
-        if value is not None
-    )
-    head = f"{indent}<{element.tag}{attrs}"
-    if element.children is not None:
-        lines.append(head + ">")
-        for child in element.children:
-            _render(child, quote, indent + "  ", lines)
-        lines.append(f"{indent}</{element.tag}>")
-    elif element.text is not None:
-        lines.append(f"{head}>{_escape(element.text, _TEXT_ESCAPES)}</{element.tag}>")
-    else:
-        lines.append(head + "/>")
-
-
-# A parser turns a raw carriage return into a newline, and a raw newline or
-# tab in an attribute into a space: references keep them as they were.
-_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;", ord("\r"): "&#13;"}
-_DOUBLE_QUOTED = {**_TEXT_ESCAPES, ord('"'): "&quot;", ord("\n"): "&#10;", ord("\t"): "&#9;"}
-_ATTR_ESCAPES: dict[Quote, dict[int, str]] = {
-    '"': _DOUBLE_QUOTED,
-    "'": {**_DOUBLE_QUOTED, ord("'"): "&apos;"},
-}
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def _escape(value: str, table: Mapping[int, str]) -> str:
-    bad = _NOT_XML.search(value)
-    if bad is not None:
-        raise ValueError(f"character U+{ord(bad.group()):04X} cannot be written in XML")
-    return value.translate(table)
-
 
 def backup_to_xml(spec: BackupSpec) -> str:
     """``spec`` as a ``<domainbackup>`` document that loads back as an equal model.
@@ -322,7 +285,9 @@ def backup_to_xml(spec: BackupSpec) -> str:
     if spec.server is not None:
         children.append(_server_element(spec.server))
     if spec.disks:
-        children.append(XmlElement("disks", children=[_disk_element(d) for d in spec.disks]))
+        children.append(
+            XmlElement("disks", children=[_disk_element(d, spec.mode) for d in spec.disks])
+        )
     return render_xml(XmlElement("domainbackup", {"mode": spec.mode}, children=children))
 
 
@@ -337,9 +302,18 @@ def _server_element(server: ServerSpec) -> XmlElement:
     return XmlElement("server", attrs)
 
 
-def _disk_element(disk: DiskBackupSpec) -> XmlElement:
-    files = {"target": disk.target, "scratch": disk.scratch}
-    children = [XmlElement(tag, {"file": file}) for tag, file in files.items() if file is not None]
+def _disk_element(disk: DiskBackupSpec, mode: str) -> XmlElement:
+    stores = {"target": disk.target, "scratch": disk.scratch}
+    path_attr = "dev" if disk.type == "block" else "file"
+    encryption = None if disk.encryption is None else [_encryption_element(disk.encryption)]
+    children = [
+        XmlElement(tag, {path_attr: path}, children=encryption)
+        for tag, path in stores.items()
+        if path is not None
+    ]
+    if encryption and not children:
+        # A default target or scratch, encrypted: <target> without its file.
+        children.append(XmlElement("target" if mode == "push" else "scratch", children=encryption))
     if disk.format is not None or disk.shallow:
         shallow = "on" if disk.shallow else None
         children.append(XmlElement("driver", {"type": disk.format, "shallow": shallow}))
@@ -354,6 +328,14 @@ def _disk_element(disk: DiskBackupSpec) -> XmlElement:
         "reuse": "yes" if disk.reuse else None,
     }
     return XmlElement("disk", attrs, children=children or None)
+
+
+def _encryption_element(encryption: EncryptionSpec) -> XmlElement:
+    secret = encryption.secret
+    attrs = {"type": secret.type, "uuid": secret.uuid, "usage": secret.usage}
+    return XmlElement(
+        "encryption", {"format": encryption.format}, children=[XmlElement("secret", attrs)]
+    )
 
 
 def checkpoint_to_xml(spec: CheckpointSpec) -> str:
