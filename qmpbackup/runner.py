@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .errors import (
     QMPCommandError,
     SchemaMismatchError,
 )
+from .files import remove_created_files
 from .planner.plan import Plan, Step
 from .qapi.commands import JobCancel, JobDismiss, QMPCommand
 from .qapi.schema import QAPISchema
@@ -87,10 +87,8 @@ async def _undo(session: QMPSession, commands: tuple[QMPCommand, ...]) -> None:
 
 
 def _remove_files(paths: tuple[str, ...]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            log.info("undo.removed", path=path)
+    for path in remove_created_files(paths):
+        log.info("undo.removed", path=path)
 
 
 async def run_plan(
