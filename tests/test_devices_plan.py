@@ -27,7 +27,8 @@ from .test_planner_golden import facts, graph, schema
 
 MiB = 1 << 20
 VDA = 64 * MiB
-SECRET = {"secret": {"uuid": "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"}}
+UUID = "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
+SECRET = {"secret": {"uuid": UUID}}
 KEYFILE = "/keys/backup.key"
 
 
@@ -236,3 +237,28 @@ def test_only_regular_files_are_ever_removed(tmp_path: Path) -> None:
     paths = [str(p) for p in (regular, fifo, link, tmp_path / "gone")]
     assert remove_created_files(paths) == [str(regular)]
     assert fifo.exists() and link.is_symlink()
+
+
+async def test_a_luks_create_failing_on_qemus_cpu_time_bug_is_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QEMU's PBKDF2 timing fails a LUKS create job at random ("Unable to get accurate
+    CPU usage"): the runner starts the job again; any other job failure stands."""
+    from qmpbackup import runner
+    from qmpbackup.errors import JobFailedError
+
+    planned = plan(push({"target": "/b/vda.qcow2", "encryption": SECRET}), secrets={UUID: KEYFILE})
+    create = next(s for s in planned.plan.steps if s.await_job)
+    errors = ["Unable to get accurate CPU usage", "Unable to get accurate CPU usage", None]
+
+    async def once(session: Any, step: Any) -> Any:
+        error = errors.pop(0)
+        if error:
+            raise JobFailedError(f"could not {step.reason} (job {step.await_job}): {error}")
+        return {}
+
+    monkeypatch.setattr(runner, "_send_step_once", once)
+    assert await runner._send_step(None, create) == {}  # type: ignore[arg-type]
+    errors[:] = ["No space left on device"]
+    with pytest.raises(JobFailedError, match="No space left"):
+        await runner._send_step(None, create)  # type: ignore[arg-type]
