@@ -28,6 +28,7 @@ import structlog
 
 from . import observe
 from .errors import JobFailedError
+from .files import remove_created_files
 from .planner import (
     BackupPlan,
     BeginOptions,
@@ -184,6 +185,7 @@ class VM:
             state_dir=self.state_dir,
             capabilities=self.capabilities,
             options=options,
+            graph=graph,
         )
         return plan_backup_begin(spec, graph, checkpoints, facts, checkpoint, options, choices)
 
@@ -297,11 +299,7 @@ class VM:
                 shared,
             )
             journal = await self._run(ended.plan, "backup-end", on_step)
-            removed = []
-            for path in ended.remove_files:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
+            removed = remove_created_files(ended.remove_files)
             if ended.drop_checkpoint is not None:
                 self._checkpoints.forget([ended.drop_checkpoint])
             self._active.delete(backup.id)

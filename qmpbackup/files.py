@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(path: Path) -> None:
     """Flush folder ``path``, so that names created or removed in it persist."""
     fsync_file(path)
+
+
+def remove_created_files(paths: Iterable[str]) -> list[str]:
+    """Remove files qmpbackup created (partial targets, scratches); the ones removed.
+
+    Only regular files go: whatever else a path names now (a block device, which
+    qmpbackup never removes, a folder) is left alone, as is a path that is gone.
+    """
+    removed = []
+    for path in paths:
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:

@@ -8,16 +8,19 @@ returns plain data (:class:`~qmpbackup.planner.facts.BackupFacts`, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import socket
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .errors import QmpBackupError
 from .nbd import NBDClient
 from .planner.disks import DiskChoice
-from .planner.facts import BackupFacts, BeginOptions, Inventory
+from .planner.facts import BackupFacts, BeginOptions, DeviceFacts, Inventory
 from .planner.probe import READ, WRITE, ProbePlan, plan_snapshot_probe
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
@@ -76,6 +79,85 @@ def find_free_port(host: str) -> int:
         return port
 
 
+def _kernel_devices(rdev: int) -> list[str]:
+    """``major:minor`` of a block device and of its partitions."""
+    own = f"{os.major(rdev)}:{os.minor(rdev)}"
+    found = [own]
+    with contextlib.suppress(OSError):
+        for child in Path("/sys/dev/block", own).iterdir():
+            if (child / "partition").exists():
+                found.append((child / "dev").read_text().strip())
+    return found
+
+
+def _mounts(devices: Iterable[str], path: str) -> tuple[str, ...]:
+    """Where the devices ``major:minor`` are mounted (/proc/self/mountinfo), and "swap"
+    when ``path`` is a swap area."""
+    wanted = set(devices)
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 4 and fields[2] in wanted:
+                found.append(fields[4].replace("\\040", " "))
+    with contextlib.suppress(OSError):
+        swaps = [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
+        if any(os.path.realpath(s) == os.path.realpath(path) for s in swaps):
+            found.append("swap")
+    return tuple(found)
+
+
+def device_facts(path: str, graph: BlockGraph | None) -> DeviceFacts:
+    """What ``path``, named as a block device, is now: a block device or not, its size,
+    and whether it is in use: mounted (it or a partition), held by another kernel device
+    (``/sys/dev/block/*/holders``, or an exclusive open refused), open in QEMU."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return DeviceFacts(kind="missing")
+    if not stat.S_ISBLK(st.st_mode):
+        return DeviceFacts(kind="other")
+    devices = _kernel_devices(st.st_rdev)
+    holders = [h.name for d in devices for h in _listdir(Path("/sys/dev/block", d, "holders"))]
+    try:
+        # O_EXCL on a block device: refused while the kernel has it claimed.
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+    except OSError as err:
+        if err.errno != errno.EBUSY:
+            raise
+        holders = holders or ["the kernel (an exclusive open is refused)"]
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    return DeviceFacts(
+        kind="block",
+        size=size,
+        mounts=_mounts(devices, path),
+        holders=tuple(holders),
+        qemu_nodes=tuple(_nodes_on(st.st_rdev, graph)),
+    )
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _nodes_on(rdev: int, graph: BlockGraph | None) -> list[str]:
+    """The nodes of QEMU whose file is the block device ``rdev``."""
+    found = []
+    for node in graph.nodes.values() if graph else ():
+        with contextlib.suppress(OSError):
+            st = os.stat(node.filename) if node.filename.startswith("/") else None
+            if st is not None and stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                found.append(node.node_name)
+    return found
+
+
 async def backup_facts(
     session: QMPSession,
     spec: BackupSpec,
@@ -87,13 +169,15 @@ async def backup_facts(
     state_dir: Path,
     capabilities: Capabilities,
     options: BeginOptions | None = None,
+    graph: BlockGraph | None = None,
 ) -> BackupFacts:
     """What a ``backup-begin`` of ``choices`` needs to know besides the graph: the files
     they name, the backups ``active`` now, QEMU's jobs, the NBD server, the host's probes
     (and, for bounded pull scratches, the free space of their folders).
 
     Host probes (O_DIRECT, a free port) are made only when QEMU runs on this host,
-    reached over a unix socket.
+    reached over a unix socket.  Block devices named by ``type='block'`` are looked at
+    here (is it one, its size, is it in use: mounted, held, open in ``graph``'s QEMU).
     """
     running = running_server(active)
     wanted = spec.server
@@ -107,6 +191,7 @@ async def backup_facts(
         now=now,
         capabilities=capabilities,
         existing_files=frozenset(c.target for c in choices if os.path.lexists(c.target)),
+        devices={c.target: device_facts(c.target, graph) for c in choices if c.device},
         busy_disks={d.disk: r.id for r in active for d in r.disks},
         job_ids=frozenset(await query_jobs(session)),
         scratch_dir=str(scratch_folder(state_dir)),
@@ -116,7 +201,7 @@ async def backup_facts(
         export_names=frozenset(d.export for r in active for d in r.disks if d.export),
         direct_io_dirs=frozenset(
             folder
-            for folder in {os.path.dirname(c.target) for c in choices}
+            for folder in {os.path.dirname(c.target) for c in choices if not c.device}
             if spec.mode == "push"
             and local
             and (options is None or options.direct_io)

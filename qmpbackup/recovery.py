@@ -16,6 +16,7 @@ import structlog
 
 from . import observe
 from .errors import GuestAgentError, LeftoversError
+from .files import remove_created_files
 from .planner.recover import RecoverPlan, plan_recover
 from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
@@ -85,9 +86,7 @@ class Recovery:
                 self.session, self.schema, planned.plan, self.state_dir, "recover", on_step
             )
             journal.close("done")
-        for path in planned.remove_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_created_files(planned.remove_files)
         for name, disks in planned.damaged.items():
             if name not in planned.broken_checkpoints:
                 self.checkpoints.uncover(name, list(disks))

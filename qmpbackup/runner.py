@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .errors import (
     QMPCommandError,
     SchemaMismatchError,
 )
+from .files import remove_created_files
 from .planner.plan import Plan, Step
 from .qapi.commands import JobCancel, JobDismiss, QMPCommand
 from .qapi.schema import QAPISchema
@@ -87,10 +87,8 @@ async def _undo(session: QMPSession, commands: tuple[QMPCommand, ...]) -> None:
 
 
 def _remove_files(paths: tuple[str, ...]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            log.info("undo.removed", path=path)
+    for path in remove_created_files(paths):
+        log.info("undo.removed", path=path)
 
 
 async def run_plan(
@@ -245,7 +243,26 @@ class _Run:
             self.journal.write("thawed", durable=False)
 
 
+# QEMU's LUKS key setup times PBKDF2 with the thread's CPU time, and fails a create job
+# at random with this when the kernel has accounted no time yet (a QEMU bug, fixed
+# upstream in 2025, that Debian 12's 7.2 carries): such a job is sent again.
+_TRANSIENT_JOB_ERRORS = ("Unable to get accurate CPU usage",)
+_ATTEMPTS = 5
+
+
 async def _send_step(session: QMPSession, step: Step) -> Any:
+    """Send one step and wait for what it waits for; its reply.  A job that fails with
+    a transient error of QEMU's (:data:`_TRANSIENT_JOB_ERRORS`) is started again."""
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return await _send_step_once(session, step)
+        except JobFailedError as exc:
+            if attempt == _ATTEMPTS or not any(e in str(exc) for e in _TRANSIENT_JOB_ERRORS):
+                raise
+            log.warning("plan.step_retried", step=step.describe(), error=str(exc))
+
+
+async def _send_step_once(session: QMPSession, step: Step) -> Any:
     """Send one step and wait for what it waits for; its reply."""
     job = step.await_job
     # A job the step starts is followed by its events alone, watched from before the

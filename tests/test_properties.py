@@ -39,6 +39,7 @@ from qmpbackup.request import (
     CheckpointDiskSpec,
     CheckpointSpec,
     DiskBackupSpec,
+    EncryptionSpec,
     ServerSpec,
     load_backup_spec,
     load_checkpoint_spec,
@@ -201,8 +202,15 @@ def backup_disks(draw: st.DrawFn, name: str, mode: str) -> DiskBackupSpec:
     path = draw(st.none() | paths)
     pull = mode == "pull"
     backupmode = draw(st.sampled_from([None, "full", "incremental"]))
+    fmt = draw(st.sampled_from([None, "qcow2"] if pull else [None, "qcow2", "raw"]))
+    secret = draw(
+        st.sampled_from([{"uuid": "c0ffee00-0000-4000-8000-000000000001"}, {"usage": "u"}])
+    )
+    encryption = draw(st.none() | st.just({"secret": secret})) if fmt != "raw" else None
     return DiskBackupSpec(
         name=name,
+        type="block" if path is not None and draw(st.booleans()) else "file",
+        encryption=encryption,
         backup=draw(st.booleans()),
         backupmode=backupmode,
         incremental=None if backupmode == "full" else draw(st.none() | names),
@@ -210,7 +218,7 @@ def backup_disks(draw: st.DrawFn, name: str, mode: str) -> DiskBackupSpec:
         exportbitmap=draw(st.none() | names) if pull else None,
         target=path if mode == "push" else None,
         scratch=path if pull else None,
-        format=draw(st.sampled_from([None, "qcow2"] if pull else [None, "qcow2", "raw"])),
+        format=fmt,
         shallow=draw(st.booleans()),
         reuse=draw(st.booleans()),
     )
@@ -306,35 +314,49 @@ def backup_xml(spec: BackupSpec, rnd: random.Random) -> str:
             sattrs.append(("tls", yes_no(server.tls)))
         children.append(xml_element("server", sattrs, [], rnd))
     if spec.disks or rnd.random() < 0.3:
-        disks = [backup_disk_xml(d, rnd) for d in spec.disks]
+        disks = [backup_disk_xml(d, spec.mode, rnd) for d in spec.disks]
         # Disk order is meaningful: not shuffled.
         children.append("<disks>" + "".join(disks) + "</disks>")
     return xml_element("domainbackup", attrs, children, rnd)
 
 
-def backup_disk_xml(disk: DiskBackupSpec, rnd: random.Random) -> str:
+def backup_disk_xml(disk: DiskBackupSpec, mode: str, rnd: random.Random) -> str:
     attrs: list[tuple[str, str]] = [("name", disk.name)]
     if written(rnd, disk.backup):
         attrs.append(("backup", yes_no(disk.backup)))
     if written(rnd, not disk.reuse):
         attrs.append(("reuse", yes_no(disk.reuse)))
-    if written(rnd, True):
+    if written(rnd, disk.type == "file"):
         attrs.append(("type", disk.type))
     for key in ("backupmode", "incremental", "exportname", "exportbitmap"):
         value = getattr(disk, key)
         if value is not None:
             attrs.append((key, value))
     children: list[str] = []
+    inner = [] if disk.encryption is None else [encryption_xml(disk.encryption, rnd)]
     for tag in ("target", "scratch"):
         value = getattr(disk, tag)
         if value is not None:
-            children.append(f"<{tag} file={quoteattr(value)}/>")
+            store = "dev" if disk.type == "block" else "file"
+            children.append(xml_element(tag, [(store, value)], inner, rnd))
+    if inner and disk.target is None and disk.scratch is None:
+        # Encrypted with a default path: <target> (push) or <scratch> (pull) without one.
+        children.append(xml_element("target" if mode == "push" else "scratch", [], inner, rnd))
     driver: list[tuple[str, str]] = [("type", disk.format)] if disk.format is not None else []
     if written(rnd, not disk.shallow):
         driver.append(("shallow", "on" if disk.shallow else "off"))
     if driver or rnd.random() < 0.2:
         children.append(xml_element("driver", driver, [], rnd))
     return xml_element("disk", attrs, children, rnd)
+
+
+def encryption_xml(encryption: EncryptionSpec, rnd: random.Random) -> str:
+    secret = encryption.secret
+    sattrs = [("type", "passphrase")] + [
+        (k, v) for k, v in (("uuid", secret.uuid), ("usage", secret.usage)) if v is not None
+    ]
+    inner = [xml_element("secret", sattrs, [], rnd)]
+    return xml_element("encryption", [("format", "luks")], inner, rnd)
 
 
 # Read-only parts of `virsh checkpoint-dumpxml`, which the loader ignores.
@@ -380,7 +402,10 @@ def backup_mapping(spec: BackupSpec, rnd: random.Random) -> dict[str, Any]:
                 disk["driver"] = driver
             for tag in ("target", "scratch"):
                 if disk.get(tag) is not None:
-                    disk[tag] = {"file": disk[tag]}
+                    store = "dev" if disk.get("type") == "block" else "file"
+                    disk[tag] = {store: disk[tag]}
+                    if disk.get("encryption") is not None and rnd.random() < 0.5:
+                        disk[tag]["encryption"] = disk.pop("encryption")
     return data
 
 
@@ -890,7 +915,7 @@ json_values = st.recursive(
 BACKUP_FIELDS = ["mode", "incremental", "server", "disks", "extra"]
 DISK_FIELDS = [
     "name", "backup", "backupmode", "incremental", "exportname", "exportbitmap", "type",
-    "target", "scratch", "format", "shallow", "reuse", "driver",
+    "target", "scratch", "format", "shallow", "reuse", "driver", "encryption",
 ]  # fmt: skip
 SERVER_FIELDS = ["transport", "name", "port", "socket", "tls"]
 

@@ -596,7 +596,8 @@ def test_size_limit_is_inclusive() -> None:
         ),
         (
             "<domainbackup><disks><disk name='vda' type='block'/></disks></domainbackup>",
-            "disk 'vda': type 'block' is not one of file",
+            "disk 'vda': type='block' needs its device: <target dev='/dev/…'/> (push) or "
+            "<scratch dev='/dev/…'/> (pull)",
         ),
         (
             "<domainbackup mode='pull'><server transport='rdma'/></domainbackup>",
@@ -647,12 +648,12 @@ def test_size_limit_is_inclusive() -> None:
         (
             "<domainbackup><disks><disk name='vda'><target dev='/dev/sdb'/></disk></disks>"
             "</domainbackup>",
-            "disk 'vda': unknown attribute 'dev' on <target>",
+            "disk 'vda': <target dev=…/> is a block device: it needs type='block'",
         ),
         (
             "<domainbackup><disks><disk name='vda'><target file='/t'><encryption/></target>"
             "</disk></disks></domainbackup>",
-            "disk 'vda': unknown element <encryption> in <target>",
+            "disk 'vda': <encryption> needs format='luks'",
         ),
         (
             "<domainbackup><disks><disk name='vda'><source file='/t'/></disk></disks>"
@@ -944,3 +945,125 @@ def test_huge_values_are_not_echoed() -> None:
     assert (
         got == "in spec: mode 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx…' is not one of push, pull"
     )
+
+
+# Block devices and encryption (libvirt's formatbackup: type='block', <encryption>).
+
+BLOCK_ENCRYPTED_XML = """\
+<domainbackup mode='push'>
+  <disks>
+    <disk name='vda' type='block'>
+      <target dev='/dev/vg0/vda-backup'>
+        <encryption format='luks'>
+          <secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/>
+        </encryption>
+      </target>
+      <driver type='qcow2'/>
+    </disk>
+    <disk name='vdb' type='file'>
+      <target file='/b/vdb.qcow2'>
+        <encryption format='luks'>
+          <secret type='passphrase' usage='backup-key'/>
+        </encryption>
+      </target>
+    </disk>
+  </disks>
+</domainbackup>
+"""
+
+
+def test_block_and_encrypted_targets_in_xml_yaml_json() -> None:
+    from_xml = parse_backup_spec(BLOCK_ENCRYPTED_XML)
+    vda, vdb = from_xml.disks
+    assert (vda.type, vda.target, vda.format) == ("block", "/dev/vg0/vda-backup", "qcow2")
+    assert vda.encryption is not None and vdb.encryption is not None
+    assert vda.encryption.secret.name == "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
+    assert (vdb.type, vdb.target, vdb.encryption.secret.usage) == (
+        "file",
+        "/b/vdb.qcow2",
+        "backup-key",
+    )
+    yaml_text = """\
+mode: push
+disks:
+  - name: vda
+    type: block
+    target:
+      dev: /dev/vg0/vda-backup
+      encryption:
+        format: luks
+        secret: {type: passphrase, uuid: 0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f}
+    driver: {type: qcow2}
+  - {name: vdb, target: /b/vdb.qcow2, encryption: {secret: {usage: backup-key}}}
+"""
+    assert parse_backup_spec(yaml_text) == from_xml
+    assert parse_backup_spec(json.dumps(from_xml.model_dump())) == from_xml
+    assert parse_backup_spec(backup_to_xml(from_xml)) == from_xml
+
+
+def test_pull_block_scratch_and_default_encrypted_scratch() -> None:
+    spec = parse_backup_spec(
+        "<domainbackup mode='pull'><disks>"
+        "<disk name='vda' type='block'><scratch dev='/dev/loop7'/></disk>"
+        "<disk name='vdb'><scratch><encryption format='luks'>"
+        "<secret type='passphrase' usage='k'/></encryption></scratch></disk>"
+        "</disks></domainbackup>"
+    )
+    vda, vdb = spec.disks
+    assert (vda.type, vda.scratch) == ("block", "/dev/loop7")
+    assert vdb.scratch is None and vdb.encryption is not None
+    assert parse_backup_spec(backup_to_xml(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "<domainbackup><disks><disk name='vda' type='block'><target file='/dev/sdb'/>"
+            "</disk></disks></domainbackup>",
+            "disk 'vda': type='block' names its device with <target dev=…/>",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda'><target file='/t'><encryption format='luks'/>"
+            "</target></disk></disks></domainbackup>",
+            "disk 'vda': <encryption> needs a <secret type='passphrase' uuid=…/>",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda'><target file='/t'><encryption format='qcow'>"
+            "<secret type='passphrase' uuid='u'/></encryption></target></disk></disks>"
+            "</domainbackup>",
+            "disk 'vda': encryption format 'qcow' is not one of luks",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda'><target file='/t'><encryption format='luks'>"
+            "<secret type='volume' uuid='u'/></encryption></target></disk></disks>"
+            "</domainbackup>",
+            "disk 'vda': secret type 'volume' is not one of passphrase",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda'><target file='/t'><encryption format='luks'>"
+            "<secret type='passphrase' uuid='u' usage='v'/></encryption></target></disk></disks>"
+            "</domainbackup>",
+            "disk 'vda': secret: a <secret> names its passphrase by uuid or by usage",
+        ),
+        (
+            "<domainbackup><disks><disk name='vda'><target file='/t'><encryption format='luks'>"
+            "<secret type='passphrase' uuid='u'/></encryption></target><driver type='raw'/>"
+            "</disk></disks></domainbackup>",
+            "disk 'vda': <encryption> needs the qcow2 format",
+        ),
+        (
+            "disks: [{name: vda, type: block, target: {file: /x}}]",
+            "disk 'vda': unknown field 'target.file' (use target.dev)",
+        ),
+        (
+            "disks: [{name: vda, encryption: {secret: {uuid: a}}, "
+            "target: {file: /x, encryption: {secret: {uuid: a}}}}]",
+            "disk 'vda': unknown field 'target.encryption' (encryption is given twice)",
+        ),
+        ("disks: [{name: vda, type: disk}]", "disk 'vda': type 'disk' is not one of file, block"),
+    ],
+)
+def test_block_and_encryption_errors(text: str, message: str) -> None:
+    got = spec_error(text, origin="backup.xml")
+    assert got.startswith(f"in backup.xml: {message}"), got

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 from ..api import VM
 from ..errors import InvalidInputError, QmpBackupError, SpecError
@@ -60,7 +61,24 @@ def _begin_options(args: argparse.Namespace) -> BeginOptions:
         tls_allow=tuple(getattr(args, "tls_allow", None) or ()),
         quiesce=getattr(args, "quiesce", False),
         guest_agent=agent_socket(args),
+        secrets=_secrets(getattr(args, "secret", None) or ()),
     )
+
+
+def _secrets(given: Sequence[str]) -> dict[str, str]:
+    """``--secret NAME=FILE`` options: NAME to FILE, absolute; the file is not read here
+    (QEMU reads it), only checked to be there."""
+    found: dict[str, str] = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InvalidInputError(f"--secret {item!r}: expected NAME=FILE")
+        if name in found:
+            raise InvalidInputError(f"--secret {name}: given twice")
+        if not os.path.isfile(path):
+            raise InvalidInputError(f"--secret {name}: no such file {path}")
+        found[name] = os.path.abspath(path)
+    return found
 
 
 def agent_socket(args: argparse.Namespace) -> str | None:

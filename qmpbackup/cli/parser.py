@@ -60,6 +60,16 @@ def _tls_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _secret_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret",
+        action="append",
+        metavar="NAME=FILE",
+        help="the passphrase of an <encryption>'s <secret uuid=|usage=NAME>, which QEMU "
+        "reads from FILE (repeatable)",
+    )
+
+
 def _quiesce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiesce",
@@ -86,6 +96,7 @@ def _backup_job_commands(add: Adder) -> None:
     p.add_argument("spec", help="<domainbackup> XML, YAML or JSON file")
     p.add_argument("checkpoint", nargs="?", help="<domaincheckpoint> file or checkpoint name")
     _tls_arguments(p)
+    _secret_arguments(p)
     _quiesce_arguments(p)
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
@@ -144,6 +155,7 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--json", action="store_true", help="JSON list of QMP commands (default)")
     p.add_argument("--explain", action="store_true", help="each step with its reason and undo")
     _tls_arguments(p)
+    _secret_arguments(p)
     _quiesce_arguments(p)
     p = add("backup", backups.vm("cmd_backup"), "one-shot backup into a repository")
     p.add_argument("--repo", type=Path, required=True, help="repository folder")

@@ -23,6 +23,7 @@ from ..state.active import ActiveBackup, NbdServer
 from ..state.checkpoints import Checkpoint, next_parent
 from . import naming, pull, push
 from .checkpoint import checkpoint_with_backup
+from .devices import refuse_device
 from .disks import DiskChoice, DiskContext, DiskPieces, choose_disks
 from .facts import BackupFacts, BeginOptions
 from .plan import Plan, Step
@@ -67,6 +68,7 @@ def _refuse(choices: Sequence[DiskChoice], facts: BackupFacts, mode: ModePlanner
                 f"disk {choice.disk!r} is already being backed up by backup id "
                 f"{facts.busy_disks[choice.disk]}"
             )
+        refuse_device(choice, facts)
         mode.refuse_disk(choice, facts)
         job = naming.job_id(facts.backup_id, choice.disk)
         if job in facts.job_ids:

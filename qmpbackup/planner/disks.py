@@ -48,6 +48,8 @@ class DiskChoice(BaseModel):
     shallow: bool = False
     export: str | None = None
     export_bitmap: str | None = None
+    device: bool = False  # the target or scratch is a block device (type='block')
+    secret: str | None = None  # the passphrase's name, for an encrypted target or scratch
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ def choose_disks(
                 target=target,
                 format="qcow2" if pull else (entry.format if entry else None) or "qcow2",
                 reuse=bool(entry and entry.reuse),
+                device=bool(entry and entry.type == "block"),
+                secret=entry.encryption.secret.name if entry and entry.encryption else None,
                 shallow=shallow,
                 export=((entry.exportname if entry else None) or name) if pull else None,
                 export_bitmap=((entry.exportbitmap if entry else None) or f"backup-{name}")

@@ -14,6 +14,7 @@ from ..qapi.commands import (
     BlockExportDel,
     JobCancel,
     JobDismiss,
+    ObjectDel,
     QMPCommand,
     Transaction,
 )
@@ -150,6 +151,11 @@ def plan_backup_end(
         )
     steps += _job_steps(record, jobs, graph, errors)
     steps += _node_steps(record, graph)
+    steps += [
+        Step(command=ObjectDel(id=o), reason=f"delete the secret of {disk.disk}", may_fail=True)
+        for disk in record.disks
+        for o in disk.objects
+    ]
     removals = _temporary_bitmaps(record, graph)
     outcome = _outcome(record, abort, bool(active), errors)
     drop = None

@@ -8,12 +8,25 @@ what the user chose besides the request.  The planner looks nothing up itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..qapi.capabilities import Capabilities
 from ..qmp.jobs import JobState
 from ..state.active import NbdServer
+
+
+class DeviceFacts(BaseModel):
+    """What the caller found of a path a request names as a block device (``type='block'``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["block", "missing", "other"]
+    size: int = 0
+    mounts: tuple[str, ...] = ()  # where it, or a partition of it, is mounted
+    holders: tuple[str, ...] = ()  # kernel devices built on it (device-mapper, md, …)
+    qemu_nodes: tuple[str, ...] = ()  # this QEMU's nodes that have it open
 
 
 class BackupFacts(BaseModel):
@@ -37,6 +50,8 @@ class BackupFacts(BaseModel):
     direct_io_dirs: frozenset[str] = frozenset()
     # Free bytes of each folder holding a pull scratch (observed for bounded scratches).
     free_space: Mapping[str, int] = {}
+    # Each block device a target or scratch names (``type='block'``), by its path.
+    devices: Mapping[str, DeviceFacts] = {}
 
 
 class BeginOptions(BaseModel):
@@ -59,6 +74,8 @@ class BeginOptions(BaseModel):
     transaction alone; ``guest_agent`` is the agent's socket (None: the one QEMU's
     ``org.qemu.guest_agent.0`` port is connected to).
 
+    ``secrets``: see the field.
+
     ``volatile_bitmaps`` True: a disk of the new checkpoint that cannot keep a persistent
     bitmap (raw, pflash NVRAM, read-only) gets a non-persistent one, valid while this
     QEMU process runs, recorded as such (the one-shot ``backup`` asks for it). False, as
@@ -74,6 +91,9 @@ class BeginOptions(BaseModel):
     quiesce: bool = False
     guest_agent: str | None = None
     volatile_bitmaps: bool = False
+    # ``--secret NAME=FILE``: the file (absolute) holding the passphrase a request's
+    # ``<secret uuid=|usage=>`` names; QEMU reads it, qmpbackup never does.
+    secrets: Mapping[str, str] = {}
 
 
 class Inventory(BaseModel):

@@ -60,6 +60,11 @@ def export_id(backup_id: int, disk: str) -> str:
     return f"{PREFIX}{backup_id}-{disk}"
 
 
+def secret_object(backup_id: int, disk: str) -> str:
+    """The ``secret`` object holding the passphrase of ``disk``'s encrypted target or scratch."""
+    return f"{PREFIX}{backup_id}-{disk}-secret"
+
+
 def tls_creds(backup_id: int) -> str:
     """The TLS credentials object of the NBD server."""
     return f"{PREFIX}{backup_id}-tls"

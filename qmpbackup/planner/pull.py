@@ -7,7 +7,6 @@ and ``recover``) are here too.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable
 
 from ..errors import InvalidInputError, PlanError
@@ -16,17 +15,11 @@ from ..qapi.commands import (
     AuthzRule,
     BitmapRef,
     BlockdevAddBlkdebug,
-    BlockdevAddFile,
-    BlockdevAddQcow2,
     BlockdevAddSnapshotAccess,
     BlockdevBackup,
-    BlockdevCreate,
     BlockdevDel,
     BlockExportAddNbd,
     BlockExportDel,
-    BlockSetWriteThreshold,
-    CreateFileOptions,
-    CreateQcow2Options,
     InetAddress,
     InetHostPort,
     JobCancel,
@@ -40,9 +33,11 @@ from ..qapi.commands import (
 from ..request.models import BackupSpec
 from ..state.active import DiskJob, NbdServer
 from . import naming
-from .disks import DiskChoice, DiskContext, DiskPieces, add_incremental_bitmap, create_steps
+from .devices import secret_objects
+from .disks import DiskChoice, DiskContext, DiskPieces, add_incremental_bitmap
 from .facts import BackupFacts, BeginOptions
 from .plan import Step
+from .scratch import reserve_file, scratch_steps
 
 # The cluster of QEMU's copy-before-write: max(64 KiB, the scratch's cluster size).
 CBW_CLUSTER = 64 * 1024
@@ -52,120 +47,6 @@ def refuse_disk(choice: DiskChoice, facts: BackupFacts) -> None:
     """Raise PlanError when QEMU already exports the name the disk would be served as."""
     if choice.export in facts.export_names:
         raise PlanError(f"QEMU already exports {choice.export!r}: choose another exportname")
-
-
-# Room a bounded scratch needs at the least besides its reserve: its qcow2 header and
-# tables, and a little of what the guest overwrites.
-MIN_SCRATCH_ROOM = 1 << 20
-
-
-def reserve_file(scratch: str) -> str:
-    """The reserve file kept beside a bounded scratch."""
-    return f"{scratch}.reserve"
-
-
-def _write_threshold(context: DiskContext, choice: DiskChoice, reserve: int) -> int:
-    """How far a bounded scratch may grow before ``BLOCK_WRITE_THRESHOLD``: its share of
-    its folder's free space once every scratch there has its reserve.
-
-    Raises PlanError when that share is too small to begin.
-    """
-    folder = posixpath.dirname(choice.target)
-    made = [
-        c
-        for c in context.choices
-        if posixpath.dirname(c.target) == folder and c.target not in context.facts.existing_files
-    ]
-    free = context.facts.free_space.get(folder, 0)
-    share = (free - len(made) * reserve) // max(len(made), 1)
-    if share < MIN_SCRATCH_ROOM:
-        raise PlanError(
-            f"{folder} has {free} bytes free: too little for the scratch of {choice.disk} and "
-            f"a reserve of {reserve} bytes beside each of its {len(made)} scratch(es)"
-        )
-    return share
-
-
-def _reserve_steps(context: DiskContext, choice: DiskChoice, reserve: int) -> list[Step]:
-    """Create the reserve file of a bounded scratch: its room kept free on the disk until a
-    full scratch needs it (whoever watches the threshold removes it then)."""
-    return create_steps(
-        BlockdevCreate(
-            job_id=naming.create_job_id(context.facts.backup_id, choice.disk, "reserve"),
-            options=CreateFileOptions(
-                filename=reserve_file(choice.target), size=reserve, preallocation="falloc"
-            ),
-        ),
-        f"keep {reserve} bytes free beside the scratch of {choice.disk}, for when it fills",
-        (reserve_file(choice.target),),
-    )
-
-
-def _scratch_steps(
-    context: DiskContext, choice: DiskChoice, source: str
-) -> tuple[list[Step], int | None]:
-    """Create (unless it exists) and open the scratch, over the disk as its backing; and
-    the write threshold set on a bounded scratch."""
-    backup_id, disk = context.facts.backup_id, choice.disk
-    file_node = naming.target_file_node(backup_id, disk)
-    exists = choice.target in context.facts.existing_files
-    reserve = None if exists else context.options.scratch_reserve
-    threshold = None if reserve is None else _write_threshold(context, choice, reserve)
-    steps: list[Step] = [] if reserve is None else _reserve_steps(context, choice, reserve)
-    if not exists:
-        steps += create_steps(
-            BlockdevCreate(
-                job_id=naming.create_job_id(backup_id, disk, "file"),
-                options=CreateFileOptions(filename=choice.target, size=0),
-            ),
-            f"create the fleecing scratch file of {disk}",
-            (choice.target,),
-        )
-    steps.append(
-        Step(
-            command=BlockdevAddFile(node_name=file_node, filename=choice.target),
-            reason=f"open the scratch file {choice.target}",
-            undo=(BlockdevDel(node_name=file_node),),
-        )
-    )
-    if threshold is not None:
-        steps.append(
-            Step(
-                command=BlockSetWriteThreshold(node_name=file_node, write_threshold=threshold),
-                reason=f"raise BLOCK_WRITE_THRESHOLD once the scratch of {disk} passes "
-                f"{threshold} bytes, while its reserve is still free",
-            )
-        )
-    if not exists:
-        if reserve is None:
-            # Reserve room for every cluster the guest could overwrite: a full scratch
-            # would fail the guest's writes (copy-before-write's default
-            # on-cbw-error=break-guest-write, which blockdev-backup cannot change), so a
-            # lack of space must fail here instead.
-            qcow2 = CreateQcow2Options(
-                file=file_node,
-                size=context.graph.top_node(disk).virtual_size,
-                preallocation="falloc",
-            )
-            what = f"format the scratch of {disk} as qcow2, its space reserved"
-        else:
-            qcow2 = CreateQcow2Options(
-                file=file_node, size=context.graph.top_node(disk).virtual_size
-            )
-            what = f"format the scratch of {disk} as qcow2, growing with what the guest overwrites"
-        steps += create_steps(
-            BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "qcow2"), options=qcow2),
-            what,
-        )
-    fleece = naming.fleece_node(backup_id, disk)
-    steps.append(
-        Step(
-            command=BlockdevAddQcow2(node_name=fleece, file=file_node, backing=source),
-            reason=f"open the scratch over {disk}: it will keep what the guest overwrites",
-            undo=(BlockdevDel(node_name=fleece),),
-        )
-    )
-    return steps, threshold
 
 
 def _view_steps(context: DiskContext, disk: str) -> tuple[list[Step], tuple[str, ...]]:
@@ -220,7 +101,7 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
     job = naming.job_id(facts.backup_id, disk)
     fleece = naming.fleece_node(facts.backup_id, disk)
     export_id = naming.export_id(facts.backup_id, disk)
-    before, threshold = _scratch_steps(context, choice, source)
+    before, threshold = scratch_steps(context, choice, source)
     pieces = DiskPieces(
         job=DiskJob(disk=disk, source_node=source, job_id=job, sync="none"), before=before
     )
@@ -272,7 +153,10 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
             "view_nodes": view_nodes,
             "target_nodes": (fleece, naming.target_file_node(facts.backup_id, disk)),
             "temporary_bitmaps": temporaries,
-            "created_files": () if choice.target in facts.existing_files else created,
+            "created_files": ()
+            if choice.device or choice.target in facts.existing_files
+            else created,
+            "objects": secret_objects(facts, choice),
             "reserve_file": None if threshold is None else reserve_file(choice.target),
             "write_threshold": threshold,
             "export": choice.export,
@@ -375,7 +259,7 @@ def stop_server(stop: bool, objects: Iterable[str], reason: str) -> list[Step]:
     """
     steps = [Step(command=NbdServerStop(), reason=reason, may_fail=True)] if stop else []
     steps += [
-        Step(command=ObjectDel(id=o), reason=f"delete the TLS object {o}", may_fail=True)
+        Step(command=ObjectDel(id=o), reason=f"delete the object {o}", may_fail=True)
         for o in objects
     ]
     return steps

@@ -10,6 +10,7 @@ from ..qapi.commands import (
     BackupPerf,
     BlockdevAddFile,
     BlockdevAddQcow2,
+    BlockdevAddRaw,
     BlockdevBackup,
     BlockdevCacheOptions,
     BlockdevCreate,
@@ -20,6 +21,7 @@ from ..qapi.commands import (
 )
 from ..state.active import DiskJob
 from . import naming
+from .devices import device_size, file_driver, secret_objects, secret_steps
 from .disks import (
     DiskChoice,
     DiskContext,
@@ -39,7 +41,10 @@ PUSH_WORKERS = 8
 
 def refuse_disk(choice: DiskChoice, facts: BackupFacts) -> None:
     """Raise TargetExistsError for an existing target not to be reused, InvalidInputError
-    for a target to reuse that does not exist."""
+    for a target to reuse that does not exist (a block device always exists: see
+    :func:`~qmpbackup.planner.devices.refuse_device`)."""
+    if choice.device:
+        return
     exists = choice.target in facts.existing_files
     if not choice.reuse and exists:
         raise TargetExistsError(
@@ -53,7 +58,8 @@ def _direct(choice: DiskChoice, facts: BackupFacts) -> bool:
     """Whether a push target is written with O_DIRECT: a full or shallow copy (long
     runs, a big flush saved) into a folder that takes it; an incremental's scattered
     clusters go faster through the page cache."""
-    return choice.sync != "incremental" and posixpath.dirname(choice.target) in facts.direct_io_dirs
+    folder = posixpath.dirname(choice.target)
+    return choice.sync != "incremental" and not choice.device and folder in facts.direct_io_dirs
 
 
 def _target_steps(
@@ -62,14 +68,17 @@ def _target_steps(
     """Steps that create (unless reused) and open the target; its node names, top first.
 
     A raw target is a sparse file of the disk's size used through its protocol
-    node; a qcow2 target gets a format node opened without its backing chain.
+    node; a qcow2 target gets a format node opened without its backing chain.  A
+    block device is not created: raw, it is written as it is (through a raw node
+    showing the disk's size of a bigger device); qcow2, it is formatted unless reused.
+    An encrypted target is qcow2 created and opened with its passphrase's secret.
     """
     graph, backup_id, disk = context.graph, context.facts.backup_id, choice.disk
     top = graph.top_node(disk)
     raw = choice.format == "raw"
     file_node = naming.target_file_node(backup_id, disk)
-    steps: list[Step] = []
-    if not choice.reuse:
+    steps, encrypt, _ = secret_steps(context, choice)
+    if not choice.reuse and not choice.device:
         options = CreateFileOptions(filename=choice.target, size=top.virtual_size if raw else 0)
         steps += create_steps(
             BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "file"), options=options),
@@ -89,12 +98,18 @@ def _target_steps(
     steps.append(
         Step(
             command=BlockdevAddFile(
-                node_name=file_node, filename=choice.target, **(zeroes if raw else {}), **cache
+                driver=file_driver(choice),
+                node_name=file_node,
+                filename=choice.target,
+                **(zeroes if raw else {}),
+                **cache,
             ),
             reason=f"open {choice.target}" + (f" as the raw target of {disk}" if raw else ""),
             undo=(BlockdevDel(node_name=file_node),),
         )
     )
+    if raw and choice.device:
+        return _raw_device(context, choice, steps, file_node)
     if raw:
         return steps, (file_node,)
     fmt_node = naming.target_node(backup_id, disk)
@@ -108,6 +123,7 @@ def _target_steps(
             size=top.virtual_size,
             backing_file=backing_file,
             backing_fmt=backing_fmt,
+            encrypt=encrypt,
         )
         steps += create_steps(
             BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "qcow2"), options=qcow2),
@@ -116,8 +132,29 @@ def _target_steps(
         )
     steps.append(
         Step(
-            command=BlockdevAddQcow2(node_name=fmt_node, file=file_node, backing=None, **zeroes),
+            command=BlockdevAddQcow2(
+                node_name=fmt_node, file=file_node, backing=None, encrypt=encrypt, **zeroes
+            ),
             reason=f"open the qcow2 target of {disk} without its backing chain",
+            undo=(BlockdevDel(node_name=fmt_node),),
+        )
+    )
+    return steps, (fmt_node, file_node)
+
+
+def _raw_device(
+    context: DiskContext, choice: DiskChoice, steps: list[Step], file_node: str
+) -> tuple[list[Step], tuple[str, ...]]:
+    """A raw block device as a target: as it is when its size is the disk's, else through
+    a raw node showing the disk's size (a backup job copies between equal sizes only)."""
+    size = context.graph.top_node(choice.disk).virtual_size
+    if device_size(context, choice, size, "a raw copy") == size:
+        return steps, (file_node,)
+    fmt_node = naming.target_node(context.facts.backup_id, choice.disk)
+    steps.append(
+        Step(
+            command=BlockdevAddRaw(node_name=fmt_node, file=file_node, size=size),
+            reason=f"show the first {size} bytes of {choice.target}, the size of {choice.disk}",
             undo=(BlockdevDel(node_name=fmt_node),),
         )
     )
@@ -130,11 +167,13 @@ def _job_sync(context: DiskContext, choice: DiskChoice) -> SyncKind:
     on both sides), because ``full`` writes zeroes over every unallocated cluster: a
     qcow2 target then holds an L2 entry for each (147 MiB of tables for a sparse 1 TiB
     disk). Only qcow2: other drivers may call a range unallocated that does not read
-    as zeroes (an NBD hole, ``null-co``)."""
+    as zeroes (an NBD hole, ``null-co``), and only into a new image: a raw block device
+    holds old data, so it is written whole."""
     graph = context.graph
     alone = len(graph.disk(choice.disk).chain) == 1
     qcow2 = graph.top_node(choice.disk).driver == "qcow2"
-    if choice.sync == "full" and not choice.reuse and alone and qcow2:
+    fresh = not choice.reuse and not (choice.device and choice.format == "raw")
+    if choice.sync == "full" and fresh and alone and qcow2:
         return "top"
     return choice.sync
 
@@ -177,7 +216,8 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
             "format": choice.format,
             "target_nodes": target_nodes,
             "temporary_bitmaps": temporaries,
-            "created_files": () if choice.reuse else (choice.target,),
+            "created_files": () if choice.reuse or choice.device else (choice.target,),
+            "objects": secret_objects(facts, choice),
         }
     )
     return pieces

@@ -77,10 +77,10 @@ class BlockdevCacheOptions(QAPIModel):
 
 
 class BlockdevAddFile(QMPCommand):
-    """``blockdev-add`` of a ``file`` protocol node."""
+    """``blockdev-add`` of a ``file`` protocol node (``host_device``: a block device)."""
 
     execute: ClassVar[str] = "blockdev-add"
-    driver: Literal["file"] = "file"
+    driver: Literal["file", "host_device"] = "file"
     node_name: str
     filename: str
     read_only: bool | None = None
@@ -89,6 +89,13 @@ class BlockdevAddFile(QMPCommand):
     detect_zeroes: Literal["off", "on", "unmap"] | None = None
     cache: BlockdevCacheOptions | None = None
     aio: Literal["threads", "native", "io_uring"] | None = None
+
+
+class LuksEncryption(QAPIModel):
+    """qcow2's ``encrypt`` when it is created and opened: LUKS, keyed by a secret object."""
+
+    format: Literal["luks"] = "luks"
+    key_secret: str
 
 
 class BlockdevAddQcow2(QMPCommand):
@@ -104,6 +111,7 @@ class BlockdevAddQcow2(QMPCommand):
     read_only: bool | None = None
     discard: Literal["ignore", "unmap"] | None = None
     detect_zeroes: Literal["off", "on", "unmap"] | None = None
+    encrypt: LuksEncryption | None = None
 
 
 class BlockdevAddRaw(QMPCommand):
@@ -114,6 +122,7 @@ class BlockdevAddRaw(QMPCommand):
     node_name: str
     file: str
     read_only: bool | None = None
+    size: int | None = None  # the bytes of ``file`` the node shows (a bigger device)
 
 
 class BlockdevDel(QMPCommand):
@@ -142,6 +151,7 @@ class CreateQcow2Options(QAPIModel):
     backing_fmt: str | None = None
     cluster_size: int | None = None
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
+    encrypt: LuksEncryption | None = None
 
 
 class BlockSetWriteThreshold(QMPCommand):
@@ -367,6 +377,16 @@ class AuthzListAdd(QMPCommand):
     id: str
     policy: Literal["allow", "deny"] = "deny"
     rules: tuple[AuthzRule, ...]
+
+
+class SecretAdd(QMPCommand):
+    """``object-add`` of a ``secret`` that QEMU reads from ``file`` (never given inline)."""
+
+    execute: ClassVar[str] = "object-add"
+    qom_type: Literal["secret"] = "secret"
+    id: str
+    file: str
+    format: Literal["raw"] = "raw"
 
 
 class ObjectDel(QMPCommand):

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
         CheckpointDiskSpec,
         CheckpointSpec,
         DiskBackupSpec,
+        EncryptionSpec,
+        SecretSpec,
         ServerSpec,
     )
     from .xml import backup_to_xml, checkpoint_to_xml
@@ -37,6 +39,8 @@ _HOMES = {
     "CheckpointDiskSpec": "models",
     "CheckpointSpec": "models",
     "DiskBackupSpec": "models",
+    "EncryptionSpec": "models",
+    "SecretSpec": "models",
     "ServerSpec": "models",
     "backup_to_xml": "xml",
     "checkpoint_to_xml": "xml",
@@ -48,6 +52,8 @@ __all__ = [
     "CheckpointDiskSpec",
     "CheckpointSpec",
     "DiskBackupSpec",
+    "EncryptionSpec",
+    "SecretSpec",
     "ServerSpec",
     "backup_to_xml",
     "checkpoint_to_xml",

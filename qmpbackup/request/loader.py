@@ -10,8 +10,8 @@ XML is libvirt's ``<domainbackup>`` and ``<domaincheckpoint>``, read by
 
 YAML and JSON take the fields of the models in :mod:`qmpbackup.request.models`.
 For a disk, libvirt's nesting ``driver: {type: qcow2, shallow: on}``,
-``target: {file: …}`` and ``scratch: {file: …}`` is accepted as well as the
-flat ``format``, ``shallow``, ``target`` and ``scratch``.
+``target: {file: …}``/``{dev: …}`` and ``scratch:`` likewise (with ``encryption:``) is
+accepted as well as the flat ``format``, ``shallow``, ``target``, ``scratch``, ``encryption``.
 
 Safety: documents larger than :data:`MAX_SPEC_BYTES` are refused; XML is
 parsed with defusedxml and any DOCTYPE is refused (so no entity expansion);
@@ -268,12 +268,18 @@ def _flatten_disk(disk: _Data, index: int) -> _Data:
     for field in ("target", "scratch"):
         value = out.get(field)
         if isinstance(value, dict):
-            if set(value) != {"file"}:
-                extra = sorted(str(k) for k in value if k != "file")
-                if extra:
-                    raise InvalidDocument(f"{where}: unknown field '{field}.{extra[0]}'")
-                raise InvalidDocument(f"{where}: {field}.file is missing")
-            out[field] = value["file"]
+            key = "dev" if out.get("type") == "block" else "file"
+            hints = {"dev": " (a block device needs type: block)", "file": f" (use {field}.dev)"}
+            hints["encryption"] = " (encryption is given twice)"
+            for name, item in value.items():
+                if name == "encryption" and "encryption" not in out:
+                    out["encryption"] = item
+                elif name != key:
+                    shown, hint = _show(f"{field}.{name}"), hints.get(str(name), "")
+                    raise InvalidDocument(f"{where}: unknown field {shown}{hint}")
+            if key not in value:
+                raise InvalidDocument(f"{where}: {field}.{key} is missing")
+            out[field] = value[key]
     return out
 
 
@@ -286,6 +292,9 @@ _XML_DISK_LABELS = {
     "shallow": "driver shallow",
     "target": "target file",
     "scratch": "scratch file",
+    "encryption.format": "encryption format",
+    "encryption.secret": "secret",
+    "encryption.secret.type": "secret type",
 }
 
 
@@ -297,7 +306,7 @@ def _describe(error: ErrorDetails, fields: _Data, kind: _Kind[Any], is_xml: bool
     if loc and loc[0] == "disks" and len(loc) >= 2 and isinstance(loc[1], int):
         disks = fields.get("disks")
         disk = disks[loc[1]] if isinstance(disks, list) and loc[1] < len(disks) else None
-        field = str(loc[2]) if len(loc) >= 3 else ""
+        field = ".".join(str(part) for part in loc[2:])
         if field == "name" or not isinstance(disk, dict):
             prefix = f"disk #{loc[1] + 1}: "
         else:

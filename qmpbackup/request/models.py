@@ -106,8 +106,39 @@ class ServerSpec(_Model):
         return self
 
 
+class SecretSpec(_Model):
+    """The ``<secret type='passphrase'>`` of an ``<encryption>``: which passphrase, by
+    libvirt secret uuid or usage; its value is never in the document (``--secret``)."""
+
+    type: Literal["passphrase"] = "passphrase"
+    uuid: str | None = Field(default=None, min_length=1)
+    usage: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_name(self) -> SecretSpec:
+        if (self.uuid is None) == (self.usage is None):
+            raise ValueError("a <secret> names its passphrase by uuid or by usage (one of them)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The uuid or usage: what ``--secret NAME=FILE`` names it by."""
+        return self.uuid or self.usage or ""
+
+
+class EncryptionSpec(_Model):
+    """``<encryption format='luks'>`` of a target or scratch: QEMU creates it encrypted."""
+
+    format: Literal["luks"] = "luks"
+    secret: SecretSpec
+
+
 class DiskBackupSpec(_Model):
-    """One ``<disk>`` of a ``<domainbackup>``."""
+    """One ``<disk>`` of a ``<domainbackup>``.
+
+    ``type='block'``: ``target`` (push) or ``scratch`` (pull) is an existing block
+    device, used as it is.  ``encryption``: the target or scratch is LUKS-encrypted qcow2.
+    """
 
     name: str
     backup: bool = True
@@ -115,12 +146,13 @@ class DiskBackupSpec(_Model):
     incremental: str | None = None
     exportname: str | None = None
     exportbitmap: str | None = None
-    type: Literal["file"] = "file"
+    type: Literal["file", "block"] = "file"
     target: str | None = None
     scratch: str | None = None
     format: Literal["qcow2", "raw"] | None = None
     shallow: bool = False
     reuse: bool = False
+    encryption: EncryptionSpec | None = None
 
     _check = field_validator("name")(lambda v: check_name(v, "disk"))
     _paths = field_validator("target", "scratch")(lambda v: absolute_path(v))
@@ -140,6 +172,19 @@ class DiskBackupSpec(_Model):
         if self.backupmode == "full" and self.incremental is not None:
             raise ValueError(
                 f"backupmode='full' and incremental={self.incremental!r} contradict each other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _destination(self) -> DiskBackupSpec:
+        if self.type == "block" and self.backup and self.target is None and self.scratch is None:
+            raise ValueError(
+                "type='block' needs its device: <target dev='/dev/…'/> (push) "
+                "or <scratch dev='/dev/…'/> (pull)"
+            )
+        if self.encryption is not None and self.format == "raw":
+            raise ValueError(
+                "<encryption> needs the qcow2 format: a LUKS target is qcow2 with encryption"
             )
         return self
 

@@ -27,7 +27,13 @@ from xml.parsers.expat import ErrorString
 import defusedxml
 import defusedxml.ElementTree as DefusedET
 
-from qmpbackup.request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, ServerSpec
+from qmpbackup.request.models import (
+    BackupSpec,
+    CheckpointSpec,
+    DiskBackupSpec,
+    EncryptionSpec,
+    ServerSpec,
+)
 from qmpbackup.request.problem import InvalidDocument, disk_label, shorten
 from qmpbackup.request.render import Quote, XmlElement, render_xml
 
@@ -207,9 +213,7 @@ def _backup_disk(el: Element, index: int) -> _Data:
     children = _children(el, ("target", "scratch", "driver"), where)
     for tag in ("target", "scratch"):
         if tag in children:
-            file = _leaf(children[tag], ("file",), where, _IGNORED_IN_FILE).get("file")
-            if file is not None:
-                disk[tag] = file
+            _store(children[tag], disk, where)
     if "driver" in children:
         driver = _leaf(children["driver"], ("type", "shallow"), where)
         if "type" in driver:
@@ -217,6 +221,35 @@ def _backup_disk(el: Element, index: int) -> _Data:
         if "shallow" in driver:
             disk["shallow"] = _choice(driver["shallow"], _ON_OFF, where + "driver shallow")
     return disk
+
+
+def _store(el: Element, disk: _Data, where: str) -> None:
+    """A ``<target>`` or ``<scratch>``: its file (``type='file'``) or device
+    (``type='block'``), and its ``<encryption>``, into ``disk``."""
+    attrs = _attrs(el, ("file", "dev"), where)
+    block = disk.get("type") == "block"
+    if "dev" in attrs and not block:
+        raise InvalidDocument(f"{where}<{el.tag} dev=…/> is a block device: it needs type='block'")
+    if "file" in attrs and block:
+        raise InvalidDocument(f"{where}type='block' names its device with <{el.tag} dev=…/>")
+    path = attrs.get("dev" if block else "file")
+    if path is not None:
+        disk[el.tag] = path
+    children = _children(el, ("encryption",), where, _IGNORED_IN_FILE)
+    if "encryption" in children:
+        disk["encryption"] = _encryption(children["encryption"], where)
+
+
+def _encryption(el: Element, where: str) -> _Data:
+    """``<encryption format='luks'><secret type='passphrase' uuid=|usage=/></encryption>``."""
+    fields: _Data = dict(_attrs(el, ("format",), where))
+    if "format" not in fields:
+        raise InvalidDocument(f"{where}<encryption> needs format='luks'")
+    children = _children(el, ("secret",), where)
+    if "secret" not in children:
+        raise InvalidDocument(f"{where}<encryption> needs a <secret type='passphrase' uuid=…/>")
+    fields["secret"] = _leaf(children["secret"], ("type", "uuid", "usage"), where)
+    return fields
 
 
 def _leaf(
@@ -286,7 +319,9 @@ def backup_to_xml(spec: BackupSpec) -> str:
     if spec.server is not None:
         children.append(_server_element(spec.server))
     if spec.disks:
-        children.append(XmlElement("disks", children=[_disk_element(d) for d in spec.disks]))
+        children.append(
+            XmlElement("disks", children=[_disk_element(d, spec.mode) for d in spec.disks])
+        )
     return render_xml(XmlElement("domainbackup", {"mode": spec.mode}, children=children))
 
 
@@ -301,9 +336,18 @@ def _server_element(server: ServerSpec) -> XmlElement:
     return XmlElement("server", attrs)
 
 
-def _disk_element(disk: DiskBackupSpec) -> XmlElement:
-    files = {"target": disk.target, "scratch": disk.scratch}
-    children = [XmlElement(tag, {"file": file}) for tag, file in files.items() if file is not None]
+def _disk_element(disk: DiskBackupSpec, mode: str) -> XmlElement:
+    stores = {"target": disk.target, "scratch": disk.scratch}
+    path_attr = "dev" if disk.type == "block" else "file"
+    encryption = None if disk.encryption is None else [_encryption_element(disk.encryption)]
+    children = [
+        XmlElement(tag, {path_attr: path}, children=encryption)
+        for tag, path in stores.items()
+        if path is not None
+    ]
+    if encryption and not children:
+        # A default target or scratch, encrypted: <target> without its file.
+        children.append(XmlElement("target" if mode == "push" else "scratch", children=encryption))
     if disk.format is not None or disk.shallow:
         shallow = "on" if disk.shallow else None
         children.append(XmlElement("driver", {"type": disk.format, "shallow": shallow}))
@@ -318,6 +362,14 @@ def _disk_element(disk: DiskBackupSpec) -> XmlElement:
         "reuse": "yes" if disk.reuse else None,
     }
     return XmlElement("disk", attrs, children=children or None)
+
+
+def _encryption_element(encryption: EncryptionSpec) -> XmlElement:
+    secret = encryption.secret
+    attrs = {"type": secret.type, "uuid": secret.uuid, "usage": secret.usage}
+    return XmlElement(
+        "encryption", {"format": encryption.format}, children=[XmlElement("secret", attrs)]
+    )
 
 
 def checkpoint_to_xml(spec: CheckpointSpec) -> str:

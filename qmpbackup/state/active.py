@@ -55,6 +55,9 @@ class DiskJob(BaseModel):
     view_nodes: tuple[str, ...] = ()
     temporary_bitmaps: tuple[tuple[str, str], ...] = ()
     created_files: tuple[str, ...] = ()
+    # QOM objects made for this disk (the secret of an encrypted target or scratch),
+    # deleted once its nodes are.
+    objects: tuple[str, ...] = ()
     # A bounded pull scratch: the file holding its reserve, and the write threshold
     # set on the scratch's file node (target_nodes[-1]).
     reserve_file: str | None = None
