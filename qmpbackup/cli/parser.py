@@ -70,6 +70,16 @@ def _secret_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _encrypt_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encrypt-key",
+        type=Path,
+        metavar="FILE",
+        help="the repository's images are LUKS-encrypted qcow2 with the passphrase in FILE, "
+        "which QEMU reads (never on a command line)",
+    )
+
+
 def _quiesce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiesce",
@@ -160,6 +170,7 @@ def _vm_commands(add: Adder) -> None:
     p = add("backup", backups.vm("cmd_backup"), "one-shot backup into a repository")
     p.add_argument("--repo", type=Path, required=True, help="repository folder")
     _quiesce_arguments(p)
+    _encrypt_argument(p)
     p.add_argument(
         "--level",
         choices=["full", "inc", "diff", "auto"],
@@ -194,12 +205,14 @@ def _repository_commands(add: OfflineAdder) -> None:
     p.add_argument("--out", type=Path, required=True, help="new image file (never overwritten)")
     p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    _encrypt_argument(p)
     p = add(
         "verify", repository.offline("cmd_verify"), "check a repository's files, chains and digests"
     )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--backup", help="only this backup and the chain it needs")
+    _encrypt_argument(p)
     p = add(
         "prune",
         repository.offline("cmd_prune"),
@@ -209,6 +222,7 @@ def _repository_commands(add: OfflineAdder) -> None:
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
     p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
+    _encrypt_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ import argparse
 from collections.abc import Sequence
 
 from ..errors import QmpBackupError
+from ..images.keyed import using_key
+from ..repo.encryption import require_key
 from ..repo.prune import prune
 from ..repo.repository import Repository
 from ..repo.restore import restore
@@ -19,11 +21,15 @@ from .text import out
 
 
 def _repository(args: argparse.Namespace) -> Repository:
-    return Repository.open(args.repo, args.vm)
+    repo = Repository.open(args.repo, args.vm)
+    require_key(repo, args.encrypt_key)
+    return repo
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    result = restore(_repository(args), args.disk, args.out, args.backup, args.format)
+    repo = _repository(args)
+    with using_key(args.encrypt_key):
+        result = restore(repo, args.disk, args.out, args.backup, args.format)
     out(
         f"Disk {result.disk} of backup {result.backup_id} restored to {result.out} "
         f"({result.fmt}, {human_size(result.virtual_size)}, "
@@ -33,7 +39,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = verify(_repository(args), args.backup)
+    repo = _repository(args)
+    with using_key(args.encrypt_key):
+        report = verify(repo, args.backup)
     for problem in report.problems:
         out(str(problem))
     errors = sum(p.severity == "error" for p in report.problems)
@@ -48,7 +56,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = _repository(args)
-    result = prune(repo, args.keep, dry_run=args.dry_run)
+    with using_key(args.encrypt_key):
+        result = prune(repo, args.keep, dry_run=args.dry_run)
     would = "would be " if args.dry_run else ""
     for backup_id in result.removed:
         out(f"Backup {backup_id} {would}removed")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QmpBackupError
+from .keyed import SECRET_ID, image_args, key_file, object_args
 
 
 class ImageError(QmpBackupError):
@@ -16,8 +17,11 @@ class ImageError(QmpBackupError):
 
 
 def qemu_img(*args: str, ok: Container[int] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run ``qemu-img``; ImageError with its message unless the exit code is in ``ok``."""
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    """Run ``qemu-img``; ImageError with its message unless the exit code is in ``ok``.
+
+    Under :func:`~qmpbackup.images.keyed.using_key`, the key's ``secret`` object is given."""
+    argv = ["qemu-img", args[0], *object_args(), *args[1:]]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode not in ok:
         detail = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"
         raise ImageError(f"qemu-img {args[0]}: {detail}")
@@ -33,7 +37,7 @@ def image_info(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
 
 def check_image(path: Path, fmt: str = "qcow2") -> dict[str, Any]:
     """``qemu-img check``; ImageError naming ``path`` when it finds corruption."""
-    proc = qemu_img("check", "--output=json", "-f", fmt, str(path), ok=(0, 1, 2, 3))
+    proc = qemu_img("check", "--output=json", *image_args(path, fmt), ok=(0, 1, 2, 3))
     try:
         report: dict[str, Any] = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -50,14 +54,28 @@ def set_backing_name(path: Path, backing: str | None) -> None:
     qcow2 opened without a backing chain; naming its parent makes it a link of the chain.
     """
     args = ["-b", backing, "-F", "qcow2"] if backing else ["-b", ""]
-    qemu_img("rebase", "-u", "-f", "qcow2", *args, str(path))
+    qemu_img("rebase", "-u", *args, *image_args(path))
 
 
 def top_layer_extents(path: Path) -> list[tuple[int, int]]:
     """``(offset, length)`` of what the top layer of ``path`` itself holds (data or zeroes)."""
-    proc = qemu_img("map", "--output=json", "-f", "qcow2", str(path))
+    proc = qemu_img("map", "--output=json", *image_args(path))
     return [
         (int(e["start"]), int(e["length"]))
         for e in json.loads(proc.stdout)
         if e.get("depth") == 0 and (e.get("data") or e.get("zero")) and e.get("present", True)
     ]
+
+
+def open_alone(path: Path) -> None:
+    """Open the qcow2 image ``path`` without its backing chain, with the key if one is set
+    (:mod:`~qmpbackup.images.keyed`): ImageError with QEMU's words if it cannot (a wrong
+    key: ``Invalid password, cannot unlock any keyslot``)."""
+    spec: dict[str, Any] = {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": str(path)},
+        "backing": None,
+    }
+    if key_file() is not None:
+        spec["encrypt"] = {"key-secret": SECRET_ID}
+    qemu_img("map", "--output=json", "json:" + json.dumps(spec))

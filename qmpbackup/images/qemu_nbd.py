@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .keyed import image_args, object_args
 from .qemu_img import ImageError
 
 
@@ -59,11 +60,10 @@ def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="qmpbackup-digest-") as tmp:
         sock = os.path.join(tmp, "nbd.sock")
         log = Path(tmp) / "qemu-nbd.log"
-        argv = ["qemu-nbd", "-r", "-t", "-e", "4", "-f", fmt, "-k", sock, "-x", "disk"]
+        argv = ["qemu-nbd", "-r", "-t", "-e", "4", *object_args(), "-k", sock, "-x", "disk"]
+        image = image_args(Path(path).absolute(), fmt)
         with log.open("w") as err:
-            proc = subprocess.Popen(
-                [*argv, str(Path(path).absolute())], stdout=subprocess.DEVNULL, stderr=err
-            )
+            proc = subprocess.Popen([*argv, *image], stdout=subprocess.DEVNULL, stderr=err)
         try:
             try:
                 wait_listening(proc, sock, lambda: log.read_text().strip())

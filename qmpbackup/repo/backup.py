@@ -31,12 +31,22 @@ import structlog
 
 from ..api import VM
 from ..errors import JobFailedError, QmpBackupError
+from ..images.keyed import using_key
 from ..planner.facts import BeginOptions
 from ..planner.level import DiskHistory, LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
-from ..request.models import BackupSpec, CheckpointSpec, DiskBackupSpec, Mode, RequestedLevel
+from ..request.models import (
+    BackupSpec,
+    CheckpointSpec,
+    DiskBackupSpec,
+    EncryptionSpec,
+    Mode,
+    RequestedLevel,
+    SecretSpec,
+)
 from ..results import BackupBegun
 from .digests import DEFAULT_BLOCK_SIZE
+from .encryption import check_encryption
 from .events import BackupEvent, EventSink
 from .prune import unneeded_checkpoints
 from .records import BackupEntry, DiskRequest
@@ -48,6 +58,8 @@ from .transfer import follow_jobs, read_exports
 log = structlog.get_logger("qmpbackup.backup")
 
 CHECKPOINT_NAME = "backup-{id}"
+# The name of the repository key among the backup's ``--secret``s (push targets).
+REPOSITORY_SECRET = "qmpbackup-repository"
 # Bytes kept free beside each pull scratch of a one-shot backup, for the guest's writes
 # that land while a scratch that filled its room is being let go of.
 DEFAULT_SCRATCH_RESERVE = 256 << 20
@@ -92,9 +104,15 @@ def _disk_requests(graph: BlockGraph, decisions: Sequence[LevelDecision]) -> lis
 
 
 def _backup_spec(
-    graph: BlockGraph, entry: BackupEntry, decisions: Sequence[LevelDecision], mode: Mode
+    graph: BlockGraph,
+    entry: BackupEntry,
+    decisions: Sequence[LevelDecision],
+    mode: Mode,
+    encrypted: bool = False,
 ) -> BackupSpec:
-    """The ``<domainbackup>`` of this run: every other disk of the VM is left out."""
+    """The ``<domainbackup>`` of this run: every other disk of the VM is left out;
+    ``encrypted``: push targets are LUKS qcow2 keyed by :data:`REPOSITORY_SECRET`."""
+    encryption = EncryptionSpec(secret=SecretSpec(usage=REPOSITORY_SECRET)) if encrypted else None
     chosen = {d.disk: d for d in decisions}
     disks = []
     for name in graph.disks:
@@ -109,6 +127,7 @@ def _backup_spec(
                 incremental=decision.since,
                 target=str(entry.target(name).image) if mode == "push" else None,
                 format="qcow2" if mode == "push" else None,
+                encryption=encryption if mode == "push" else None,
             )
         )
     return BackupSpec(mode=mode, disks=tuple(disks))
@@ -175,7 +194,7 @@ class _OneShot:
         """Begin, copy, end, seal and commit; the complete record."""
         entry = self.entry
         self.job = await self.vm.backup_begin(
-            _backup_spec(graph, entry, self.decisions, self.mode),
+            _backup_spec(graph, entry, self.decisions, self.mode, bool(self.options.secrets)),
             CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
             options=self.options,
             owned=True,
@@ -316,6 +335,7 @@ async def backup_to_repository(
     scratch_reserve: int = DEFAULT_SCRATCH_RESERVE,
     quiesce: bool = False,
     guest_agent: str | None = None,
+    encrypt_key: Path | None = None,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
     decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
@@ -325,6 +345,8 @@ async def backup_to_repository(
     bytes kept free beside each; one that fills its room ends the backup
     (ScratchFullError) before the guest's writes could fail.  ``quiesce``: the guest's
     filesystems are frozen around the instant (see :meth:`VM.backup_begin`).
+    ``encrypt_key``: a file whose bytes are the passphrase of the repository's LUKS
+    images, which QEMU reads (push only); see :mod:`qmpbackup.repo.encryption`.
 
     On failure or cancellation the backup job is aborted and the repository is left as
     it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
@@ -333,12 +355,16 @@ async def backup_to_repository(
     """
     emit: EventSink = on_event or (lambda event: None)
     repo = Repository(Path(root), vm.key)
-    with repo.exclusive():
+    with repo.exclusive(), using_key(encrypt_key):
         stale = discard_incomplete(repo)
+        check_encryption(repo, encrypt_key, mode)
         graph = await vm.graph()
         decisions = _decide(repo, vm, graph, level, disks, emit)
         entry = repo.begin_backup(
-            _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
+            _disk_requests(graph, decisions),
+            mode=mode,
+            checkpoint=CHECKPOINT_NAME,
+            encrypted=encrypt_key is not None,
         )
         # This process watches its scratches while it reads them: they need not reserve
         # their disks' whole size. It reads each push target once its job is done:
@@ -352,6 +378,7 @@ async def backup_to_repository(
             quiesce=quiesce,
             guest_agent=guest_agent,
             volatile_bitmaps=True,
+            secrets={} if encrypt_key is None else {REPOSITORY_SECRET: str(encrypt_key.absolute())},
         )
         run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
         try:

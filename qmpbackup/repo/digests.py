@@ -36,7 +36,7 @@ import blake3
 
 from ..errors import QmpBackupError
 from ..files import atomic_write_bytes
-from ..images import qcow2_reader
+from ..images import keyed, qcow2_reader
 
 Algorithm = Literal["blake2b", "blake3"]
 DIGEST_SIZE = 32
@@ -63,15 +63,21 @@ def algorithm_of(record_format: int) -> Algorithm:
 
 
 def block_digest(data: bytes | bytearray | memoryview, algorithm: Algorithm) -> bytes:
-    """The digest of one block's bytes."""
+    """The digest of one block's bytes: BLAKE3 keyed with :func:`keyed.digest_key` in an
+    encrypted repository (under :func:`keyed.using_key`)."""
     if algorithm == "blake3":
-        return blake3.blake3(data).digest()
+        key = keyed.digest_key()
+        return (blake3.blake3(data) if key is None else blake3.blake3(data, key=key)).digest()
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
-@functools.lru_cache(maxsize=16)
 def zero_digest(length: int, algorithm: Algorithm) -> bytes:
-    """The digest of ``length`` zero bytes (computed once per length)."""
+    """The digest of ``length`` zero bytes (computed once per length and key)."""
+    return _zero_digest(length, algorithm, keyed.digest_key())
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_digest(length: int, algorithm: Algorithm, key: bytes | None) -> bytes:
     return block_digest(bytes(length), algorithm)
 
 

@@ -317,7 +317,8 @@ def _rebase(
                 temp = stack.enter_context(
                     temporary_file(rebase.image.parent, f".{rebase.image.name}.prune-")
                 )
-                _, whole = build_checked(rebase.chain, temp, "qcow2", expected, what)
+                encrypt = rebase.record.encryption is not None
+                _, whole = build_checked(rebase.chain, temp, "qcow2", expected, what, encrypt)
                 grown += _size(temp) - _size(rebase.image)
                 temps[rebase.image] = temp
             else:

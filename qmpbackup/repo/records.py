@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -110,6 +111,10 @@ class BackupRecord(_Model):
     # How the digests and file digests are made (qmpbackup.repo.digests); records
     # written before there was a field are format 1.
     format: int = Field(default=1, ge=1)
+    # ``--encrypt-key``: the images are LUKS-encrypted qcow2 and the block digests keyed
+    # (qmpbackup.images.keyed); records written before there was a field are neither.
+    encryption: Literal["luks"] | None = None
+    digest_key: Literal["blake3-derive-key"] | None = None
     complete: bool = False
     merged: tuple[str, ...] = ()
     disks: tuple[DiskRecord, ...]

@@ -223,6 +223,7 @@ class Repository:
         checkpoint: str | None = None,
         checkpoint_time: int | None = None,
         now: datetime | None = None,
+        encrypted: bool = False,
     ) -> BackupEntry:
         """Reserve the next backup id and write its incomplete record; return the targets.
 
@@ -255,6 +256,8 @@ class Repository:
                 created=created,
                 mode=mode,
                 format=CURRENT_FORMAT,
+                encryption="luks" if encrypted else None,
+                digest_key="blake3-derive-key" if encrypted else None,
                 complete=False,
                 disks=disk_records,
             )

@@ -23,6 +23,7 @@ import structlog
 
 from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
 from ..files import fsync_dir, fsync_file
+from ..images.keyed import SECRET_ID, image_args
 from ..images.qcow2_reader import Qcow2Unsupported
 from ..images.qemu_img import image_info, qemu_img
 from .chain_copy import copy_chain
@@ -112,17 +113,20 @@ def _refuse_bad(bad: list[int], expected: Digests, what: str) -> None:
 
 
 def build_checked(
-    chain: list[Path], dest: Path, fmt: Format, expected: Digests, what: str
+    chain: list[Path], dest: Path, fmt: Format, expected: Digests, what: str, encrypt: bool = False
 ) -> tuple[int, str | None]:
     """Write the content of ``chain`` (base first) as a standalone ``fmt`` image at
     ``dest`` (which is overwritten), every block checked against ``expected``, flushed;
     the number of blocks checked and, for a qcow2 image this process wrote, its format 2
-    file digest. RepositoryError names the first block that differs."""
+    file digest. RepositoryError names the first block that differs. ``encrypt``: the
+    image is LUKS-encrypted qcow2 with the key of :mod:`~qmpbackup.images.keyed`
+    (a prune's flattened base in an encrypted repository)."""
     try:
         copied = copy_chain(chain, dest, fmt, expected)
     except Qcow2Unsupported:
         # -S (default 4 KiB) keeps zeroes sparse; without -B a qcow2 result has no backing.
-        qemu_img("convert", "-q", "-f", "qcow2", "-O", fmt, str(chain[-1]), str(dest))
+        options = ["-o", f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"] if encrypt else []
+        qemu_img("convert", "-q", *image_args(chain[-1]), "-O", fmt, *options, str(dest))
         blocks = check_standalone(dest, fmt, expected, what)
         fsync_file(dest)
         return blocks, None

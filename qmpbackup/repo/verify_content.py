@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import one_line
+from ..images.keyed import image_args
 from ..images.qemu_img import ImageError, qemu_img
 from ..nbd import NBDError
 from .digests import DigestError, block_count, changed_blocks, resized_blocks
@@ -87,7 +88,7 @@ class ContentChecks:
         else:
             try:
                 mapping = json.loads(
-                    qemu_img("map", "--output=json", "-f", "qcow2", str(item.image)).stdout
+                    qemu_img("map", "--output=json", *image_args(item.image)).stdout
                 )
             except (ImageError, ValueError) as exc:
                 self.report(item, item.image, f"qemu-img map: {one_line(exc)}")

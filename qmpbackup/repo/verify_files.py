@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from ..errors import QmpBackupError, one_line
+from ..images.keyed import SECRET_ID, encrypted_layers, key_file
 from ..images.qcow2_reader import Runs, read_own
 from ..images.qemu_img import ImageError, image_info, qemu_img
 from .digests import DigestError, Digests, algorithm_of, file_digest
@@ -136,6 +137,8 @@ class FileChecks:
             "file": {"driver": "file", "filename": str(item.image)},
             "backing": None,
         }
+        if key_file() is not None and encrypted_layers(item.image)[0]:
+            spec["encrypt"] = {"key-secret": SECRET_ID}
         try:
             proc = qemu_img("check", "--output=json", "json:" + json.dumps(spec), ok=(0, 1, 2, 3))
         except ImageError as exc:

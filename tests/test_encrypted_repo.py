@@ -1,0 +1,127 @@
+"""``--encrypt-key``: a repository of LUKS-encrypted qcow2 images that QEMU writes and
+stock ``qemu-img`` opens with the key file; keyed digests; refusals; no key anywhere."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from qmpbackup.demo.throwaway import ThrowawayVM, images_equal, qemu_img
+from qmpbackup.repo.repository import Repository
+
+from .support import Cli
+
+MiB = 1 << 20
+KiB = 1 << 10
+PASSPHRASE = b"correct horse battery staple 8c1f"
+
+
+def _key(tmp_path: Path, value: bytes = PASSPHRASE) -> Path:
+    path = tmp_path / ("key" if value == PASSPHRASE else "wrong-key")
+    path.write_bytes(value)
+    return path
+
+
+def _opts(image: Path, depth: int) -> str:
+    layers = ",".join("backing." * i + "encrypt.key-secret=k" for i in range(depth))
+    return f"driver=qcow2,file.filename={image},{layers}"
+
+
+def _secret_forms() -> list[bytes]:
+    return [PASSPHRASE, PASSPHRASE.hex().encode(), base64.b64encode(PASSPHRASE)]
+
+
+def _first_data_cluster(image: Path) -> int:
+    """The host offset of the first data cluster of a qcow2 image, from its L1/L2 tables
+    (QEMU's map gives no offsets for encrypted images)."""
+    data = image.read_bytes()
+    l1_size = int.from_bytes(data[36:40], "big")
+    l1_offset = int.from_bytes(data[40:48], "big")
+    mask = 0x00FFFFFFFFFFFE00
+    for i in range(l1_size):
+        l2 = int.from_bytes(data[l1_offset + 8 * i : l1_offset + 8 * i + 8], "big") & mask
+        for j in range(0, 65536, 8) if l2 else ():
+            entry = int.from_bytes(data[l2 + j : l2 + j + 8], "big")
+            if entry & mask and not entry & 1:
+                return entry & mask
+    raise AssertionError(f"{image}: no data cluster")
+
+
+async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    key = _key(tmp_path)
+    repo = Repository(tmp_path / "repo", "testvm")
+    root = str(repo.root)
+    refs: list[Path] = []
+    outputs: list[str] = []
+    for run in range(3):
+        await vm.write("vda", 0x40 + run, (run * 2 + 1) * MiB, 128 * KiB)
+        refs.append(await vm.reference("vda", tmp_path / f"ref{run}.raw"))
+        level = ["--level", "full"] if run == 0 else []
+        done = await cli.ok("backup", "--repo", root, "--encrypt-key", str(key), *level,
+                            "--disk", "vda", verbose=True)  # fmt: skip
+        outputs += [done.out, done.err]
+    records = repo.backups()
+    assert [r.level for r in records] == ["full", "inc", "inc"]
+    assert all(r.encryption == "luks" and r.digest_key for r in records)
+    obj = f"secret,id=k,file={key}"
+    for depth, (record, ref) in enumerate(zip(records, refs, strict=True), start=1):
+        image = repo.image_path(record, "vda")
+        info = json.loads(qemu_img("info", "-U", "--output=json", str(image)))
+        assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+        qemu_img("check", "--object", obj, "--image-opts", _opts(image, depth))
+        qemu_img("compare", "--object", obj, "--image-opts", _opts(image, depth),
+                 f"driver=raw,file.filename={ref}")  # fmt: skip
+        out = tmp_path / f"restored{depth}.qcow2"
+        args = ["--out", str(out), "--backup", record.id, "--encrypt-key", str(key)]
+        done = await cli.ok("restore", "--repo", root, "--disk", "vda", *args, verbose=True)
+        outputs += [done.out, done.err]
+        assert images_equal(out, ref)
+    good = await cli.ok("verify", "--repo", root, "--encrypt-key", str(key), verbose=True)
+    outputs += [good.out, good.err]
+    # The key's value is nowhere: logs, records, digests' metadata, journal, state.
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != key and p.suffix in
+             {".json", ".log", ".jsonl", ""}]  # fmt: skip
+    blobs = [o.encode() for o in outputs] + [p.read_bytes() for p in files]
+    blobs += [p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()]
+    for form in _secret_forms():
+        assert not any(form in blob for blob in blobs), form
+
+    # A byte flipped in an encrypted image is found, and the file named.
+    middle = repo.image_path(records[1], "vda")
+    host = _first_data_cluster(middle)
+    with open(middle, "r+b") as handle:
+        handle.seek(host + 100)
+        byte = handle.read(1)
+        handle.seek(host + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    bad = await cli("verify", "--repo", root, "--encrypt-key", str(key))
+    assert bad.rc == 1 and str(middle) in bad.out + bad.err
+
+
+async def test_encrypted_repository_refusals_write_nothing(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    key = _key(tmp_path)
+    root = str(tmp_path / "repo")
+    await cli.ok("backup", "--repo", root, "--encrypt-key", str(key), "--disk", "vda")
+    before = sorted(p for p in (tmp_path / "repo").rglob("*"))
+    wrong = _key(tmp_path, b"not the key")
+    for args, words in [
+        ((), "is encrypted: give its --encrypt-key"),
+        (("--encrypt-key", str(wrong)), "does not open"),
+        (("--encrypt-key", str(key), "--mode", "pull"), "not built yet"),
+    ]:
+        refused = await cli("backup", "--repo", root, "--disk", "vda", *args)
+        assert refused.rc in (1, 2), refused
+        assert len(refused.err.strip().splitlines()) == 1 and words in refused.err, refused.err
+        assert sorted(p for p in (tmp_path / "repo").rglob("*")) == before
+    for command in (["verify"], ["restore", "--disk", "vda", "--out", str(tmp_path / "o")]):
+        refused = await cli(*command, "--repo", root)
+        assert refused.rc in (1, 2) and "is encrypted" in refused.err, refused.err
+    plain = str(tmp_path / "plain")
+    await cli.ok("backup", "--repo", plain, "--disk", "vda")
+    refused = await cli("backup", "--repo", plain, "--disk", "vda", "--encrypt-key", str(key))
+    assert refused.rc in (1, 2) and "is not encrypted" in refused.err, refused.err
