@@ -4,7 +4,10 @@ stock ``qemu-img`` opens with the key file; keyed digests; refusals; no key anyw
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 from qmpbackup.demo.throwaway import ThrowawayVM, images_equal, qemu_img
@@ -32,6 +35,30 @@ def _secret_forms() -> list[bytes]:
     return [PASSPHRASE, PASSPHRASE.hex().encode(), base64.b64encode(PASSPHRASE)]
 
 
+class _Cmdlines:
+    """Every process's ``/proc/PID/cmdline`` seen while it runs (every 5 ms)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, bytes] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            for path in Path("/proc").glob("[0-9]*/cmdline"):
+                with contextlib.suppress(OSError):
+                    self.seen[int(path.parent.name)] = path.read_bytes()
+            time.sleep(0.005)
+
+    def __enter__(self) -> _Cmdlines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def _first_data_cluster(image: Path) -> int:
     """The host offset of the first data cluster of a qcow2 image, from its L1/L2 tables
     (QEMU's map gives no offsets for encrypted images)."""
@@ -56,6 +83,7 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
     root = str(repo.root)
     refs: list[Path] = []
     outputs: list[str] = []
+    watch = _Cmdlines().__enter__()
     for run in range(3):
         await vm.write("vda", 0x40 + run, (run * 2 + 1) * MiB, 128 * KiB)
         refs.append(await vm.reference("vda", tmp_path / f"ref{run}.raw"))
@@ -81,6 +109,10 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
         assert images_equal(out, ref)
     good = await cli.ok("verify", "--repo", root, "--encrypt-key", str(key), verbose=True)
     outputs += [good.out, good.err]
+    watch.__exit__()
+    assert any(b"qemu-img" in c for c in watch.seen.values())
+    assert any(b"qemu-nbd" in c for c in watch.seen.values())
+    outputs += [c.decode(errors="replace") for c in watch.seen.values()]
     # The key's value is nowhere: logs, records, digests' metadata, journal, state.
     files = [p for p in tmp_path.rglob("*") if p.is_file() and p != key and p.suffix in
              {".json", ".log", ".jsonl", ""}]  # fmt: skip
