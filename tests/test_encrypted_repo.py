@@ -157,3 +157,27 @@ async def test_encrypted_repository_refusals_write_nothing(
     await cli.ok("backup", "--repo", plain, "--disk", "vda")
     refused = await cli("backup", "--repo", plain, "--disk", "vda", "--encrypt-key", str(key))
     assert refused.rc in (1, 2) and "is not encrypted" in refused.err, refused.err
+
+
+async def test_prune_flattens_into_an_encrypted_image(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    key = _key(tmp_path)
+    repo = Repository(tmp_path / "repo", "testvm")
+    root = str(repo.root)
+    for run in range(2):
+        await vm.write("vda", 0x50 + run, (run + 1) * MiB, 64 * KiB)
+        await cli.ok("backup", "--repo", root, "--encrypt-key", str(key), "--disk", "vda")
+    ref = await vm.reference("vda", tmp_path / "ref.raw")
+    refused = await cli("prune", "--repo", root, "--keep", "1")
+    assert refused.rc in (1, 2) and "is encrypted" in refused.err, refused.err
+    await cli.ok("prune", "--repo", root, "--keep", "1", "--encrypt-key", str(key))
+    (kept,) = repo.backups()
+    image = repo.image_path(kept, "vda")
+    info = json.loads(qemu_img("info", "-U", "--output=json", str(image)))
+    assert info["encrypted"] and "backing-filename" not in info
+    await cli.ok("verify", "--repo", root, "--encrypt-key", str(key))
+    out = tmp_path / "restored.raw"
+    await cli.ok("restore", "--repo", root, "--disk", "vda", "--out", str(out), "--format", "raw",
+                 "--encrypt-key", str(key))  # fmt: skip
+    assert images_equal(out, ref)
