@@ -10,7 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
+
 from qmpbackup.demo.throwaway import ThrowawayVM, images_equal, qemu_img
+from qmpbackup.images.keyed import DIGEST_CONTEXT, using_key
+from qmpbackup.repo.digests import block_digest, zero_digest
 from qmpbackup.repo.repository import Repository
 
 from .support import Cli
@@ -181,3 +185,21 @@ async def test_prune_flattens_into_an_encrypted_image(
     await cli.ok("restore", "--repo", root, "--disk", "vda", "--out", str(out), "--format", "raw",
                  "--encrypt-key", str(key))  # fmt: skip
     assert images_equal(out, ref)
+
+
+def test_digests_under_a_key_are_keyed_and_derived_from_the_file(tmp_path: Path) -> None:
+    """Keyed BLAKE3 (derive_key from the file's bytes): nothing a plain digest of the data
+    would match, the same under the same file, another under another; zeroes too."""
+    block = bytes(range(256)) * 256
+    plain = block_digest(block, "blake3")
+    assert plain == blake3.blake3(block).digest()
+    with using_key(_key(tmp_path)):
+        keyed = block_digest(block, "blake3")
+        keyed_zero = zero_digest(65536, "blake3")
+    with using_key(_key(tmp_path)):
+        assert block_digest(block, "blake3") == keyed
+    with using_key(_key(tmp_path, b"another key")):
+        assert block_digest(block, "blake3") != keyed
+    assert keyed != plain and keyed_zero != zero_digest(65536, "blake3")
+    derived = blake3.blake3(PASSPHRASE, derive_key_context=DIGEST_CONTEXT).digest()
+    assert keyed == blake3.blake3(block, key=derived).digest()
