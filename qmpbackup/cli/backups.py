@@ -153,6 +153,7 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         scratch_reserve=args.scratch_reserve or DEFAULT_SCRATCH_RESERVE,
         quiesce=args.quiesce,
         guest_agent=agent_socket(args),
+        compress=args.compress,
     )
     return 0
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 
 from ..api import VM
-from ..errors import JobFailedError, QmpBackupError
+from ..errors import InvalidInputError, JobFailedError, QmpBackupError
 from ..planner.facts import BeginOptions
 from ..planner.level import DiskHistory, LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
@@ -39,7 +39,7 @@ from ..results import BackupBegun
 from .digests import DEFAULT_BLOCK_SIZE
 from .events import BackupEvent, EventSink
 from .prune import unneeded_checkpoints
-from .records import BackupEntry, DiskRequest
+from .records import BackupEntry, Compression, DiskRequest
 from .records import BackupRecord as RepositoryRecord
 from .repository import Repository
 from .seal import Hashed, seal
@@ -281,7 +281,23 @@ def _history(repo: Repository, disk: str) -> DiskHistory | None:
         last_checkpoint_time=last.checkpoint_time,
         full_checkpoint=None if full is None else full.checkpoint,
         full_checkpoint_time=None if full is None else full.checkpoint_time,
+        compression=last.compression,
     )
+
+
+def _compression(vm: VM, compress: bool, mode: Mode, emit: EventSink) -> Compression | None:
+    """The compression type of this run's images: zstd where this QEMU's qcow2 has it
+    (its schema says), else zlib, said; None without ``compress``."""
+    if not compress:
+        return None
+    if mode == "pull":
+        raise InvalidInputError("--compress works in push mode only: pull's writer stores plain")
+    if vm.capabilities.qcow2_zstd:
+        emit(BackupEvent("compression", message="images compressed with zstd"))
+        return "zstd"
+    why = "this QEMU's qcow2 has no zstd compression type"
+    emit(BackupEvent("compression", message=f"images compressed with zlib: {why}"))
+    return "zlib"
 
 
 def _decide(
@@ -291,6 +307,7 @@ def _decide(
     level: RequestedLevel,
     disks: Sequence[str] | None,
     emit: EventSink,
+    compression: Compression | None = None,
 ) -> list[LevelDecision]:
     """Each disk's level from the repository's history and the live graph, announced."""
     names = _chosen_disks(graph, disks)
@@ -298,7 +315,7 @@ def _decide(
         if name not in names and graph.disks[name].firmware_code and not disks:
             emit(BackupEvent("skipped", disk=name, reason=FIRMWARE_CODE))
     history = {name: h for name in names if (h := _history(repo, name)) is not None}
-    decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
+    decisions = decide_levels(level, names, graph, vm.checkpoints(), history, compression)
     for decision in decisions:
         emit(BackupEvent("level", disk=decision.disk, level=decision.level, reason=decision.reason))
     return decisions
@@ -316,6 +333,7 @@ async def backup_to_repository(
     scratch_reserve: int = DEFAULT_SCRATCH_RESERVE,
     quiesce: bool = False,
     guest_agent: str | None = None,
+    compress: bool = False,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
     decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
@@ -325,6 +343,8 @@ async def backup_to_repository(
     bytes kept free beside each; one that fills its room ends the backup
     (ScratchFullError) before the guest's writes could fail.  ``quiesce``: the guest's
     filesystems are frozen around the instant (see :meth:`VM.backup_begin`).
+    ``compress``: the images hold qcow2 compressed clusters (zstd, or zlib where this
+    QEMU has no zstd); a chain stored otherwise is not continued (a new full starts).
 
     On failure or cancellation the backup job is aborted and the repository is left as
     it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
@@ -332,13 +352,17 @@ async def backup_to_repository(
     RepositoryError, JobFailedError or QMPCommandError at run time.
     """
     emit: EventSink = on_event or (lambda event: None)
+    compression = _compression(vm, compress, mode, emit)
     repo = Repository(Path(root), vm.key)
     with repo.exclusive():
         stale = discard_incomplete(repo)
         graph = await vm.graph()
-        decisions = _decide(repo, vm, graph, level, disks, emit)
+        decisions = _decide(repo, vm, graph, level, disks, emit, compression)
         entry = repo.begin_backup(
-            _disk_requests(graph, decisions), mode=mode, checkpoint=CHECKPOINT_NAME
+            _disk_requests(graph, decisions),
+            mode=mode,
+            checkpoint=CHECKPOINT_NAME,
+            compression=compression,
         )
         # This process watches its scratches while it reads them: they need not reserve
         # their disks' whole size. It reads each push target once its job is done:
@@ -352,6 +376,7 @@ async def backup_to_repository(
             quiesce=quiesce,
             guest_agent=guest_agent,
             volatile_bitmaps=True,
+            compress=compression,
         )
         run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
         try:

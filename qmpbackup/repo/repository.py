@@ -39,6 +39,7 @@ from .records import (
     RECORDS_DIR,
     BackupEntry,
     BackupRecord,
+    Compression,
     DiskRecord,
     DiskRequest,
     DiskTarget,
@@ -223,6 +224,7 @@ class Repository:
         checkpoint: str | None = None,
         checkpoint_time: int | None = None,
         now: datetime | None = None,
+        compression: Compression | None = None,
     ) -> BackupEntry:
         """Reserve the next backup id and write its incomplete record; return the targets.
 
@@ -256,6 +258,7 @@ class Repository:
                 mode=mode,
                 format=CURRENT_FORMAT,
                 complete=False,
+                compression=compression,
                 disks=disk_records,
             )
             for target in targets:
