@@ -154,6 +154,7 @@ async def cmd_backup(args: argparse.Namespace, vm: VM) -> int:
         quiesce=args.quiesce,
         guest_agent=agent_socket(args),
         encrypt_key=args.encrypt_key,
+        compress=args.compress,
     )
     return 0
 

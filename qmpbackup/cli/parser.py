@@ -178,6 +178,12 @@ def _vm_commands(add: Adder) -> None:
         help="auto: incremental where the disk's chain is valid, else full (default)",
     )
     p.add_argument("--mode", choices=["push", "pull"], default="push")
+    p.add_argument(
+        "--compress",
+        action="store_true",
+        help="qcow2 compressed clusters, zstd (zlib where QEMU has no zstd); "
+        "a change of compression starts a new full",
+    )
     p.add_argument("--disk", action="append", help="back up this disk (repeatable; default all)")
     p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
     p.add_argument(

@@ -45,6 +45,8 @@ def describe(event: BackupEvent) -> str | None:
         return f"Backup {event.backup} completed"
     if event.kind == "released":
         return f"Domain checkpoint {event.message} deleted: no backup needs it any more"
+    if event.kind == "compression":
+        return event.message
     if event.kind == "aborted":
         return f"Backup {event.backup or ''} aborted: {event.message}".replace("  ", " ")
     return None

@@ -76,6 +76,9 @@ class BeginOptions(BaseModel):
 
     ``secrets``: see the field.
 
+    ``compress``: each new qcow2 push target is created with this compression type and
+    written with compressed clusters (``blockdev-backup`` ``compress``); None: plain.
+
     ``volatile_bitmaps`` True: a disk of the new checkpoint that cannot keep a persistent
     bitmap (raw, pflash NVRAM, read-only) gets a non-persistent one, valid while this
     QEMU process runs, recorded as such (the one-shot ``backup`` asks for it). False, as
@@ -91,6 +94,7 @@ class BeginOptions(BaseModel):
     quiesce: bool = False
     guest_agent: str | None = None
     volatile_bitmaps: bool = False
+    compress: Literal["zstd", "zlib"] | None = None
     # ``--secret NAME=FILE``: the file (absolute) holding the passphrase a request's
     # ``<secret uuid=|usage=>`` names; QEMU reads it, qmpbackup never does.
     secrets: Mapping[str, str] = {}

@@ -39,6 +39,7 @@ class DiskHistory(BaseModel):
     last_checkpoint_time: int | None
     full_checkpoint: str | None
     full_checkpoint_time: int | None
+    compression: str | None = None  # the chain's qcow2 compression type
 
 
 class LevelDecision(BaseModel):
@@ -74,6 +75,17 @@ def _since(
             "a non-persistent bitmap, valid while this QEMU runs"
         )
     return f"changes since {name}"
+
+
+def _compression_problem(
+    disk: str, history: DiskHistory | None, compression: str | None
+) -> str | None:
+    """Why this run's compression cannot continue ``disk``'s chain, or None."""
+    if history is None or history.compression == compression:
+        return None
+    before = history.compression or "uncompressed"
+    now = compression or "uncompressed"
+    return f"the chain of {disk} is {before}, this run {now}: a new compression starts a full"
 
 
 def _chain_problem(
@@ -127,8 +139,10 @@ def decide_levels(
     graph: BlockGraph,
     checkpoints: Sequence[Checkpoint],
     history: Mapping[str, DiskHistory],
+    compression: str | None = None,
 ) -> list[LevelDecision]:
-    """Decide each disk's level; PlanError when an explicit inc/diff cannot be had."""
+    """Decide each disk's level; PlanError when an explicit inc/diff cannot be had.
+    ``compression``: this run's; a chain stored otherwise cannot be continued."""
     decisions: list[LevelDecision] = []
     for disk in disks:
         past = history.get(disk)
@@ -140,7 +154,9 @@ def decide_levels(
         created = past.full_checkpoint_time if past and level == "diff" else None
         if level == "inc" and past is not None:
             name, created = past.last_checkpoint, past.last_checkpoint_time
-        problem = _chain_problem(disk, graph, checkpoints, past, name, created)
+        problem = _compression_problem(disk, past, compression) or _chain_problem(
+            disk, graph, checkpoints, past, name, created
+        )
         if problem is None:
             decisions.append(
                 LevelDecision(

@@ -124,6 +124,8 @@ def _target_steps(
             backing_file=backing_file,
             backing_fmt=backing_fmt,
             encrypt=encrypt,
+            # zlib is qcow2's default: left out, so that a QEMU without the member works.
+            compression_type="zstd" if context.options.compress == "zstd" else None,
         )
         steps += create_steps(
             BlockdevCreate(job_id=naming.create_job_id(backup_id, disk, "qcow2"), options=qcow2),
@@ -196,6 +198,9 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
         add_incremental_bitmap(context, choice, source, bitmap, pieces)
         temporaries = ((source, bitmap),)
     perf = BackupPerf(max_workers=PUSH_WORKERS) if facts.capabilities.backup_perf else None
+    compress = context.options.compress is not None
+    if compress and choice.format != "qcow2":
+        raise InvalidInputError(f"disk {disk}: only a qcow2 target can be compressed")
     pieces.actions.append(
         BlockdevBackup(
             job_id=job,
@@ -205,6 +210,7 @@ def plan_disk(context: DiskContext, choice: DiskChoice) -> DiskPieces:
             bitmap=bitmap,
             auto_finalize=True,
             auto_dismiss=False,
+            compress=compress or None,
             x_perf=perf,
         )
     )

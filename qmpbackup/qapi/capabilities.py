@@ -36,6 +36,11 @@ _PATHS: dict[str, tuple[str, str, str]] = {
     "copy_before_write": ("copy-before-write driver", "blockdev-add", "driver=copy-before-write"),
     "block_export": ("block-export-add", "block-export-add", ""),
     "debug_block_graph": ("x-debug-query-block-graph", "x-debug-query-block-graph", ""),
+    "qcow2_zstd": (
+        "qcow2 zstd compression",
+        "blockdev-create",
+        "options.driver=qcow2.compression-type=zstd",
+    ),
     "read_splitting": (
         "blkdebug align and max-transfer",
         "blockdev-add",
@@ -63,6 +68,9 @@ class Capabilities(BaseModel):
     #: at copy-before-write clusters with it (see :mod:`qmpbackup.planner.pull`).
     read_splitting: bool
     block_export: bool
+    #: qcow2 images can be created with ``compression-type: zstd`` (``--compress``
+    #: falls back to zlib, QEMU's only compression before, where this is False).
+    qcow2_zstd: bool = False
     #: ``x-debug-query-block-graph`` names child nodes (discovery needs it behind filters).
     debug_block_graph: bool
     #: Not in any schema: whether snapshot-access answers a read that starts in clusters

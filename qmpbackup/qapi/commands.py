@@ -152,6 +152,7 @@ class CreateQcow2Options(QAPIModel):
     cluster_size: int | None = None
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
     encrypt: LuksEncryption | None = None
+    compression_type: Literal["zlib", "zstd"] | None = None
 
 
 class BlockSetWriteThreshold(QMPCommand):
@@ -235,6 +236,7 @@ class BlockdevBackup(QMPCommand):
     auto_finalize: bool | None = None
     auto_dismiss: bool | None = None
     filter_node_name: str | None = None
+    compress: bool | None = None
     x_perf: BackupPerf | None = None
 
 

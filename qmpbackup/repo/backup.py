@@ -30,10 +30,10 @@ from pathlib import Path
 import structlog
 
 from ..api import VM
-from ..errors import JobFailedError, QmpBackupError
+from ..errors import InvalidInputError, JobFailedError, QmpBackupError
 from ..images.keyed import using_key
 from ..planner.facts import BeginOptions
-from ..planner.level import DiskHistory, LevelDecision, decide_levels
+from ..planner.level import LevelDecision
 from ..qmp.graph import BlockGraph
 from ..request.models import (
     BackupSpec,
@@ -48,6 +48,7 @@ from ..results import BackupBegun
 from .digests import DEFAULT_BLOCK_SIZE
 from .encryption import check_encryption
 from .events import BackupEvent, EventSink
+from .levels import compression_of, decide
 from .prune import unneeded_checkpoints
 from .records import BackupEntry, DiskRequest
 from .records import BackupRecord as RepositoryRecord
@@ -73,18 +74,6 @@ class RepositoryBackup:
     record: RepositoryRecord
     decisions: tuple[LevelDecision, ...]
     released: tuple[str, ...]
-
-
-FIRMWARE_CODE = "read-only firmware code from the host's firmware package, not the VM's data"
-
-
-def _chosen_disks(graph: BlockGraph, names: Sequence[str] | None) -> list[str]:
-    """The disks named, or every disk but the firmware's code (pflash0 of a UEFI guest:
-    the host's OVMF_CODE, which libvirt does not back up either; its NVRAM is)."""
-    if not names:
-        return [name for name, disk in graph.disks.items() if not disk.firmware_code]
-    chosen = [graph.disk(name).name for name in names]
-    return list(dict.fromkeys(chosen))
 
 
 def _disk_requests(graph: BlockGraph, decisions: Sequence[LevelDecision]) -> list[DiskRequest]:
@@ -284,45 +273,6 @@ class _OneShot:
         log.info("backup.abandoned", id=self.entry.id, reason=why)
 
 
-def _history(repo: Repository, disk: str) -> DiskHistory | None:
-    """What the level decision needs of ``disk``'s last complete backups in ``repo``."""
-    last = repo.parent_for(disk, "inc")
-    if last is None:
-        return None
-    full = repo.parent_for(disk, "diff")
-    entry = repo.disk_record(last, disk)
-    return DiskHistory(
-        disk=disk,
-        image=entry.source or "",
-        virtual_size=entry.virtual_size,
-        granularity=entry.granularity,
-        last_checkpoint=last.checkpoint,
-        last_checkpoint_time=last.checkpoint_time,
-        full_checkpoint=None if full is None else full.checkpoint,
-        full_checkpoint_time=None if full is None else full.checkpoint_time,
-    )
-
-
-def _decide(
-    repo: Repository,
-    vm: VM,
-    graph: BlockGraph,
-    level: RequestedLevel,
-    disks: Sequence[str] | None,
-    emit: EventSink,
-) -> list[LevelDecision]:
-    """Each disk's level from the repository's history and the live graph, announced."""
-    names = _chosen_disks(graph, disks)
-    for name in graph.disks:
-        if name not in names and graph.disks[name].firmware_code and not disks:
-            emit(BackupEvent("skipped", disk=name, reason=FIRMWARE_CODE))
-    history = {name: h for name in names if (h := _history(repo, name)) is not None}
-    decisions = decide_levels(level, names, graph, vm.checkpoints(), history)
-    for decision in decisions:
-        emit(BackupEvent("level", disk=decision.disk, level=decision.level, reason=decision.reason))
-    return decisions
-
-
 async def backup_to_repository(
     vm: VM,
     root: Path | str,
@@ -336,6 +286,7 @@ async def backup_to_repository(
     quiesce: bool = False,
     guest_agent: str | None = None,
     encrypt_key: Path | None = None,
+    compress: bool = False,
 ) -> RepositoryBackup:
     """Back up ``disks`` (default: all) of ``vm`` into the repository at ``root``: levels
     decided per disk, begin, copy, digests and check, commit, end; then the checkpoints
@@ -347,6 +298,8 @@ async def backup_to_repository(
     filesystems are frozen around the instant (see :meth:`VM.backup_begin`).
     ``encrypt_key``: a file whose bytes are the passphrase of the repository's LUKS
     images, which QEMU reads (push only); see :mod:`qmpbackup.repo.encryption`.
+    ``compress``: the images hold qcow2 compressed clusters (zstd, or zlib where this
+    QEMU has no zstd); a chain stored otherwise is not continued (a new full starts).
 
     On failure or cancellation the backup job is aborted and the repository is left as
     it was, and the error is raised: PlanError when an explicit inc/diff cannot be had,
@@ -354,17 +307,25 @@ async def backup_to_repository(
     RepositoryError, JobFailedError or QMPCommandError at run time.
     """
     emit: EventSink = on_event or (lambda event: None)
+    if compress and encrypt_key is not None:
+        # qemu-img: "Compression and encryption not supported at the same time".
+        raise InvalidInputError(
+            "--compress and --encrypt-key cannot be combined: QEMU's qcow2 does not write "
+            "compressed clusters into an encrypted image"
+        )
+    compression = compression_of(vm, compress, mode, emit)
     repo = Repository(Path(root), vm.key)
     with repo.exclusive(), using_key(encrypt_key):
         stale = discard_incomplete(repo)
         check_encryption(repo, encrypt_key, mode)
         graph = await vm.graph()
-        decisions = _decide(repo, vm, graph, level, disks, emit)
+        decisions = decide(repo, vm, graph, level, disks, emit, compression)
         entry = repo.begin_backup(
             _disk_requests(graph, decisions),
             mode=mode,
             checkpoint=CHECKPOINT_NAME,
             encrypted=encrypt_key is not None,
+            compression=compression,
         )
         # This process watches its scratches while it reads them: they need not reserve
         # their disks' whole size. It reads each push target once its job is done:
@@ -379,6 +340,7 @@ async def backup_to_repository(
             guest_agent=guest_agent,
             volatile_bitmaps=True,
             secrets={} if encrypt_key is None else {REPOSITORY_SECRET: str(encrypt_key.absolute())},
+            compress=compression,
         )
         run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
         try:

@@ -19,6 +19,7 @@ EventKind = Literal[
     "committed",  # the backup is complete in the repository
     "released",  # a checkpoint no longer needed was deleted
     "aborted",  # the backup was stopped and its traces removed
+    "compression",  # how the new images are compressed: message
 ]
 
 

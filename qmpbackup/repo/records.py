@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,6 +60,10 @@ def check_disk_name(name: str) -> str:
     if name == RECORDS_DIR:
         raise ValueError(f"invalid disk name {name!r}: reserved for the backup records")
     return name
+
+
+#: A qcow2 compression type of a repository's images.
+Compression: TypeAlias = Literal["zstd", "zlib"]
 
 
 class _Model(BaseModel):
@@ -117,6 +121,9 @@ class BackupRecord(_Model):
     digest_key: Literal["blake3-derive-key"] | None = None
     complete: bool = False
     merged: tuple[str, ...] = ()
+    # The qcow2 compression type of the backup's images (``--compress``); None: plain.
+    # A chain keeps one: a change starts a new full.
+    compression: Compression | None = None
     disks: tuple[DiskRecord, ...]
 
     @field_validator("id", "parent")

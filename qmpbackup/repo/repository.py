@@ -39,6 +39,7 @@ from .records import (
     RECORDS_DIR,
     BackupEntry,
     BackupRecord,
+    Compression,
     DiskRecord,
     DiskRequest,
     DiskTarget,
@@ -224,6 +225,7 @@ class Repository:
         checkpoint_time: int | None = None,
         now: datetime | None = None,
         encrypted: bool = False,
+        compression: Compression | None = None,
     ) -> BackupEntry:
         """Reserve the next backup id and write its incomplete record; return the targets.
 
@@ -259,6 +261,7 @@ class Repository:
                 encryption="luks" if encrypted else None,
                 digest_key="blake3-derive-key" if encrypted else None,
                 complete=False,
+                compression=compression,
                 disks=disk_records,
             )
             for target in targets:
