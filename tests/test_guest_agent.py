@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import structlog
-from structlog.testing import capture_logs
 
 from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM
 from qmpbackup.errors import GuestAgentError
@@ -38,18 +35,6 @@ from .guest import GuestVM, guest_artifacts, make_ext4_disk, skip_reason
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MIB = 1024 * 1024
 MODULE = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture
-def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """structlog entries, debug level included."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(**saved)
 
 
 # -- the real guest ---------------------------------------------------------------
