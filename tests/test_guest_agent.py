@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM
+from qmpbackup.demo.throwaway import ThrowawayVM
 from qmpbackup.errors import GuestAgentError
 from qmpbackup.qga.agent import GuestAgent
 from qmpbackup.qga.discover import (
@@ -30,10 +30,9 @@ from qmpbackup.qga.discover import (
     socket_from_filename,
 )
 
-from .guest import GuestVM, guest_artifacts, make_ext4_disk, skip_reason
+from .guest import GuestVM, ext4_guest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MIB = 1024 * 1024
 MODULE = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -43,17 +42,7 @@ MODULE = pytest.mark.asyncio(loop_scope="module")
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def guest(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GuestVM]:
     """The real guest on two ext4 disks (vda qcow2, vdb raw), booted and ready."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    artifacts = guest_artifacts()
-    assert artifacts is not None
-    work = tmp_path_factory.mktemp("qga")
-    vda = make_ext4_disk(work / "a.qcow2", 64 * MIB, "qcow2")
-    vdb = make_ext4_disk(work / "b.raw", 64 * MIB, "raw")
-    machine = GuestVM(
-        work, [DiskImage("vda", vda, "qcow2"), DiskImage("vdb", vdb, "raw")], artifacts
-    )
+    machine = ext4_guest(tmp_path_factory.mktemp("qga"))
     await machine.start()
     try:
         print(f"guest ready after {await machine.wait_ready(180):.1f} s ({machine.accel})")
