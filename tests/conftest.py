@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
 from qmpbackup.logconfig import configure_logging
@@ -112,3 +115,15 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
     finally:
         for path in mounts:
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """structlog entries, with debug level let through whatever configure_logging did before."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with capture_logs() as entries:
+            yield entries
+    finally:
+        structlog.configure(**saved)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
+
 from qmpbackup.demo.throwaway import QEMU, DiskImage, ThrowawayVM, kvm_usable, qemu_img
 from qmpbackup.errors import QmpBackupError
 
@@ -232,6 +234,22 @@ class GuestVM(ThrowawayVM):
     def _remove_sockets(self) -> None:
         super()._remove_sockets()
         self.agent_path.unlink(missing_ok=True)
+
+
+def ext4_guest(workdir: Path, append: str = "") -> GuestVM:
+    """The guest on two new 64 MiB ext4 disks in ``workdir``, ``vda`` qcow2 and ``vdb``
+    raw, not started yet; the calling test is skipped when the guest is not built."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    artifacts = guest_artifacts()
+    assert artifacts is not None
+    size = 64 << 20
+    disks = [
+        DiskImage("vda", make_ext4_disk(workdir / "vda.qcow2", size, "qcow2"), "qcow2"),
+        DiskImage("vdb", make_ext4_disk(workdir / "vdb.raw", size, "raw"), "raw"),
+    ]
+    return GuestVM(workdir, disks, artifacts, append=append)
 
 
 def _tool(name: str) -> str:

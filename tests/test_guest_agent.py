@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-import structlog
-from structlog.testing import capture_logs
 
-from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM
+from qmpbackup.demo.throwaway import ThrowawayVM
 from qmpbackup.errors import GuestAgentError
 from qmpbackup.qga.agent import GuestAgent
 from qmpbackup.qga.discover import (
@@ -33,23 +30,10 @@ from qmpbackup.qga.discover import (
     socket_from_filename,
 )
 
-from .guest import GuestVM, guest_artifacts, make_ext4_disk, skip_reason
+from .guest import GuestVM, ext4_guest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-MIB = 1024 * 1024
 MODULE = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest.fixture
-def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """structlog entries, debug level included."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(**saved)
 
 
 # -- the real guest ---------------------------------------------------------------
@@ -58,17 +42,7 @@ def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def guest(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GuestVM]:
     """The real guest on two ext4 disks (vda qcow2, vdb raw), booted and ready."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    artifacts = guest_artifacts()
-    assert artifacts is not None
-    work = tmp_path_factory.mktemp("qga")
-    vda = make_ext4_disk(work / "a.qcow2", 64 * MIB, "qcow2")
-    vdb = make_ext4_disk(work / "b.raw", 64 * MIB, "raw")
-    machine = GuestVM(
-        work, [DiskImage("vda", vda, "qcow2"), DiskImage("vdb", vdb, "raw")], artifacts
-    )
+    machine = ext4_guest(tmp_path_factory.mktemp("qga"))
     await machine.start()
     try:
         print(f"guest ready after {await machine.wait_ready(180):.1f} s ({machine.accel})")

@@ -23,16 +23,12 @@ from typing import Any
 
 import pytest
 
-from qmpbackup.demo.throwaway import DiskImage
-
 from .guest import (
     GUEST_REPORT,
     GuestVM,
     check_files,
     e2fsck_clean,
-    guest_artifacts,
-    make_ext4_disk,
-    skip_reason,
+    ext4_guest,
 )
 from .guest_agent import GuestAgent
 from .qmp_cutter import QmpCutter
@@ -40,25 +36,15 @@ from .support import Cli, CliResult
 from .test_faults import spawn
 
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
-MIB = 1024 * 1024
 
 
 @pytest.fixture
 async def guest(tmp_path: Path) -> AsyncIterator[GuestVM]:
-    """The guest on two ext4 disks (vda qcow2, vdb raw), its workload running."""
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    artifacts = guest_artifacts()
-    assert artifacts is not None
+    """The guest on two ext4 disks (vda qcow2, vdb raw), its workload running. vdb is
+    raw: it cannot keep a persistent bitmap, and is backed up all the same."""
     work = tmp_path / "vm"
     work.mkdir()
-    # vdb is raw: it cannot keep a persistent bitmap, and is backed up all the same.
-    disks = [
-        DiskImage("vda", make_ext4_disk(work / "vda.qcow2", 64 * MIB, "qcow2"), "qcow2"),
-        DiskImage("vdb", make_ext4_disk(work / "vdb.raw", 64 * MIB, "raw"), "raw"),
-    ]
-    machine = GuestVM(work, disks, artifacts, append="qmpbackup.interval=0.02")
+    machine = ext4_guest(work, append="qmpbackup.interval=0.02")
     await machine.start()
     try:
         await machine.wait_ready(180)
@@ -109,7 +95,7 @@ def events(result: CliResult) -> list[dict[str, Any]]:
 
 def frozen_window(logged: list[dict[str, Any]]) -> list[str]:
     """The QMP commands sent between the agent's freeze and its thaw."""
-    inside, sent = False, []
+    inside, sent = False, list[str]()
     for entry in logged:
         what = entry.get("execute")
         if entry.get("event") == "qga.command" and what == "guest-fsfreeze-freeze":

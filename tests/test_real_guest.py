@@ -11,21 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from qmpbackup.demo.throwaway import DiskImage
-
 from .guest import (
-    GuestVM,
     check_files,
     e2fsck_clean,
     expected_content,
+    ext4_guest,
     guest_artifacts,
-    make_ext4_disk,
     read_manifest,
-    skip_reason,
 )
 from .guest_agent import GuestAgent
-
-MIB = 1024 * 1024
 
 
 def test_shell_and_python_agree_on_file_content(tmp_path: Path) -> None:
@@ -46,17 +40,10 @@ def test_shell_and_python_agree_on_file_content(tmp_path: Path) -> None:
 @pytest.mark.qemu
 @pytest.mark.guest
 async def test_guest_writes_freezes_and_shuts_down_clean(tmp_path: Path) -> None:
-    reason = skip_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    artifacts = guest_artifacts()
-    assert artifacts is not None
     work = tmp_path / "vm"
     work.mkdir()
-    vda = make_ext4_disk(work / "a.qcow2", 64 * MIB, "qcow2")
-    vdb = make_ext4_disk(work / "b.raw", 64 * MIB, "raw")
-    disks = [DiskImage("vda", vda, "qcow2"), DiskImage("vdb", vdb, "raw")]
-    machine = GuestVM(work, disks, artifacts)
+    machine = ext4_guest(work)
+    vda, vdb = (disk.path for disk in machine.disks)
     await machine.start()
     try:
         ready = await machine.wait_ready(180)

@@ -7,13 +7,12 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from structlog.testing import capture_logs
 
 from qmpbackup.demo.throwaway import ThrowawayVM
 from qmpbackup.errors import ConnectionFailedError, DisconnectedError, QMPCommandError
@@ -70,18 +69,6 @@ async def qmp(vm: ThrowawayVM) -> AsyncIterator[QMPSession]:
         yield session
     finally:
         await session.disconnect()
-
-
-@pytest.fixture
-def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """structlog entries, with debug level let through whatever configure_logging did before."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        with capture_logs() as entries:
-            yield entries
-    finally:
-        structlog.configure(**saved)
 
 
 # -- addresses ------------------------------------------------------------------

@@ -28,13 +28,18 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def frozen_line(seconds: float) -> str:
+    """What is printed after a quiesced instant."""
+    return f"guest frozen for {seconds * 1e3:.0f} ms"
+
+
 def describe(event: BackupEvent) -> str | None:
     """The line a person reads for an event; None for progress events."""
     if event.kind == "level":
         word = {"full": "full", "inc": "incremental", "diff": "differential"}[event.level or ""]
         return f"{event.disk}: {word} ({event.reason})"
     if event.kind == "quiesced":
-        return f"guest frozen for {(event.seconds or 0) * 1e3:.0f} ms"
+        return frozen_line(event.seconds or 0.0)
     if event.kind == "skipped":
         return f"{event.disk}: not backed up ({event.reason})"
     if event.kind == "begin":

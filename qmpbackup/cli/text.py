@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .progress import human_size
+from .progress import frozen_line, human_size
 
 if TYPE_CHECKING:
     from ..planner.plan import Step
@@ -119,4 +119,4 @@ def info_text(info: VMInfo) -> str:
 def print_frozen(seconds: float | None) -> None:
     """``guest frozen for N ms`` after a quiesced instant (nothing without one)."""
     if seconds is not None:
-        out(f"guest frozen for {seconds * 1e3:.0f} ms")
+        out(frozen_line(seconds))

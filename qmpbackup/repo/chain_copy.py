@@ -22,7 +22,7 @@ from typing import Literal
 import blake3
 
 from ..files import pwrite_all
-from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_map
+from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_into, read_map
 from ..images.qcow2_writer import Qcow2Writer
 from .digests import Digests, zero_digest
 
@@ -128,12 +128,6 @@ class _Output:
             os.close(self.fd)
 
 
-def _read(fd: int, buffer: bytearray, length: int, offset: int) -> memoryview:
-    """Up to ``length`` bytes at ``offset`` of ``fd``, read into ``buffer``."""
-    view = memoryview(buffer)[:length]
-    return view[: os.preadv(fd, [view], offset)]
-
-
 def copy_chain(
     chain: Sequence[Path], dest: Path, fmt: Literal["qcow2", "raw"], expected: Digests
 ) -> ChainCopy:
@@ -164,7 +158,7 @@ def copy_chain(
             # 4 KiB (0.3 s of system time per GiB); the write below is done before return.
             if not hasattr(local, "buffer"):
                 local.buffer = bytearray(_RUN * cluster)
-            data = _read(fds[layer], local.buffer, n * cluster, host)
+            data = read_into(fds[layer], local.buffer, n * cluster, host)
             length = min(n * cluster, size - first * cluster)
             if len(data) < length:
                 raise Qcow2Unsupported(f"{layers[layer].path}: data past the end of the file")
