@@ -30,6 +30,13 @@ def _key(tmp_path: Path, value: bytes = PASSPHRASE) -> Path:
     return path
 
 
+def _slot_iters(image: Path) -> int:
+    """The PBKDF2 iterations of the first LUKS key slot of an encrypted qcow2 image."""
+    info = json.loads(qemu_img("info", "-U", "--output=json", str(image)))
+    slots = info["format-specific"]["data"]["encrypt"]["slots"]
+    return int(next(s["iters"] for s in slots if s["active"]))
+
+
 def _opts(image: Path, depth: int) -> str:
     layers = ",".join("backing." * i + "encrypt.key-secret=k" for i in range(depth))
     return f"driver=qcow2,file.filename={image},{layers}"
@@ -103,6 +110,8 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
         image = repo.image_path(record, "vda")
         info = json.loads(qemu_img("info", "-U", "--output=json", str(image)))
         assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+        # A key file of 32 bytes or more is taken for a random key: the shortest stretching.
+        assert _slot_iters(image) < 100_000
         qemu_img("check", "--object", obj, "--image-opts", _opts(image, depth))
         qemu_img("compare", "--object", obj, "--image-opts", _opts(image, depth),
                  f"driver=raw,file.filename={ref}")  # fmt: skip
@@ -140,14 +149,22 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
 async def test_encrypted_repository_refusals_write_nothing(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
 ) -> None:
-    key = _key(tmp_path)
+    key = tmp_path / "short-key"
+    key.write_bytes(b"a person's passphrase")  # under 32 bytes: QEMU's own stretching
     root = str(tmp_path / "repo")
     await cli.ok("backup", "--repo", root, "--encrypt-key", str(key), "--disk", "vda")
+    (record,) = Repository(tmp_path / "repo", "testvm").backups()
+    assert _slot_iters(Repository(tmp_path / "repo", "testvm").image_path(record, "vda")) > 100_000
     before = sorted(p for p in (tmp_path / "repo").rglob("*"))
     wrong = _key(tmp_path, b"not the key")
+    binary, empty = tmp_path / "binary-key", tmp_path / "empty-key"
+    binary.write_bytes(bytes(range(256)))
+    empty.write_bytes(b"\n")
     for args, words in [
         ((), "is encrypted: give its --encrypt-key"),
         (("--encrypt-key", str(wrong)), "does not open"),
+        (("--encrypt-key", str(binary)), "not UTF-8 text"),
+        (("--encrypt-key", str(empty)), "empty"),
         (("--encrypt-key", str(key), "--mode", "pull"), "not built yet"),
     ]:
         refused = await cli("backup", "--repo", root, "--disk", "vda", *args)

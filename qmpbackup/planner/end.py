@@ -14,10 +14,10 @@ from ..qapi.commands import (
     BlockExportDel,
     JobCancel,
     JobDismiss,
-    ObjectDel,
     QMPCommand,
     Transaction,
 )
+from ..qapi.objects import ObjectDel
 from ..qmp.graph import BlockGraph
 from ..qmp.jobs import JobState
 from ..state.active import ActiveBackup

@@ -11,8 +11,6 @@ from collections.abc import Iterable
 
 from ..errors import InvalidInputError, PlanError
 from ..qapi.commands import (
-    AuthzListAdd,
-    AuthzRule,
     BitmapRef,
     BlockdevAddBlkdebug,
     BlockdevAddSnapshotAccess,
@@ -25,11 +23,10 @@ from ..qapi.commands import (
     JobCancel,
     NbdServerStart,
     NbdServerStop,
-    ObjectDel,
-    TlsCredsX509Add,
     UnixAddress,
     UnixSocketPath,
 )
+from ..qapi.objects import AuthzListAdd, AuthzRule, ObjectDel, TlsCredsX509Add
 from ..request.models import BackupSpec
 from ..state.active import DiskJob, NbdServer
 from . import naming

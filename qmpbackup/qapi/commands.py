@@ -98,6 +98,13 @@ class LuksEncryption(QAPIModel):
     key_secret: str
 
 
+class LuksCreateEncryption(LuksEncryption):
+    """qcow2's ``encrypt`` when it is created: also how long the LUKS header's PBKDF2
+    takes (``iter-time``, ms; QEMU's default 2000 when None)."""
+
+    iter_time: int | None = Field(default=None, ge=1)
+
+
 class BlockdevAddQcow2(QMPCommand):
     """``blockdev-add`` of a ``qcow2`` format node."""
 
@@ -151,7 +158,7 @@ class CreateQcow2Options(QAPIModel):
     backing_fmt: str | None = None
     cluster_size: int | None = None
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
-    encrypt: LuksEncryption | None = None
+    encrypt: LuksCreateEncryption | None = None
     compression_type: Literal["zlib", "zstd"] | None = None
 
 
@@ -350,49 +357,3 @@ class BlockExportDel(QMPCommand):
     execute: ClassVar[str] = "block-export-del"
     id: str
     mode: Literal["safe", "hard"] | None = None
-
-
-class TlsCredsX509Add(QMPCommand):
-    """``object-add`` of server-side ``tls-creds-x509`` credentials."""
-
-    execute: ClassVar[str] = "object-add"
-    qom_type: Literal["tls-creds-x509"] = "tls-creds-x509"
-    id: str
-    dir: str
-    endpoint: Literal["server", "client"] = "server"
-    verify_peer: bool = True
-
-
-class AuthzRule(QAPIModel):
-    """``QAuthZListRule``: one allowed client certificate DN."""
-
-    match: str
-    policy: Literal["allow", "deny"] = "allow"
-    format: Literal["exact", "glob"] = "exact"
-
-
-class AuthzListAdd(QMPCommand):
-    """``object-add`` of an ``authz-list``: the client DNs allowed in."""
-
-    execute: ClassVar[str] = "object-add"
-    qom_type: Literal["authz-list"] = "authz-list"
-    id: str
-    policy: Literal["allow", "deny"] = "deny"
-    rules: tuple[AuthzRule, ...]
-
-
-class SecretAdd(QMPCommand):
-    """``object-add`` of a ``secret`` that QEMU reads from ``file`` (never given inline)."""
-
-    execute: ClassVar[str] = "object-add"
-    qom_type: Literal["secret"] = "secret"
-    id: str
-    file: str
-    format: Literal["raw"] = "raw"
-
-
-class ObjectDel(QMPCommand):
-    """``object-del``."""
-
-    execute: ClassVar[str] = "object-del"
-    id: str

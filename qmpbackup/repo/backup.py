@@ -31,7 +31,7 @@ import structlog
 
 from ..api import VM
 from ..errors import InvalidInputError, JobFailedError, QmpBackupError
-from ..images.keyed import using_key
+from ..images.keyed import iter_time, using_key
 from ..planner.facts import BeginOptions
 from ..planner.level import LevelDecision
 from ..qmp.graph import BlockGraph
@@ -101,7 +101,11 @@ def _backup_spec(
 ) -> BackupSpec:
     """The ``<domainbackup>`` of this run: every other disk of the VM is left out;
     ``encrypted``: push targets are LUKS qcow2 keyed by :data:`REPOSITORY_SECRET`."""
-    encryption = EncryptionSpec(secret=SecretSpec(usage=REPOSITORY_SECRET)) if encrypted else None
+    encryption = None
+    if encrypted:
+        encryption = EncryptionSpec(
+            secret=SecretSpec(usage=REPOSITORY_SECRET), iter_time=iter_time()
+        )
     chosen = {d.disk: d for d in decisions}
     disks = []
     for name in graph.disks:

@@ -27,8 +27,7 @@ def check_encryption(repo: Repository, key: Path | None, mode: Mode) -> None:
         raise InvalidInputError(
             "--encrypt-key with --mode pull is not built yet: use --mode push (QEMU encrypts)"
         )
-    if key is not None and not key.is_file():
-        raise InvalidInputError(f"--encrypt-key {key}: no such file")
+    check_key_file(key)
     done = [r for r in repo.backups() if r.complete]
     if not done:
         return
@@ -54,10 +53,30 @@ def check_encryption(repo: Repository, key: Path | None, mode: Mode) -> None:
             raise RepositoryError(f"--encrypt-key {key} does not open {image}: {exc}") from None
 
 
+def check_key_file(key: Path | None) -> None:
+    """Refuse a key file QEMU cannot use as a LUKS passphrase: missing, empty, or not
+    UTF-8 (QEMU's secrets are text). Raises InvalidInputError with one line."""
+    if key is None:
+        return
+    try:
+        data = key.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"--encrypt-key {key}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text (QEMU's secrets are text)"
+    else:
+        problem = "" if text.strip() else "empty"
+    if problem:
+        raise InvalidInputError(
+            f"--encrypt-key {key}: {problem}; make a key with 'openssl rand -base64 32 > FILE'"
+        )
+
+
 def require_key(repo: Repository, key: Path | None) -> None:
     """Refuse to read an encrypted repository without its key (one line)."""
-    if key is not None and not key.is_file():
-        raise InvalidInputError(f"--encrypt-key {key}: no such file")
+    check_key_file(key)
     if key is None and any(r.encryption is not None for r in repo.backups(complete_only=False)):
         raise RepositoryError(
             f"the repository of {repo.vm} is encrypted: give its --encrypt-key FILE"
