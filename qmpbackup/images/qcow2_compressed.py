@@ -27,7 +27,10 @@ Compression = Literal["zlib", "zstd"]
 TYPE_IDS: dict[Compression, int] = {"zlib": 0, "zstd": 1}
 ENTRY_COMPRESSED = 1 << 62
 SECTOR = 512
-ZSTD_LEVEL = 3  # QEMU's (ZSTD_CLEVEL_DEFAULT): the same size as a push backup's
+# QEMU compresses at zstd's default level 3. Level 1 took a quarter less CPU for 2 % more
+# bytes (512 MiB of a tar of /usr: 1.58 s against 2.14 s, 253 MiB against 248 MiB): a pull
+# backup compresses on the CPUs that also read the export.
+ZSTD_LEVEL = 1
 ZLIB_WINDOW = -12  # raw deflate, 4 KiB window: QEMU's
 # Stored compressed when at least a sector is saved (QEMU keeps anything under a whole
 # cluster): below that, the few bytes saved cost a decompression at every restore.
