@@ -1,6 +1,7 @@
-"""The qcow2 reader against images QEMU made (``qemu-img``, ``qemu-io``) and images the
-writer made: its map equals ``qemu-img map``, its one read gives the same file digest
-as reading the file plainly and the same block digests as the raw content."""
+"""The qcow2 reader against images QEMU made (``qemu-img``, ``qemu-io``, ``qemu-img
+convert -c`` with zstd and zlib) and images the writer made: its map equals ``qemu-img
+map``, its one read gives the same file digest as reading the file plainly and the same
+block digests as the raw content, compressed clusters decoded."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 import blake3
 import pytest
 
-from qmpbackup.images.qcow2_reader import Qcow2Unsupported, Runs, read_map, scan
+from qmpbackup.images.qcow2_compressed import Compression
+from qmpbackup.images.qcow2_reader import Runs, read_map, scan
 from qmpbackup.images.qcow2_writer import Qcow2Writer
-from qmpbackup.repo.digests import file_digest
+from qmpbackup.repo.chain_copy import copy_chain
+from qmpbackup.repo.digests import Digests, file_digest
 
 KiB, MiB = 1 << 10, 1 << 20
 CLUSTER = 64 * KiB
@@ -80,26 +83,81 @@ def test_map_and_scan_of_images_qemu_made(chain: tuple[Path, Path], tmp_path: Pa
     assert SIZE // CLUSTER in read_map(base).data  # the short last cluster, hashed short
 
 
-def test_writer_and_reader_agree(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", [None, "zstd", "zlib"])
+def test_writer_and_reader_agree(tmp_path: Path, compression: Compression | None) -> None:
     """The writer's digests (taken as it writes) equal the reader's (one read later)."""
     image = tmp_path / "w.qcow2"
-    writer = Qcow2Writer(image, SIZE, "base.qcow2")
+    writer = Qcow2Writer(image, SIZE, "base.qcow2", compression=compression)
     writer.write(0, os.urandom(2 * CLUSTER))
+    writer.write(2 * CLUSTER, os.urandom(64) * (2 * CLUSTER // 64))
     writer.zero(4 * CLUSTER, CLUSTER)
-    writer.write(SIZE // CLUSTER * CLUSTER, os.urandom(SIZE % CLUSTER))
+    writer.write(SIZE // CLUSTER * CLUSTER, bytes(range(7)) * (SIZE % CLUSTER // 7))
     writer.finish()
     found = read_map(image)
+    assert len(found.compressed) == (0 if compression is None else 3)
     scanned = scan(found)
     assert writer.file_digest == scanned.file_digest == file_digest(image)
     assert {i: d for i, d in writer.blocks.items() if i not in found.zero} == scanned.blocks
     assert list(found.zero) == [(4, 1)]
 
 
-def test_compressed_clusters_are_not_read_here(chain: tuple[Path, Path], tmp_path: Path) -> None:
+def mixed_raw(path: Path) -> bytes:
+    """A raw disk of SIZE bytes: text that compresses, random bytes that do not (QEMU
+    stores those plain), a hole, and text in the short last cluster."""
+    text = b"".join(b"line %d of a log that compresses well\n" % i for i in range(40000))
+    data = bytearray(SIZE)
+    data[:MiB] = text[:MiB]
+    data[MiB : MiB + 256 * KiB] = os.urandom(256 * KiB)
+    data[2 * MiB + 5 * CLUSTER : SIZE] = text[: SIZE - 2 * MiB - 5 * CLUSTER]
+    path.write_bytes(data)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "zlib"])
+def test_clusters_qemu_img_compressed(tmp_path: Path, compression: str) -> None:
+    """``qemu-img convert -c``: the map has QEMU's compressed and plain clusters, the
+    scan's file digest is the plain read's, every block's digest is the raw content's,
+    and the chain copy restores the raw disk."""
+    raw = tmp_path / "disk.raw"
+    content = mixed_raw(raw)
     packed = tmp_path / "packed.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", str(chain[0]), str(packed))
-    with pytest.raises(Qcow2Unsupported, match="compressed"):
-        read_map(packed)
+    options = f"compression_type={compression}"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", options, str(raw), str(packed))
+    found = read_map(packed)
+    assert found.compression == compression
+    assert set(found.data) == set(range(16, 20))  # the random clusters: plain
+    assert len(found.compressed) == 16 + (SIZE - 2 * MiB - 5 * CLUSTER + CLUSTER - 1) // CLUSTER
+    assert SIZE // CLUSTER in found.compressed  # the short last cluster too
+    scanned = scan(found)
+    assert scanned.file_digest == file_digest(packed) and not scanned.undecodable
+    for index, digest in scanned.blocks.items():
+        assert digest == blake3.blake3(content[index * CLUSTER : (index + 1) * CLUSTER]).digest()
+    assert set(scanned.blocks) == set(found.data) | set(found.compressed)
+    expected = Digests.from_map(CLUSTER, SIZE, "blake3", scanned.blocks)
+    out = tmp_path / "out.raw"
+    out.touch()
+    copied = copy_chain([packed], out, "raw", expected)
+    assert not copied.bad and out.read_bytes() == content
+
+
+def test_a_flipped_byte_of_a_compressed_cluster(tmp_path: Path) -> None:
+    """A damaged compressed cluster changes that block's digest (or does not decode,
+    which is said) and the file digest, and no other block's."""
+    raw = tmp_path / "disk.raw"
+    mixed_raw(raw)
+    packed = tmp_path / "packed.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", str(raw),
+        str(packed))  # fmt: skip
+    before = scan(read_map(packed))
+    offset, _ = read_map(packed).compressed[3]
+    with open(packed, "r+b") as handle:
+        byte = os.pread(handle.fileno(), 1, offset + 40)
+        os.pwrite(handle.fileno(), bytes([byte[0] ^ 0x55]), offset + 40)
+    after = scan(read_map(packed))
+    assert after.file_digest != before.file_digest
+    changed = {i for i in before.blocks if after.blocks[i] != before.blocks[i]}
+    assert changed == {3}
+    assert after.undecodable in ((), (3,))
 
 
 def test_a_table_of_zero_clusters_is_one_run(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from ..errors import QmpBackupError
 from ..files import pwrite_all
 from ..nbd import Extent, NBDClient, NBDError, TLSConfig
 from ..nbd.copy import Done, copy_ranges
+from .qcow2_compressed import Compression
 from .qcow2_writer import CLUSTER, Qcow2Writer
 
 ALLOCATION = "base:allocation"
@@ -37,6 +38,9 @@ REQUEST_SIZE = 1 << 20
 IN_FLIGHT = 8
 CONNECTIONS = 2
 WRITERS = 2  # threads writing and hashing the new image
+# Compressing, every CPU: zstd and zlib let go of the GIL, and compress more slowly
+# than the export is read.
+COMPRESSORS = max(WRITERS, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -142,16 +146,24 @@ class _FileSink:
     block = CLUSTER
     max_request = 32 << 20
 
-    def __init__(self, out: Path, size: int, fmt: str, backing: Path | None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        size: int,
+        fmt: str,
+        backing: Path | None,
+        compression: Compression | None = None,
+    ) -> None:
         self.out = out
         self.size = size
         self._qcow2: Qcow2Writer | None = None
         self._fd = -1
-        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="qmpbackup-write")
+        threads = WRITERS if compression is None else COMPRESSORS
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="qmpbackup-write")
         try:
             if fmt == "qcow2":
                 name = os.path.relpath(backing, out.parent) if backing is not None else None
-                self._qcow2 = Qcow2Writer(out, size, name)
+                self._qcow2 = Qcow2Writer(out, size, name, compression=compression)
             else:
                 self._fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.ftruncate(self._fd, size)
@@ -221,12 +233,14 @@ def pull_copy(
     connections: int = CONNECTIONS,
     on_progress: Progress | None = None,
     on_start: Progress | None = None,
+    compression: Compression | None = None,
 ) -> CopyResult:
     """Copy an export into the new image ``out``.
 
     With ``bitmap`` (the export's dirty bitmap, e.g. ``vda``) only dirty
     extents are written and ``backing`` (the previous backup) becomes the
-    backing file of ``out``, which must then be qcow2.
+    backing file of ``out``, which must then be qcow2.  With ``compression``, a
+    qcow2 ``out`` holds compressed clusters.
     """
     dirty_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
     if dirty_context is not None and (backing is None or fmt != "qcow2"):
@@ -242,7 +256,7 @@ def pull_copy(
             data, zeros = _cluster_aligned(data, zeros, source.size)
         if on_start is not None:
             on_start(sum(n for _, n in data))
-        sink = _FileSink(out, source.size, fmt, backing)
+        sink = _FileSink(out, source.size, fmt, backing, compression)
         try:
             for offset, length in zeros:
                 sink.zero(offset, length, _raise)

@@ -17,6 +17,10 @@ hashed once, on its way in, and never read back.
 The format is qcow2 version 3 with 64 KiB clusters and 16-bit refcounts,
 every allocated cluster referenced once (as ``qemu-img check`` expects);
 clusters that must read as zeroes over a backing file are zero clusters.
+With a compression type, each data cluster is compressed by the calling thread
+(zstd and zlib let go of the GIL) and packed with the others
+(:mod:`~qmpbackup.images.qcow2_compressed`), a host cluster counting a reference
+per compressed cluster in it; one that does not shrink is stored plain.
 The specification is QEMU's ``docs/interop/qcow2.txt``.
 """
 
@@ -32,6 +36,7 @@ from pathlib import Path
 import blake3
 
 from ..files import pwrite_all
+from .qcow2_compressed import ENTRY_COMPRESSED, TYPE_IDS, Compression, Packer, compress
 from .qcow2_reader import chunks_digest
 
 MAGIC = 0x514649FB
@@ -39,6 +44,8 @@ CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
 REFCOUNT_ORDER = 4  # 16-bit refcounts
 HEADER_LENGTH = 104
+HEADER_LENGTH_COMPRESSED = 112  # with compression_type, padded to a multiple of 8
+INCOMPATIBLE_COMPRESSION = 1 << 3  # a compression type other than zlib
 EXT_BACKING_FORMAT = 0xE2792ACA
 L2_ENTRIES = CLUSTER // 8
 OFLAG_COPIED = 1 << 63  # refcount is exactly one
@@ -54,11 +61,18 @@ class Qcow2Writer:
     ``write`` and ``zero`` take cluster-aligned offsets (the last cluster may be
     short); ``finish`` makes the image valid, ``abandon`` removes it.  ``backing``
     is stored as the backing file name as given (keep it relative to ``path``'s
-    folder for a movable chain), with format ``backing_fmt``.
+    folder for a movable chain), with format ``backing_fmt``.  With ``compression``,
+    data clusters are stored compressed with it.  ValueError for a size that is not
+    whole sectors, OSError if the file cannot be made.
     """
 
     def __init__(
-        self, path: Path, size: int, backing: str | None = None, backing_fmt: str = "qcow2"
+        self,
+        path: Path,
+        size: int,
+        backing: str | None = None,
+        backing_fmt: str = "qcow2",
+        compression: Compression | None = None,
     ) -> None:
         if size <= 0 or size % 512:
             raise ValueError(f"a qcow2 image needs a size in whole sectors, not {size}")
@@ -66,6 +80,8 @@ class Qcow2Writer:
         self.size = size
         self.backing = backing
         self.backing_fmt = backing_fmt
+        self.compression = compression
+        self._packer = Packer(self._allocate, CLUSTER_BITS)
         self._clusters = -(-size // CLUSTER)
         self._l1_size = -(-self._clusters // L2_ENTRIES)
         self._tables: dict[int, array[int]] = {}
@@ -96,6 +112,9 @@ class Qcow2Writer:
         """
         first, count = self._span(offset, len(data))
         view = memoryview(data)
+        if self.compression is not None:
+            self._write_compressed(first, count, view, self.compression)
+            return
         with self._lock:
             pieces = self._place(first, count)
         digests: list[bytes] = []
@@ -123,6 +142,37 @@ class Qcow2Writer:
             pieces.append((host, i, 1))
         return pieces
 
+    def _write_compressed(
+        self, first: int, count: int, view: memoryview, compression: Compression
+    ) -> None:
+        """Compress and hash outside the lock; place under it; write outside it."""
+        clusters = [view[i * CLUSTER : (i + 1) * CLUSTER] for i in range(count)]
+        digests = [blake3.blake3(piece).digest() for piece in clusters]
+        packed = [
+            compress(piece if len(piece) == CLUSTER else bytes(piece).ljust(CLUSTER, b"\0"),
+                     compression)
+            for piece in clusters
+        ]  # fmt: skip
+        writes: list[tuple[int, memoryview | bytes]] = []
+        with self._lock:
+            for i, data in enumerate(packed):
+                entry = self._entry(first + i)
+                if entry & ENTRY_COMPRESSED:
+                    self._packer.release(entry)
+                    self._set(first + i, 0)
+                    entry = 0
+                # Incompressible, or a plain cluster rewritten: plain, where it is.
+                if data is None or entry & OFFSET_MASK:
+                    writes += [(host, clusters[i]) for host, _, _ in self._place(first + i, 1)]
+                    continue
+                entry, done = self._packer.add(data)
+                self._set(first + i, entry)
+                writes += done
+        for host, out in writes:
+            self._pwrite(out, host)
+        for i, digest in enumerate(digests):
+            self.blocks[first + i] = digest
+
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at guest ``offset`` read as zeroes, over any backing."""
         first, count = self._span(offset, length)
@@ -133,6 +183,10 @@ class Qcow2Writer:
         for index in range(first, first + count):
             entry = self._entry(index)
             self.blocks[index] = _zero_digest(min(CLUSTER, self.size - index * CLUSTER))
+            if entry & ENTRY_COMPRESSED:  # its data goes: the cluster is unallocated
+                self._packer.release(entry)
+                entry = 0
+                self._set(index, 0)
             if self.backing is None and not entry:
                 continue  # nothing below: an unallocated cluster reads as zeroes
             self._set(index, entry | OFLAG_ZERO | (OFLAG_COPIED if entry & OFFSET_MASK else 0))
@@ -215,6 +269,8 @@ class Qcow2Writer:
 
     def finish(self) -> None:
         """Write the tables, the refcounts and the header, and sync the file."""
+        for host, data in self._packer.close():
+            self._pwrite(data, host)
         for index in sorted(self._tables):
             table = self._tables[index]
             if any(table) or index in self._table_hosts:
@@ -239,8 +295,11 @@ class Qcow2Writer:
         blocks_host = self._allocate(blocks)
         table_host = self._allocate(table_clusters)
         used = self._next
+        refcounts = array("H", [1]) * used
+        for host, count in self._packer.refs.items():
+            refcounts[host] = count
         for block in range(blocks):
-            counts = array("H", [1] * min(per_block, used - block * per_block))
+            counts = refcounts[block * per_block : (block + 1) * per_block]
             counts.extend([0] * (per_block - len(counts)))
             counts.byteswap()
             self._pwrite(counts.tobytes(), (blocks_host + block) << CLUSTER_BITS)
@@ -275,7 +334,11 @@ class Qcow2Writer:
             extensions += name + bytes(-len(name) % 8)
             backing = self.backing.encode()
         extensions += struct.pack(">II", 0, 0)
-        backing_offset = HEADER_LENGTH + len(extensions) if backing else 0
+        length, incompatible, tail = HEADER_LENGTH, 0, b""
+        if self.compression is not None:
+            length, tail = HEADER_LENGTH_COMPRESSED, bytes([TYPE_IDS[self.compression]]) + bytes(7)
+            incompatible = INCOMPATIBLE_COMPRESSION if TYPE_IDS[self.compression] else 0
+        backing_offset = length + len(extensions) if backing else 0
         header = struct.pack(
             ">IIQIIQIIQQIIQQQQII",
             MAGIC if l1_host else 0,  # no magic until the image is finished
@@ -291,13 +354,13 @@ class Qcow2Writer:
             table_clusters,
             0,  # no snapshots
             0,
-            0,  # incompatible features
+            incompatible,
             0,  # compatible features
             0,  # autoclear features
             REFCOUNT_ORDER,
-            HEADER_LENGTH,
+            length,
         )
-        out = header + extensions + backing
+        out = header + tail + extensions + backing
         if len(out) > CLUSTER:
             raise ValueError(f"backing file name too long for one cluster: {self.backing!r}")
         return out

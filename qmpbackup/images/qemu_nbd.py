@@ -12,8 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from .keyed import image_args, object_args
 from .qemu_img import ImageError
+
+logger = structlog.get_logger("qmpbackup.qemu_nbd")
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> int:
@@ -62,6 +66,8 @@ def serve_image(path: Path, fmt: str = "qcow2") -> Iterator[str]:
         log = Path(tmp) / "qemu-nbd.log"
         argv = ["qemu-nbd", "-r", "-t", "-e", "4", *object_args(), "-k", sock, "-x", "disk"]
         image = image_args(Path(path).absolute(), fmt)
+        # -v shows which images are read through a QEMU process rather than in-process.
+        logger.debug("qemu-nbd.serve", image=str(path), fmt=fmt)
         with log.open("w") as err:
             proc = subprocess.Popen([*argv, *image], stdout=subprocess.DEVNULL, stderr=err)
         try:

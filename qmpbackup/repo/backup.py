@@ -340,7 +340,7 @@ async def backup_to_repository(
             "--compress and --encrypt-key cannot be combined: QEMU's qcow2 does not write "
             "compressed clusters into an encrypted image"
         )
-    compression = compression_of(vm, compress, mode, emit)
+    compression = compression_of(vm, compress, emit)
     repo = Repository(Path(root), vm.key)
     with repo.exclusive(), using_key(encrypt_key):
         stale = discard_incomplete(repo)

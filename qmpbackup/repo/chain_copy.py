@@ -3,9 +3,10 @@ against the digests of the instant on its way through.
 
 Each file of the chain is mapped (:func:`qmpbackup.images.qcow2_reader.read_map`); each
 guest cluster is read from the topmost file that holds it, where its data lies, in runs
-of up to 4 MiB, on two threads. A cluster is hashed from the bytes read, compared with
-its recorded digest, and written; blocks the chain leaves as zeroes must be zero in the
-record. One read of the data, nothing read back: the restore's check costs a hash.
+of up to 4 MiB, on two threads; a compressed cluster is decompressed on the way. A
+cluster is hashed from the bytes read, compared with its recorded digest, and written;
+blocks the chain leaves as zeroes must be zero in the record. One read of the data,
+nothing read back: the restore's check costs a hash.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from typing import Literal
 import blake3
 
 from ..files import pwrite_all
-from ..images.qcow2_reader import Qcow2Map, Qcow2Unsupported, Runs, read_into, read_map
+from ..images.qcow2_compressed import BadCompressedCluster, Compression
+from ..images.qcow2_reader import (
+    UNDECODABLE,
+    Qcow2Map,
+    Qcow2Unsupported,
+    Runs,
+    read_into,
+    read_map,
+)
 from ..images.qcow2_writer import Qcow2Writer
 from .digests import Digests, zero_digest
 
@@ -53,55 +62,103 @@ def _linked(layers: list[Qcow2Map]) -> list[Qcow2Map]:
     raise AssertionError("unreachable")
 
 
-def _resolve(layers: Sequence[Qcow2Map]) -> dict[int, tuple[int, int]]:
-    """Guest cluster -> (layer, host offset) of the data the chain shows, top first."""
-    found: dict[int, tuple[int, int]] = {}
+# Where a guest cluster's data lies: (layer, host offset, compressed bytes to read or 0).
+Place = tuple[int, int, int]
+
+
+def _resolve(layers: Sequence[Qcow2Map]) -> dict[int, Place]:
+    """Guest cluster -> where the data the chain shows lies, top first."""
+    found: dict[int, Place] = {}
     above: list[Runs] = []  # the zero clusters of the layers above, which hide the data
     size = layers[-1].size
     for k in range(len(layers) - 1, -1, -1):
         layer = layers[k]
         limit = -(-min(size, layer.size) // layer.cluster_size)
-        for guest, host in layer.data.items():
+        held = [(g, (k, host, 0)) for g, host in layer.data.items()]
+        held += [(g, (k, host, n)) for g, (host, n) in layer.compressed.items()]
+        for guest, place in held:
             if guest < limit and guest not in found and not any(guest in z for z in above):
-                found[guest] = (k, host)
+                found[guest] = place
         if layer.zero:
             above.append(layer.zero)
     return found
 
 
-def _runs(found: dict[int, tuple[int, int]], cluster: int) -> Iterator[tuple[int, int, int, int]]:
-    """(first guest cluster, layer, host offset, clusters) of contiguous reads."""
-    run: list[int] = []
+@dataclass(frozen=True)
+class _Run:
+    """Guest clusters ``first`` on, from one layer: plain ones, ``count`` of them, at
+    ``host``; or compressed ones (``packed``: host offset and length of each), read
+    from ``host`` in one piece of ``length`` bytes."""
+
+    first: int
+    layer: int
+    host: int
+    count: int
+    length: int
+    packed: tuple[tuple[int, int], ...] = ()
+
+
+def _runs(found: dict[int, Place], cluster: int) -> Iterator[_Run]:
+    """Contiguous reads of up to :data:`_RUN` clusters, plain or compressed."""
+    run: _Run | None = None
     for guest in sorted(found):
-        layer, host = found[guest]
-        if run:
-            first, first_layer, first_host, n = run
-            if (guest, layer, host) == (first + n, first_layer, first_host + n * cluster) and (
-                n < _RUN
-            ):
-                run[3] += 1
-                continue
-            yield first, first_layer, first_host, n
-        run = [guest, layer, host, 1]
-    if run:
-        yield run[0], run[1], run[2], run[3]
+        layer, host, packed = found[guest]
+        if run is not None and guest == run.first + run.count and layer == run.layer:
+            if not packed and not run.packed and host == run.host + run.length:
+                if run.count < _RUN:
+                    run = _Run(run.first, layer, run.host, run.count + 1, run.length + cluster)
+                    continue
+            elif packed and run.packed and run.host <= host <= run.host + run.length:
+                end = max(run.host + run.length, host + packed)
+                if end - run.host <= _RUN * cluster:
+                    places = (*run.packed, (host, packed))
+                    run = _Run(run.first, layer, run.host, run.count + 1, end - run.host, places)
+                    continue
+        if run is not None:
+            yield run
+        run = _Run(guest, layer, host, 1, packed or cluster, ((host, packed),) if packed else ())
+    if run is not None:
+        yield run
+
+
+def _pieces(
+    run: _Run, data: memoryview, layer: Qcow2Map, size: int
+) -> list[memoryview | bytes | None]:
+    """Each guest cluster of ``run`` as the disk holds it, from the bytes read; None for a
+    compressed one that does not decode."""
+    cluster = layer.cluster_size
+    length = min(run.count * cluster, size - run.first * cluster)
+    if not run.packed:
+        if len(data) < length:
+            raise Qcow2Unsupported(f"{layer.path}: data past the end of the file")
+        return [data[k * cluster : min((k + 1) * cluster, length)] for k in range(run.count)]
+    pieces: list[memoryview | bytes | None] = []
+    for k, (host, n) in enumerate(run.packed):
+        try:
+            whole = layer.unpack(run.first + k, data[host - run.host : host - run.host + n])
+            pieces.append(whole[: min(cluster, length - k * cluster)])
+        except BadCompressedCluster:
+            pieces.append(None)
+    return pieces
 
 
 class _Output:
     """The new image, raw or qcow2 (through the writer); either takes writes from any
     thread."""
 
-    def __init__(self, dest: Path, fmt: Literal["qcow2", "raw"], size: int) -> None:
+    def __init__(
+        self, dest: Path, fmt: Literal["qcow2", "raw"], size: int, compression: Compression | None
+    ) -> None:
         self.writer: Qcow2Writer | None = None
         self.fd = -1
         if fmt == "qcow2":
             dest.unlink(missing_ok=True)
-            self.writer = Qcow2Writer(dest, size)
+            self.writer = Qcow2Writer(dest, size, compression=compression)
         else:
             self.fd = os.open(dest, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
             os.ftruncate(self.fd, size)
 
-    def write(self, offset: int, data: memoryview) -> None:
+    def write(self, offset: int, data: memoryview | bytes) -> None:
         if self.writer is None:
             pwrite_all(self.fd, data, offset)
         else:
@@ -128,11 +185,47 @@ class _Output:
             os.close(self.fd)
 
 
+def _store(
+    out: _Output,
+    offset: int,
+    pieces: list[memoryview | bytes | None],
+    digests: list[bytes],
+    plain: memoryview | None,
+    cluster: int,
+) -> None:
+    """Write consecutive guest clusters from ``offset`` on, as read (``plain``: all of
+    them in one buffer, when read uncompressed). Clusters of zeroes are not written: the
+    new image reads them as zeroes already (as qemu-img convert keeps them sparse), and
+    their digest proves it. One that did not decode is left out: its digest fails."""
+    kinds = [
+        "bad" if p is None else "zero" if d == zero_digest(len(p), "blake3") else "data"
+        for p, d in zip(pieces, digests, strict=True)
+    ]
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + (len(piece) if piece is not None else cluster))
+    k = 0
+    while k < len(pieces):
+        j = next((i for i in range(k, len(pieces)) if kinds[i] != kinds[k]), len(pieces))
+        at, length = offset + starts[k], starts[j] - starts[k]
+        if kinds[k] == "zero":
+            out.zero(at, length)
+        elif kinds[k] == "data":
+            group = [p for p in pieces[k:j] if p is not None]
+            out.write(at, plain[starts[k] : starts[j]] if plain is not None else b"".join(group))
+        k = j
+
+
 def copy_chain(
-    chain: Sequence[Path], dest: Path, fmt: Literal["qcow2", "raw"], expected: Digests
+    chain: Sequence[Path],
+    dest: Path,
+    fmt: Literal["qcow2", "raw"],
+    expected: Digests,
+    compression: Compression | None = None,
 ) -> ChainCopy:
     """Write the content of ``chain`` (base first) into ``dest`` (an existing empty file,
-    replaced) as a standalone ``fmt`` image, checking every block against ``expected``.
+    replaced) as a standalone ``fmt`` image, checking every block against ``expected``;
+    a qcow2 image with ``compression`` holds compressed clusters.
 
     Raises Qcow2Unsupported (before writing anything) for files this process does not
     read, or for digests other than BLAKE3 of 64 KiB clusters; OSError on I/O failure.
@@ -145,40 +238,26 @@ def copy_chain(
         raise Qcow2Unsupported("the chain's files have different cluster sizes")
     size = expected.size
     found = _resolve(layers)
-    out = _Output(dest, fmt, size)
+    out = _Output(dest, fmt, size, compression)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(layer.path, "rb", buffering=0)) for layer in layers]
         fds = [handle.fileno() for handle in files]
 
         local = threading.local()
 
-        def copy(run: tuple[int, int, int, int]) -> list[int]:
-            first, layer, host, n = run
+        def copy(run: _Run) -> list[int]:
             # One buffer per thread, reused: a new one per read costs a page fault per
             # 4 KiB (0.3 s of system time per GiB); the write below is done before return.
             if not hasattr(local, "buffer"):
                 local.buffer = bytearray(_RUN * cluster)
-            data = read_into(fds[layer], local.buffer, n * cluster, host)
-            length = min(n * cluster, size - first * cluster)
-            if len(data) < length:
-                raise Qcow2Unsupported(f"{layers[layer].path}: data past the end of the file")
-            pieces = [data[k * cluster : min((k + 1) * cluster, length)] for k in range(n)]
-            digests = [blake3.blake3(piece).digest() for piece in pieces]
-            # Clusters of zeroes are not written: the new image reads them as zeroes
-            # already (as qemu-img convert keeps them sparse); their digest proves it.
-            zero = [
-                d == zero_digest(len(p), "blake3") for d, p in zip(digests, pieces, strict=True)
+            data = read_into(fds[run.layer], local.buffer, run.length, run.host)
+            pieces = _pieces(run, data, layers[run.layer], size)
+            digests = [UNDECODABLE if p is None else blake3.blake3(p).digest() for p in pieces]
+            plain = None if run.packed else data
+            _store(out, run.first * cluster, pieces, digests, plain, cluster)
+            return [
+                run.first + k for k, d in enumerate(digests) if d != expected.get(run.first + k)
             ]
-            k = 0
-            while k < n:
-                j = next((i for i in range(k, n) if zero[i] != zero[k]), n)
-                piece = data[k * cluster : min(j * cluster, length)]
-                if zero[k]:
-                    out.zero((first + k) * cluster, len(piece))
-                else:
-                    out.write((first + k) * cluster, piece)
-                k = j
-            return [first + k for k in range(n) if digests[k] != expected.get(first + k)]
 
         try:
             with ThreadPoolExecutor(_THREADS, thread_name_prefix="qmpbackup-restore") as pool:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import InvalidInputError
 from ..planner.level import DiskHistory, LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
-from ..request.models import Mode, RequestedLevel
+from ..request.models import RequestedLevel
 from .events import BackupEvent, EventSink
 from .records import Compression
 from .repository import Repository
@@ -49,13 +48,12 @@ def _history(repo: Repository, disk: str) -> DiskHistory | None:
     )
 
 
-def compression_of(vm: VM, compress: bool, mode: Mode, emit: EventSink) -> Compression | None:
+def compression_of(vm: VM, compress: bool, emit: EventSink) -> Compression | None:
     """The compression type of this run's images: zstd where this QEMU's qcow2 has it
-    (its schema says), else zlib, said; None without ``compress``."""
+    (its schema says), else zlib, said; None without ``compress``.  The same in pull
+    mode, whose writer could write zstd anyway: the images must open with this QEMU."""
     if not compress:
         return None
-    if mode == "pull":
-        raise InvalidInputError("--compress works in push mode only: pull's writer stores plain")
     if vm.capabilities.qcow2_zstd:
         emit(BackupEvent("compression", message="images compressed with zstd"))
         return "zstd"

@@ -318,7 +318,10 @@ def _rebase(
                     temporary_file(rebase.image.parent, f".{rebase.image.name}.prune-")
                 )
                 encrypt = rebase.record.encryption is not None
-                _, whole = build_checked(rebase.chain, temp, "qcow2", expected, what, encrypt)
+                compression = rebase.record.compression
+                _, whole = build_checked(
+                    rebase.chain, temp, "qcow2", expected, what, encrypt, compression
+                )
                 grown += _size(temp) - _size(rebase.image)
                 temps[rebase.image] = temp
             else:

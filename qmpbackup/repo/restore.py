@@ -24,6 +24,7 @@ import structlog
 from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
 from ..files import fsync_dir, fsync_file
 from ..images.keyed import SECRET_ID, image_args, iter_time
+from ..images.qcow2_compressed import Compression
 from ..images.qcow2_reader import Qcow2Unsupported
 from ..images.qemu_img import image_info, qemu_img
 from .chain_copy import copy_chain
@@ -113,19 +114,29 @@ def _refuse_bad(bad: list[int], expected: Digests, what: str) -> None:
 
 
 def build_checked(
-    chain: list[Path], dest: Path, fmt: Format, expected: Digests, what: str, encrypt: bool = False
+    chain: list[Path],
+    dest: Path,
+    fmt: Format,
+    expected: Digests,
+    what: str,
+    encrypt: bool = False,
+    compression: Compression | None = None,
 ) -> tuple[int, str | None]:
     """Write the content of ``chain`` (base first) as a standalone ``fmt`` image at
     ``dest`` (which is overwritten), every block checked against ``expected``, flushed;
     the number of blocks checked and, for a qcow2 image this process wrote, its format 2
     file digest. RepositoryError names the first block that differs. ``encrypt``: the
     image is LUKS-encrypted qcow2 with the key of :mod:`~qmpbackup.images.keyed`
-    (a prune's flattened base in an encrypted repository)."""
+    (a prune's flattened base in an encrypted repository); ``compression``: a qcow2
+    image holds compressed clusters (a prune's flattened base in a compressed one)."""
     try:
-        copied = copy_chain(chain, dest, fmt, expected)
-    except Qcow2Unsupported:
+        copied = copy_chain(chain, dest, fmt, expected, compression)
+    except Qcow2Unsupported as exc:
+        log.info("restore.through-qemu-img", image=str(chain[-1]), reason=str(exc))
         # -S (default 4 KiB) keeps zeroes sparse; without -B a qcow2 result has no backing.
         options = []
+        if compression is not None and fmt == "qcow2":
+            options = ["-c", "-o", f"compression_type={compression}"]
         if encrypt:
             stretch = "" if iter_time() is None else f",encrypt.iter-time={iter_time()}"
             options = ["-o", f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}{stretch}"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..images.qcow2_reader import Runs, read_own
-from ..images.qemu_img import check_image, set_backing_name, top_layer_extents
+from ..images.qemu_img import ImageError, check_image, set_backing_name, top_layer_extents
 from .digests import (
     Algorithm,
     Digests,
@@ -58,6 +58,9 @@ def _own_blocks(
     if found is None:
         return None
     image_map, scanned = found
+    if scanned.undecodable:
+        first = scanned.undecodable[0]
+        raise ImageError(f"{image}: compressed cluster {first} does not decode")
     return dict(scanned.blocks), image_map.zero, scanned.file_digest
 
 

@@ -148,6 +148,7 @@ async def read_exports(
                     fmt="qcow2",
                     backing=target.image.parent / target.backing if target.backing else None,
                     bitmap=disk_job.export_bitmap if incremental else None,
+                    compression=entry.record.compression,
                     on_progress=functools.partial(progressed, disk),
                     on_start=functools.partial(started, disk),
                 )
