@@ -12,8 +12,9 @@ from pathlib import Path
 
 import blake3
 import pytest
+import zstandard
 
-from qmpbackup.images.qcow2_compressed import Compression
+from qmpbackup.images.qcow2_compressed import BadCompressedCluster, Compression, decompress
 from qmpbackup.images.qcow2_reader import Runs, read_map, scan
 from qmpbackup.images.qcow2_writer import Qcow2Writer
 from qmpbackup.repo.chain_copy import copy_chain
@@ -171,3 +172,13 @@ def test_a_table_of_zero_clusters_is_one_run(tmp_path: Path) -> None:
     assert list(found.zero) == [(8192, 32768)] and set(found.data) == {0}
     assert 8192 in found.zero and 8191 not in found.zero and 40960 not in found.zero
     assert found.zero.among([0, 8191, 8192, 9000, 40959, 40960]) == [8192, 9000, 40959]
+
+
+def test_a_zstd_frame_without_its_size_is_read_to_one_cluster_only() -> None:
+    """A frame that does not declare its size (QEMU's and ours do) decodes if it holds
+    one cluster, trailing bytes ignored; one that would expand further is refused."""
+    packer = zstandard.ZstdCompressor(write_content_size=False)
+    cluster = bytes(range(256)) * 256
+    assert decompress(packer.compress(cluster) + bytes(300), "zstd", len(cluster)) == cluster
+    with pytest.raises(BadCompressedCluster):
+        decompress(packer.compress(bytes(1 << 24)), "zstd", len(cluster))

@@ -92,6 +92,14 @@ def _unzstd(raw: bytes, length: int) -> bytes:
     out = b""
     while len(out) < length:
         declared = zstandard.frame_content_size(raw)
+        if declared < 0:
+            # No size in the frame (neither QEMU nor we write one so): read no more than
+            # the cluster can hold, so that a crafted frame cannot expand without bound.
+            reader = _zstd_decompressor().stream_reader(raw, read_across_frames=False)
+            rest = reader.read(length - len(out) + 1)
+            if len(out) + len(rest) != length:
+                raise BadCompressedCluster("zstd frame of another size than a cluster")
+            return out + rest
         if declared > length - len(out):
             raise BadCompressedCluster(f"zstd frame of {declared} bytes in a cluster")
         frame = _zstd_decompressor().decompressobj()
