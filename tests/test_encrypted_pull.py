@@ -9,13 +9,16 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img, qemu_io
+import pytest
+
+from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, images_equal, qemu_img
 from qmpbackup.repo.repository import Repository
 
 from .support import Cli, CliResult
@@ -42,6 +45,23 @@ def _sinks() -> dict[int, bytes]:
             if line.startswith(b"qemu-nbd\0") and SINK in line:
                 found[int(path.parent.name)] = line
     return found
+
+
+def _recording_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put ``qemu-nbd`` and ``qemu-img`` first in PATH, each writing its arguments to the
+    file returned before it runs (the process watch may miss a short-lived one)."""
+    shims, log = tmp_path / "shims", tmp_path / "argv.log"
+    shims.mkdir()
+    for tool in ("qemu-nbd", "qemu-img"):
+        real = shutil.which(tool)
+        assert real is not None
+        (shims / tool).write_text(
+            f'#!/bin/bash\nprintf "%s\\0" {tool} "$@" >> {log}\necho >> {log}\n'
+            f'exec -a {tool} {real} "$@"\n'
+        )
+        (shims / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shims}:{os.environ['PATH']}")
+    return log
 
 
 def _files(root: Path) -> list[Path]:
@@ -71,8 +91,9 @@ async def _backup_writing_after_the_instant(
 
 
 async def test_encrypted_pull_chain_holds_each_instant_and_hides_the_key(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    argv_log = _recording_tools(tmp_path, monkeypatch)
     key = _key(tmp_path)
     repo = Repository(tmp_path / "repo", "testvm")
     root = str(repo.root)
@@ -109,9 +130,10 @@ async def test_encrypted_pull_chain_holds_each_instant_and_hides_the_key(
         good = await cli.ok("verify", "--repo", root, "--encrypt-key", str(key), verbose=True)
         outputs += [good.out, good.err]
     assert "3 backups verified" in good.out
-    # The sinks ran (the watch sees most), each with a private socket, gone with its folder.
-    sinks = [c for c in watch.seen.values() if c.startswith(b"qemu-nbd\0") and SINK in c]
-    assert sinks
+    # Three sinks ran, each with a private socket, gone with its folder.
+    ran = argv_log.read_bytes().split(b"\0\n")
+    sinks = [c for c in ran if c.startswith(b"qemu-nbd\0") and SINK in c]
+    assert len(sinks) == 3, ran
     for line in sinks:
         socket = Path(next(a for a in line.split(b"\0") if SINK in a).decode())
         assert not socket.parent.exists()
@@ -198,41 +220,40 @@ async def _wait_for_sink(timeout: float = 60) -> dict[int, bytes]:
 async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
     tmp_path: Path,
 ) -> None:
-    """On a 512 MiB disk, while qemu-nbd writes the encrypted image: the sink killed
-    (the copy fails), the backup SIGTERMed, the backup SIGKILLed (the kernel stops the
-    sink). Each time no sink is left, and the repository is as it was (the killed run's
-    leftovers are discarded by the next run)."""
+    """While qemu-nbd writes the encrypted image of a slow disk (every read takes 200 ms):
+    the sink killed (the copy fails), the backup SIGTERMed, the backup SIGKILLed (the
+    kernel kills the sink). Each time no sink is left and the repository is as it was;
+    the killed run's leftovers go with the next run, which chains as before."""
     work = tmp_path / "vm"
     work.mkdir()
-    big = work / "big.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(big), "512M")
-    qemu_io(str(big), "write -P 0x5a 0 512M", fmt="qcow2")
+    small = work / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(small), "16M")
+    disks = [DiskImage(name="vda", path=small), DiskImage.slow("vdb", 256 * MiB, 200_000_000)]
     key = _key(tmp_path)
     repo = Repository(tmp_path / "repo", "slowvm")
     args = ["--repo", str(repo.root), "--mode", "pull", "--encrypt-key", str(key)]
-    async with ThrowawayVM(work, [DiskImage(name="vda", path=big)], name="slowvm") as vm:
+    async with ThrowawayVM(work, disks, name="slowvm") as vm:
         cli = Cli(vm, tmp_path / "state")
-        await cli.ok("backup", *args, "--level", "full")
+        await cli.ok("backup", *args, "--disk", "vda")
         before, records = _files(repo.root), repo.backups()
 
-        proc = await _start_backup(cli, vm, *args, "--level", "full")
+        proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
         (pid,) = await _wait_for_sink()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         out, err = await proc.communicate()
         assert proc.returncode == 1, (out, err)
         lines = err.decode().strip().splitlines()
-        assert len(lines) == 1 and "could not copy vda" in lines[0], lines
+        assert len(lines) == 1 and "could not copy vdb" in lines[0], lines
         assert not _sinks() and _files(repo.root) == before and repo.backups() == records
 
-        proc = await _start_backup(cli, vm, *args, "--level", "full")
+        proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
         await _wait_for_sink()
         proc.send_signal(signal.SIGTERM)
         out, err = await proc.communicate()
         assert proc.returncode == 1 and b"interrupted" in err, (out, err)
         assert not _sinks() and _files(repo.root) == before and repo.backups() == records
 
-        proc = await _start_backup(cli, vm, *args, "--level", "full")
+        proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
         sinks = list((await _wait_for_sink()).values())
         proc.kill()
         await proc.wait()
@@ -245,7 +266,8 @@ async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
         await cli.ok("recover")
         await vm.write("vda", 0x44, MiB, 64 * KiB)
         ref = await vm.reference("vda", tmp_path / "ref.raw")
-        await cli.ok("backup", *args)
+        done = await cli.ok("backup", *args, "--disk", "vda")
+        assert "vda: incremental" in done.out
         # The next sink removed the killed one's folder; its image went with its record.
         assert not killed.exists()
         assert len(repo.backups()) == 2 and not _sinks()

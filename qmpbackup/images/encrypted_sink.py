@@ -79,6 +79,13 @@ def _remove_stale_folders() -> None:
                 pass  # alive, someone else's
 
 
+def _said(log: Path, proc: subprocess.Popen[bytes] | None) -> str:
+    """What a qemu-nbd that exited said, or its exit status if it said nothing."""
+    said = log.read_text().strip()
+    status = None if proc is None else proc.returncode
+    return said or f"qemu-nbd exited with status {status}"
+
+
 class _Both:
     """``done`` once both the hash and the NBD write of one store are done: the first
     error, or None."""
@@ -168,7 +175,7 @@ class EncryptedSink:
                 preexec_fn=_die_with_parent,
             )
         try:
-            wait_listening(self._proc, sock, lambda: log.read_text().strip())
+            wait_listening(self._proc, sock, lambda: _said(log, self._proc))
             return NBDClient.connect(f"nbd+unix:///disk?socket={sock}", connections=CONNECTIONS)
         except (RuntimeError, NBDError) as exc:
             raise ImageError(f"qemu-nbd cannot serve {self.out}: {exc}") from None
