@@ -42,7 +42,7 @@ def _sinks() -> dict[int, bytes]:
     for path in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             line = path.read_bytes()
-            if line.startswith(b"qemu-nbd\0") and SINK in line:
+            if line.split(b"\0")[0].endswith(b"qemu-nbd") and SINK in line:
                 found[int(path.parent.name)] = line
     return found
 
@@ -209,10 +209,12 @@ async def _start_backup(cli: Cli, vm: ThrowawayVM, *args: str) -> asyncio.subpro
     )
 
 
-async def _wait_for_sink(timeout: float = 60) -> dict[int, bytes]:
-    deadline = time.monotonic() + timeout
+async def _wait_for_sink(proc: asyncio.subprocess.Process) -> dict[int, bytes]:
+    """The sinks once one runs; the backup's output if it ends first."""
+    deadline = time.monotonic() + 60
     while not (found := _sinks()):
-        assert time.monotonic() < deadline, "no qemu-nbd sink started"
+        if proc.returncode is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no qemu-nbd sink started: {await proc.communicate()}")
         await asyncio.sleep(0.01)
     return found
 
@@ -238,7 +240,7 @@ async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
         before, records = _files(repo.root), repo.backups()
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        (pid,) = await _wait_for_sink()
+        (pid,) = await _wait_for_sink(proc)
         os.kill(pid, signal.SIGKILL)
         out, err = await proc.communicate()
         assert proc.returncode == 1, (out, err)
@@ -247,14 +249,14 @@ async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
         assert not _sinks() and _files(repo.root) == before and repo.backups() == records
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        await _wait_for_sink()
+        await _wait_for_sink(proc)
         proc.send_signal(signal.SIGTERM)
         out, err = await proc.communicate()
         assert proc.returncode == 1 and b"interrupted" in err, (out, err)
         assert not _sinks() and _files(repo.root) == before and repo.backups() == records
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        sinks = list((await _wait_for_sink()).values())
+        sinks = list((await _wait_for_sink(proc)).values())
         proc.kill()
         await proc.wait()
         deadline = time.monotonic() + 10
