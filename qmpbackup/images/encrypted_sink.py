@@ -73,14 +73,14 @@ def _remove_stale_folders() -> None:
             if not name.startswith(_FOLDER) or not entry.is_dir(follow_symlinks=False):
                 continue
             pid = name[len(_FOLDER) :].split("-")[0]
-            if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
             try:
+                if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
                 os.kill(int(pid), 0)
             except ProcessLookupError:
                 shutil.rmtree(entry.path, ignore_errors=True)
-            except PermissionError:
-                pass  # alive, someone else's
+            except OSError:
+                pass  # alive and someone else's, or removed meanwhile by another sink
 
 
 def _said(log: Path, proc: subprocess.Popen[bytes] | None) -> str:
