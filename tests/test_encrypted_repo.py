@@ -170,7 +170,6 @@ async def test_encrypted_repository_refusals_write_nothing(
         (("--encrypt-key", str(wrong)), "does not open"),
         (("--encrypt-key", str(binary)), "not UTF-8 text"),
         (("--encrypt-key", str(empty)), "empty"),
-        (("--encrypt-key", str(key), "--mode", "pull"), "not built yet"),
     ]:
         refused = await cli("backup", "--repo", root, "--disk", "vda", *args)
         assert refused.rc in (1, 2), refused

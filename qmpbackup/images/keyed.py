@@ -77,6 +77,13 @@ def iter_time() -> int | None:
     return RANDOM_KEY_ITER_TIME_MS
 
 
+def luks_create_options() -> str:
+    """The ``-o`` options of ``qemu-img create``/``convert`` making a LUKS-encrypted qcow2
+    with the key set here (see :func:`iter_time`)."""
+    stretch = "" if iter_time() is None else f",encrypt.iter-time={iter_time()}"
+    return f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}{stretch}"
+
+
 def object_args() -> list[str]:
     """``--object secret,…,file=KEY`` when a key is set, else nothing."""
     key = _KEY.get()

@@ -22,6 +22,7 @@ from ..errors import QmpBackupError
 from ..files import pwrite_all
 from ..nbd import Extent, NBDClient, NBDError, TLSConfig
 from ..nbd.copy import Done, copy_ranges
+from .encrypted_sink import EncryptedSink
 from .qcow2_compressed import Compression
 from .qcow2_writer import CLUSTER, Qcow2Writer
 
@@ -234,19 +235,24 @@ def pull_copy(
     on_progress: Progress | None = None,
     on_start: Progress | None = None,
     compression: Compression | None = None,
+    encrypt: bool = False,
 ) -> CopyResult:
     """Copy an export into the new image ``out``.
 
     With ``bitmap`` (the export's dirty bitmap, e.g. ``vda``) only dirty
     extents are written and ``backing`` (the previous backup) becomes the
     backing file of ``out``, which must then be qcow2.  With ``compression``, a
-    qcow2 ``out`` holds compressed clusters.
+    qcow2 ``out`` holds compressed clusters. ``encrypt``: ``out`` is a
+    LUKS-encrypted qcow2 that QEMU writes (:mod:`.encrypted_sink`), with the key set by
+    :func:`~qmpbackup.images.keyed.using_key` in this thread.
     """
     dirty_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
     if dirty_context is not None and (backing is None or fmt != "qcow2"):
         raise ValueError("an incremental copy needs a qcow2 image and its backing file")
     if fmt not in ("qcow2", "raw"):
         raise ValueError(f"unknown image format {fmt!r}")
+    if encrypt and fmt != "qcow2":
+        raise ValueError("only a qcow2 image can be encrypted")
     contexts = [ALLOCATION] + ([dirty_context] if dirty_context else [])
     with NBDClient.connect(
         source_uri, connections=connections, meta_contexts=contexts, tls=tls
@@ -256,7 +262,11 @@ def pull_copy(
             data, zeros = _cluster_aligned(data, zeros, source.size)
         if on_start is not None:
             on_start(sum(n for _, n in data))
-        sink = _FileSink(out, source.size, fmt, backing, compression)
+        sink: _FileSink | EncryptedSink
+        if encrypt:
+            sink = EncryptedSink(out, source.size, backing)
+        else:
+            sink = _FileSink(out, source.size, fmt, backing, compression)
         try:
             for offset, length in zeros:
                 sink.zero(offset, length, _raise)

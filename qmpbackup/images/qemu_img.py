@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QmpBackupError
-from .keyed import SECRET_ID, image_args, iter_time, key_file, object_args
+from .keyed import SECRET_ID, image_args, key_file, luks_create_options, object_args
 
 # QEMU 7.2's PBKDF2 timing of a LUKS create fails now and then with this (a QEMU bug
 # Debian 12's 7.2 carries; see qmpbackup.runner): the command is run again.
@@ -90,17 +90,15 @@ def open_alone(path: Path) -> None:
 
 
 def create_encrypted(path: Path, size: int, backing: str | None = None) -> None:
-    """Create ``path``: a LUKS-encrypted qcow2 of ``size`` bytes keyed by the key set with
-    :func:`~qmpbackup.images.keyed.using_key`, stretched as :func:`iter_time` says,
-    ``backing`` (a name relative to its folder) as its backing file if given.
+    """Create ``path``: a LUKS-encrypted qcow2 of ``size`` bytes keyed and stretched as
+    :func:`~qmpbackup.images.keyed.luks_create_options` says, ``backing`` (a name
+    relative to its folder) as its backing file if given.
 
     A process of its own, not QEMU's ``blockdev-create``: QEMU times PBKDF2 for about
     2.4 s of CPU before it writes a LUKS header, and a VM's QEMU doing it stops its main
     loop (and the guest's disk I/O) that long. Raises ImageError; ``path`` must not exist.
     """
-    options = f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}"
-    if iter_time() is not None:
-        options += f",encrypt.iter-time={iter_time()}"
+    options = luks_create_options()
     # -u: the backing file is named, not opened (no key needed for it, no time spent).
     args = ["-b", backing, "-F", "qcow2", "-u"] if backing else []
     qemu_img("create", "-q", "-f", "qcow2", "-o", options, *args, str(path), str(size))

@@ -324,7 +324,7 @@ async def backup_to_repository(
     (ScratchFullError) before the guest's writes could fail.  ``quiesce``: the guest's
     filesystems are frozen around the instant (see :meth:`VM.backup_begin`).
     ``encrypt_key``: a file whose bytes are the passphrase of the repository's LUKS
-    images, which QEMU reads (push only); see :mod:`qmpbackup.repo.encryption`.
+    images, which QEMU writes (pull: qemu-nbd); see :mod:`qmpbackup.repo.encryption`.
     ``compress``: the images hold qcow2 compressed clusters (zstd, or zlib where this
     QEMU has no zstd); a chain stored otherwise is not continued (a new full starts).
 
@@ -344,7 +344,7 @@ async def backup_to_repository(
     repo = Repository(Path(root), vm.key)
     with repo.exclusive(), using_key(encrypt_key):
         stale = discard_incomplete(repo)
-        check_encryption(repo, encrypt_key, mode)
+        check_encryption(repo, encrypt_key)
         graph = await vm.graph()
         decisions = decide(repo, vm, graph, level, disks, emit, compression)
         entry = repo.begin_backup(

@@ -12,21 +12,16 @@ from pathlib import Path
 from ..errors import InvalidInputError
 from ..images.keyed import using_key
 from ..images.qemu_img import ImageError, open_alone
-from ..request.models import Mode
 from .records import RepositoryError
 from .repository import Repository
 
 
-def check_encryption(repo: Repository, key: Path | None, mode: Mode) -> None:
-    """Refuse a backup into ``repo`` that would not be encrypted as its backups are, a pull
-    with a key (not built yet), or a key that does not open the newest image.
+def check_encryption(repo: Repository, key: Path | None) -> None:
+    """Refuse a backup into ``repo`` that would not be encrypted as its backups are, or a
+    key that does not open the newest image.
 
     Raises InvalidInputError or RepositoryError with one line; writes nothing.
     """
-    if key is not None and mode == "pull":
-        raise InvalidInputError(
-            "--encrypt-key with --mode pull is not built yet: use --mode push (QEMU encrypts)"
-        )
     check_key_file(key)
     done = [r for r in repo.backups() if r.complete]
     if not done:

@@ -23,7 +23,7 @@ complete backups are listed by default, taken as parents or restored; an incompl
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -375,8 +375,12 @@ class Repository:
             if record.complete:
                 raise RepositoryError(f"backup {backup_id} is complete: refusing to discard it")
             for disk in record.disks:
-                self.image_path(record, disk.name).unlink(missing_ok=True)
+                image = self.image_path(record, disk.name)
+                image.unlink(missing_ok=True)
                 self.digests_path(record, disk.name).unlink(missing_ok=True)
+                # A disk's first backup made its folder: gone with it if nothing else is.
+                with suppress(OSError):
+                    image.parent.rmdir()
             self.record_path(backup_id).unlink(missing_ok=True)
             self._remove_temporaries()
 

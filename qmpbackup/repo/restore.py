@@ -23,7 +23,7 @@ import structlog
 
 from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
 from ..files import fsync_dir, fsync_file
-from ..images.keyed import SECRET_ID, image_args, iter_time
+from ..images.keyed import image_args, luks_create_options
 from ..images.qcow2_compressed import Compression
 from ..images.qcow2_reader import Qcow2Unsupported
 from ..images.qemu_img import image_info, qemu_img
@@ -138,8 +138,7 @@ def build_checked(
         if compression is not None and fmt == "qcow2":
             options = ["-c", "-o", f"compression_type={compression}"]
         if encrypt:
-            stretch = "" if iter_time() is None else f",encrypt.iter-time={iter_time()}"
-            options = ["-o", f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}{stretch}"]
+            options = ["-o", luks_create_options()]
         qemu_img("convert", "-q", *image_args(chain[-1]), "-O", fmt, *options, str(dest))
         blocks = check_standalone(dest, fmt, expected, what)
         fsync_file(dest)

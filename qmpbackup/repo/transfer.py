@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import os
 import threading
@@ -19,6 +20,7 @@ import structlog
 
 from ..api import VM
 from ..errors import DisconnectedError, QmpBackupError, ScratchFullError
+from ..images.keyed import key_file
 from ..images.pull_copy import CopyResult, pull_copy
 from ..planner.level import LevelDecision
 from ..qapi.commands import JobCancel
@@ -151,10 +153,11 @@ async def read_exports(
                     compression=entry.record.compression,
                     on_progress=functools.partial(progressed, disk),
                     on_start=functools.partial(started, disk),
+                    encrypt=key_file() is not None,
                 )
-                result = await _copy_unless_full(
-                    loop.run_in_executor(None, copy), watch, watcher, disk, target.image
-                )
+                # In this task's context: the key of keyed.using_key, if any.
+                future = loop.run_in_executor(None, contextvars.copy_context().run, copy)
+                result = await _copy_unless_full(future, watch, watcher, disk, target.image)
                 written[disk] = result
             if watch.full is not None:
                 # Filled as the last copy ended: its fleecing is stopped, the backup too.
