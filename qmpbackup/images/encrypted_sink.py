@@ -1,8 +1,9 @@
 """Where a pull copy writes in an encrypted repository: a new LUKS qcow2 that QEMU writes.
 
 The built-in writer (:mod:`.qcow2_writer`) cannot encrypt, and no encryption here is
-ours. ``qemu-img create`` makes the image (``encrypt.format=luks``, the backing file
-named relative to the image as push images are); ``qemu-nbd`` opens it writable without
+ours. :func:`~.qemu_img.create_encrypted` makes the image beforehand (``encrypt.format=
+luks``, the backing file named relative to the image as push images are; the one-shot
+makes every disk's at once); ``qemu-nbd`` opens it writable without
 its backing chain (the copy writes whole clusters: nothing is read from below) on a unix
 socket, 0600 in a 0700 folder of its own; the copy writes through the built-in NBD
 client: data as WRITE, zeroes over a backing as WRITE_ZEROES (qcow2 zero clusters),
@@ -37,7 +38,7 @@ from ..nbd.copy import Done, NBDSink
 from . import keyed
 from .qcow2_reader import file_digest
 from .qcow2_writer import CLUSTER
-from .qemu_img import ImageError, create_encrypted
+from .qemu_img import ImageError
 from .qemu_nbd import stop_process, wait_listening
 
 # Measured on 2 CPUs, QEMU 7.2, a copy of 1.4 GiB of data (1 GiB written) from qemu-nbd
@@ -113,10 +114,11 @@ class _Both:
 
 class EncryptedSink:
     """The copy's sink (:class:`qmpbackup.nbd.copy.Sink`) for the new encrypted image
-    ``out`` of ``size`` bytes over ``backing`` (None: a full), keyed by the key file set
-    with :func:`keyed.using_key` in the calling thread.
+    ``out`` of ``size`` bytes over ``backing`` (None: a full), made by
+    :func:`~.qemu_img.create_encrypted` and keyed by the key file set with
+    :func:`keyed.using_key` in the calling thread.
 
-    Raises QmpBackupError if ``out`` exists, ImageError if qemu-img or qemu-nbd fails.
+    Raises QmpBackupError if ``out`` is not a file, ImageError if qemu-nbd fails.
     """
 
     block = CLUSTER
@@ -125,8 +127,8 @@ class EncryptedSink:
         key = keyed.key_file()
         if key is None:
             raise ValueError("an encrypted image needs a key file (keyed.using_key)")
-        if os.path.lexists(out):
-            raise QmpBackupError(f"{out} exists: refusing to overwrite it")
+        if not out.is_file():
+            raise QmpBackupError(f"{out}: no such image to write (create_encrypted makes it)")
         self.out, self.size, self.backing = out, size, backing
         self.blocks: dict[int, bytes] = {}
         self._digest_key = keyed.digest_key()
@@ -138,17 +140,12 @@ class EncryptedSink:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dest: NBDClient | None = None
         try:
-            self._create()
             self._dest = self._serve(key)
         except BaseException:
             self.abandon()
             raise
         self._nbd = NBDSink(self._dest, skip_zeroes=backing is None)
         self.max_request = self._nbd.max_request
-
-    def _create(self) -> None:
-        link = None if self.backing is None else os.path.relpath(self.backing, self.out.parent)
-        create_encrypted(self.out, self.size, link)
 
     def _serve(self, key: Path) -> NBDClient:
         """Start qemu-nbd on the new image; a client with :data:`CONNECTIONS` to it."""

@@ -243,7 +243,8 @@ def pull_copy(
     extents are written and ``backing`` (the previous backup) becomes the
     backing file of ``out``, which must then be qcow2.  With ``compression``, a
     qcow2 ``out`` holds compressed clusters. ``encrypt``: ``out`` is a
-    LUKS-encrypted qcow2 that QEMU writes (:mod:`.encrypted_sink`), with the key set by
+    LUKS-encrypted qcow2 made beforehand by :func:`~.qemu_img.create_encrypted`, which
+    QEMU writes (:mod:`.encrypted_sink`), with the key set by
     :func:`~qmpbackup.images.keyed.using_key` in this thread.
     """
     dirty_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None

@@ -130,21 +130,21 @@ def _backup_spec(
 
 
 async def _create_encrypted(
-    graph: BlockGraph, entry: BackupEntry, decisions: Sequence[LevelDecision]
+    graph: BlockGraph, entry: BackupEntry, decisions: Sequence[LevelDecision], linked: bool
 ) -> None:
-    """Create the LUKS-encrypted qcow2 targets of an encrypted push, one process per
-    disk at once (each costs QEMU ~2.4 s of CPU in PBKDF2 timing, which the VM's QEMU
-    would spend with its main loop, and the guest's I/O, stopped). Raises ImageError."""
-    await asyncio.gather(
-        *(
-            asyncio.to_thread(
-                create_encrypted,
-                entry.target(d.disk).image,
-                graph.top_node(d.disk).virtual_size,
-            )
-            for d in decisions
-        )
-    )
+    """Create the LUKS-encrypted qcow2 images of an encrypted backup, one process per
+    disk at once: each costs ~2.4 s of CPU in QEMU's PBKDF2 timing, which the VM's QEMU
+    (``blockdev-create``) would spend with its main loop, and the guest's I/O, stopped.
+    ``linked``: an incremental's names its parent as backing file now (pull; a push
+    image gets it when sealed). Raises ImageError."""
+
+    def create(disk: str) -> None:
+        target = entry.target(disk)
+        backing = target.backing if linked else None
+        create_encrypted(target.image, graph.top_node(disk).virtual_size, backing)
+
+    # In this task's context: the key of keyed.using_key.
+    await asyncio.gather(*(asyncio.to_thread(create, d.disk) for d in decisions))
 
 
 def discard_incomplete(repo: Repository) -> list[str]:
@@ -207,8 +207,8 @@ class _OneShot:
     async def run(self, graph: BlockGraph, recover: bool) -> RepositoryRecord:
         """Begin, copy, end, seal and commit; the complete record."""
         entry = self.entry
-        if self.mode == "push" and self.options.secrets:
-            await _create_encrypted(graph, entry, self.decisions)
+        if self.options.secrets:
+            await _create_encrypted(graph, entry, self.decisions, self.mode == "pull")
         self.job = await self.vm.backup_begin(
             _backup_spec(graph, entry, self.decisions, self.mode, bool(self.options.secrets)),
             CheckpointSpec(name=self.checkpoint, description=f"qmpbackup {entry.id}"),
