@@ -600,7 +600,8 @@ async def test_abort_mid_copy(slow_vm: FilteredVM, tmp_path: Path) -> None:
     base = await base_checkpoint(vm, cli, tmp_path)
     target = await begin_slow_incremental(vm, cli, tmp_path)
     proc = await spawn(cli, "-v", "--log-format", "json", "backup-end", "1", "--abort")
-    await read_until(proc.stderr, '"qmp.reply"', '"job-cancel"')
+    # The reply to job-cancel itself: the schema's reply names job-cancel too.
+    await read_until(proc.stderr, '"qmp.reply"', '"execute": "job-cancel"')
     # QEMU took the cancel; the job still waits for its reads queued in the throttle.
     jobs = await vm.session.execute("query-jobs")
     assert jobs[0]["status"] == "running" and jobs[0]["current-progress"] < 16 * MiB
