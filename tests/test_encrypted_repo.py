@@ -104,8 +104,7 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
         outputs += [done.out, done.err]
         # The LUKS targets are made by qemu-img beforehand: QEMU's blockdev-create would
         # stop the VM's main loop for its ~2.4 s of PBKDF2 timing.
-        sent = [json.loads(line) for line in done.err.splitlines() if '"qmp.command"' in line]
-        executed = {c["execute"] for c in sent if c["event"] == "qmp.command"}
+        executed = {c["execute"] for c in done.qmp_commands()}
         assert "blockdev-add" in executed and "blockdev-create" not in executed
     records = repo.backups()
     assert [r.level for r in records] == ["full", "inc", "inc"]
