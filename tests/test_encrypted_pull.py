@@ -36,13 +36,15 @@ from .test_encrypted_repo import (
 SINK = b"qmpbackup-sink-"
 
 
-def _sinks() -> dict[int, bytes]:
-    """The qemu-nbd processes writing an encrypted pull image now: pid -> cmdline."""
+def _sinks(where: Path) -> dict[int, bytes]:
+    """The qemu-nbd processes writing an encrypted pull image under ``where`` now: pid ->
+    cmdline (only this test's: other test runs on the machine may have sinks too)."""
     found = {}
     for path in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             line = path.read_bytes()
-            if line.split(b"\0")[0].endswith(b"qemu-nbd") and SINK in line:
+            ours = SINK in line and str(where).encode() in line
+            if line.split(b"\0")[0].endswith(b"qemu-nbd") and ours:
                 found[int(path.parent.name)] = line
     return found
 
@@ -115,7 +117,7 @@ async def test_encrypted_pull_chain_holds_each_instant_and_hides_the_key(
             assert done.rc == 0, done.err
             assert "taken while copying" in done.out
             outputs += [done.out, done.err]
-            assert not _sinks()
+            assert not _sinks(tmp_path)
         records = repo.backups()
         assert [(r.level, r.mode) for r in records] == [("full", "pull"), ("inc", "pull"),
                                                         ("inc", "pull")]  # fmt: skip
@@ -209,10 +211,10 @@ async def _start_backup(cli: Cli, vm: ThrowawayVM, *args: str) -> asyncio.subpro
     )
 
 
-async def _wait_for_sink(proc: asyncio.subprocess.Process) -> dict[int, bytes]:
-    """The sinks once one runs; the backup's output if it ends first."""
+async def _wait_for_sink(proc: asyncio.subprocess.Process, where: Path) -> dict[int, bytes]:
+    """The sinks under ``where`` once one runs; the backup's output if it ends first."""
     deadline = time.monotonic() + 60
-    while not (found := _sinks()):
+    while not (found := _sinks(where)):
         if proc.returncode is not None or time.monotonic() > deadline:
             raise AssertionError(f"no qemu-nbd sink started: {await proc.communicate()}")
         await asyncio.sleep(0.01)
@@ -240,27 +242,27 @@ async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
         before, records = _files(repo.root), repo.backups()
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        (pid,) = await _wait_for_sink(proc)
+        (pid,) = await _wait_for_sink(proc, tmp_path)
         os.kill(pid, signal.SIGKILL)
         out, err = await proc.communicate()
         assert proc.returncode == 1, (out, err)
         lines = err.decode().strip().splitlines()
         assert len(lines) == 1 and "could not copy vdb" in lines[0], lines
-        assert not _sinks() and _files(repo.root) == before and repo.backups() == records
+        assert not _sinks(tmp_path) and _files(repo.root) == before and repo.backups() == records
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        await _wait_for_sink(proc)
+        await _wait_for_sink(proc, tmp_path)
         proc.send_signal(signal.SIGTERM)
         out, err = await proc.communicate()
         assert proc.returncode == 1 and b"interrupted" in err, (out, err)
-        assert not _sinks() and _files(repo.root) == before and repo.backups() == records
+        assert not _sinks(tmp_path) and _files(repo.root) == before and repo.backups() == records
 
         proc = await _start_backup(cli, vm, *args, "--disk", "vdb")
-        sinks = list((await _wait_for_sink(proc)).values())
+        sinks = list((await _wait_for_sink(proc, tmp_path)).values())
         proc.kill()
         await proc.wait()
         deadline = time.monotonic() + 10
-        while _sinks():
+        while _sinks(tmp_path):
             assert time.monotonic() < deadline, "the sink outlived its backup"
             await asyncio.sleep(0.05)
         killed = Path(next(a for a in sinks[0].split(b"\0") if SINK in a).decode()).parent
@@ -272,7 +274,7 @@ async def test_a_failed_or_stopped_encrypted_pull_leaves_no_sink_and_no_image(
         assert "vda: incremental" in done.out
         # The next sink removed the killed one's folder; its image went with its record.
         assert not killed.exists()
-        assert len(repo.backups()) == 2 and not _sinks()
+        assert len(repo.backups()) == 2 and not _sinks(tmp_path)
         out_image = tmp_path / "restored.raw"
         await cli.ok("restore", "--repo", str(repo.root), "--disk", "vda", "--out",
                      str(out_image), "--format", "raw", "--encrypt-key", str(key))  # fmt: skip
