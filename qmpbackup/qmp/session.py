@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
+from qemu.qmp.qmp_client import NegotiationError
 
 from ..errors import ConnectionFailedError, DisconnectedError, QMPCommandError
 from ..logconfig import redact
@@ -64,6 +65,9 @@ def describe_address(address: Address) -> str:
     return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
 
 
+_NEGOTIATION_TRIES = 3
+
+
 class QMPSession:
     """One QMP connection: commands, replies and events, all logged."""
 
@@ -83,7 +87,18 @@ class QMPSession:
         if isinstance(self.address, str) and not stat.S_ISSOCK(os.stat(self.address).st_mode):
             raise ConnectionFailedError(f"{where} is not a socket")
         try:
-            await asyncio.wait_for(self._client.connect(self.address), timeout)
+            for attempt in range(1, _NEGOTIATION_TRIES + 1):
+                try:
+                    await asyncio.wait_for(self._client.connect(self.address), timeout)
+                    break
+                except ConnectError as exc:
+                    if attempt == _NEGOTIATION_TRIES or not isinstance(exc.exc, NegotiationError):
+                        raise
+                    # A client that died mid-command (recover's usual case) can leave a
+                    # reply QEMU's monitor sends to whoever connects next, in place of
+                    # the answer to qmp_capabilities (seen once on QEMU 7.2): try again.
+                    log.debug("qmp.negotiation-retry", address=where, error=str(exc.exc))
+                    await asyncio.sleep(0.2)
         except ConnectError as exc:
             raise ConnectionFailedError(self._connect_reason(where, exc)) from exc
         except TimeoutError as exc:
