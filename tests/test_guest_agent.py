@@ -109,12 +109,14 @@ async def test_one_client_at_a_time_and_stale_replies(
         await first.ping()
     finally:
         await first.close()
-    # The second client's syncs reached the agent once the first left; their replies
-    # wait in the channel for the next client, which skips them.
+    # The second client's syncs may reach the agent once the first left; their replies
+    # then wait in the channel for the next client, which skips them (as stale replies,
+    # or as bytes before its own sync's delimiter: which one depends on timing).
     async with await GuestAgent.connect(guest.agent_path) as third:
         await third.ping()
-    stale = [e for e in debug_logs if e["event"] == "qga.stale"]
-    assert stale, [e["event"] for e in debug_logs]
+    events = [e["event"] for e in debug_logs]
+    last = len(events) - 1 - events[::-1].index("qga.connected")
+    assert "qga.synced" in events[last:] and "qga.error" not in events[last:], events
 
 
 @pytest.mark.qemu
