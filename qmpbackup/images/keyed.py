@@ -80,7 +80,7 @@ def iter_time() -> int | None:
 def luks_create_options() -> str:
     """The ``-o`` options of ``qemu-img create``/``convert`` making a LUKS-encrypted qcow2
     with the key set here (see :func:`iter_time`)."""
-    stretch = "" if iter_time() is None else f",encrypt.iter-time={iter_time()}"
+    stretch = "" if (ms := iter_time()) is None else f",encrypt.iter-time={ms}"
     return f"encrypt.format=luks,encrypt.key-secret={SECRET_ID}{stretch}"
 
 

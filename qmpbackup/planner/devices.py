@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..errors import InvalidInputError
-from ..qapi.commands import LuksCreateEncryption, LuksEncryption
+from ..qapi.commands import LuksEncryption
 from ..qapi.objects import ObjectDel, SecretAdd
 from . import naming
 from .disks import DiskChoice, DiskContext
@@ -107,13 +107,3 @@ def secret_steps(
         undo=(ObjectDel(id=secret),),
     )
     return [step], LuksEncryption(key_secret=secret), (secret,)
-
-
-def create_encryption(
-    encrypt: LuksEncryption | None, choice: DiskChoice
-) -> LuksCreateEncryption | None:
-    """The ``encrypt`` options creating an encrypted target or scratch opened with
-    ``encrypt``: the same secret, and the chosen PBKDF2 time of its LUKS header."""
-    if encrypt is None:
-        return None
-    return LuksCreateEncryption(key_secret=encrypt.key_secret, iter_time=choice.iter_time)

@@ -50,7 +50,6 @@ class DiskChoice(BaseModel):
     export_bitmap: str | None = None
     device: bool = False  # the target or scratch is a block device (type='block')
     secret: str | None = None  # the passphrase's name, for an encrypted target or scratch
-    iter_time: int | None = None  # its LUKS header's PBKDF2 time (ms); None: QEMU's default
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,6 @@ def choose_disks(
                 reuse=bool(entry and entry.reuse),
                 device=bool(entry and entry.type == "block"),
                 secret=entry.encryption.secret.name if entry and entry.encryption else None,
-                iter_time=entry.encryption.iter_time if entry and entry.encryption else None,
                 shallow=shallow,
                 export=((entry.exportname if entry else None) or name) if pull else None,
                 export_bitmap=((entry.exportbitmap if entry else None) or f"backup-{name}")

@@ -21,7 +21,7 @@ from ..qapi.commands import (
 )
 from ..state.active import DiskJob
 from . import naming
-from .devices import create_encryption, device_size, file_driver, secret_objects, secret_steps
+from .devices import device_size, file_driver, secret_objects, secret_steps
 from .disks import (
     DiskChoice,
     DiskContext,
@@ -123,7 +123,7 @@ def _target_steps(
             size=top.virtual_size,
             backing_file=backing_file,
             backing_fmt=backing_fmt,
-            encrypt=create_encryption(encrypt, choice),
+            encrypt=encrypt,
             # zlib is qcow2's default: left out, so that a QEMU without the member works.
             compression_type="zstd" if context.options.compress == "zstd" else None,
         )

@@ -24,7 +24,7 @@ from ..qapi.commands import (
     LuksEncryption,
 )
 from . import naming
-from .devices import create_encryption, device_size, file_driver, qcow2_room, secret_steps
+from .devices import device_size, file_driver, qcow2_room, secret_steps
 from .disks import DiskChoice, DiskContext, create_steps
 from .plan import Step
 
@@ -144,9 +144,7 @@ def _format_steps(
     writes (copy-before-write's default on-cbw-error=break-guest-write, which
     blockdev-backup cannot change), so a lack of space must fail here instead."""
     disk, size = choice.disk, context.graph.top_node(choice.disk).virtual_size
-    qcow2 = CreateQcow2Options(
-        file=file_node, size=size, encrypt=create_encryption(encrypt, choice)
-    )
+    qcow2 = CreateQcow2Options(file=file_node, size=size, encrypt=encrypt)
     what = f"format the scratch of {disk} as{' encrypted' if encrypt else ''} qcow2"
     if choice.device:
         # A device cannot be preallocated: its size is its room.

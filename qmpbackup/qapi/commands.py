@@ -98,13 +98,6 @@ class LuksEncryption(QAPIModel):
     key_secret: str
 
 
-class LuksCreateEncryption(LuksEncryption):
-    """qcow2's ``encrypt`` when it is created: also how long the LUKS header's PBKDF2
-    takes (``iter-time``, ms; QEMU's default 2000 when None)."""
-
-    iter_time: int | None = Field(default=None, ge=1)
-
-
 class BlockdevAddQcow2(QMPCommand):
     """``blockdev-add`` of a ``qcow2`` format node."""
 
@@ -158,7 +151,7 @@ class CreateQcow2Options(QAPIModel):
     backing_fmt: str | None = None
     cluster_size: int | None = None
     preallocation: Literal["off", "metadata", "falloc", "full"] | None = None
-    encrypt: LuksCreateEncryption | None = None
+    encrypt: LuksEncryption | None = None
     compression_type: Literal["zlib", "zstd"] | None = None
 
 

@@ -31,7 +31,7 @@ import structlog
 
 from ..api import VM
 from ..errors import InvalidInputError, JobFailedError, QmpBackupError
-from ..images.keyed import iter_time, using_key
+from ..images.keyed import using_key
 from ..images.qemu_img import create_encrypted
 from ..planner.facts import BeginOptions
 from ..planner.level import LevelDecision
@@ -102,11 +102,7 @@ def _backup_spec(
 ) -> BackupSpec:
     """The ``<domainbackup>`` of this run: every other disk of the VM is left out;
     ``encrypted``: push targets are LUKS qcow2 keyed by :data:`REPOSITORY_SECRET`."""
-    encryption = None
-    if encrypted:
-        encryption = EncryptionSpec(
-            secret=SecretSpec(usage=REPOSITORY_SECRET), iter_time=iter_time()
-        )
+    encryption = EncryptionSpec(secret=SecretSpec(usage=REPOSITORY_SECRET)) if encrypted else None
     chosen = {d.disk: d for d in decisions}
     disks = []
     for name in graph.disks:

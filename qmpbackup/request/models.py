@@ -131,8 +131,6 @@ class EncryptionSpec(_Model):
 
     format: Literal["luks"] = "luks"
     secret: SecretSpec
-    # Not in libvirt's XML: the repository sets it for key files that need no stretching.
-    iter_time: int | None = Field(default=None, ge=1)
 
 
 class DiskBackupSpec(_Model):
