@@ -25,12 +25,12 @@ from .support import Cli, CliResult
 from .test_encrypted_repo import (
     KiB,
     MiB,
+    _assert_key_nowhere,
     _Cmdlines,
-    _first_data_cluster,
     _key,
     _opts,
-    _secret_forms,
     _slot_iters,
+    _verify_finds_a_flipped_byte,
 )
 
 SINK = b"qmpbackup-sink-"
@@ -155,24 +155,10 @@ async def test_encrypted_pull_chain_holds_each_instant_and_hides_the_key(
         qemu_img("compare", "--object", obj, "--image-opts", _opts(image, depth),
                  f"driver=raw,file.filename={ref}")  # fmt: skip
 
-    # The key's value is nowhere: logs, records, digests' metadata, journal, state.
-    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != key and p.suffix in
-             {".json", ".log", ".jsonl", ""}]  # fmt: skip
-    blobs = [o.encode() for o in outputs] + [p.read_bytes() for p in files]
-    blobs += [p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()]
-    for form in _secret_forms():
-        assert not any(form in blob for blob in blobs), form
+    _assert_key_nowhere(tmp_path, key, outputs)
 
     # A byte flipped in an encrypted pull image is found, and the file named.
-    middle = repo.image_path(records[1], "vda")
-    host = _first_data_cluster(middle)
-    with open(middle, "r+b") as handle:
-        handle.seek(host + 100)
-        byte = handle.read(1)
-        handle.seek(host + 100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    bad = await cli("verify", "--repo", root, "--encrypt-key", str(key))
-    assert bad.rc == 1 and str(middle) in bad.out + bad.err
+    await _verify_finds_a_flipped_byte(cli, root, key, repo.image_path(records[1], "vda"))
 
 
 async def test_encrypted_pull_refusals_write_nothing(

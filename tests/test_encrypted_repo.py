@@ -86,6 +86,29 @@ def _first_data_cluster(image: Path) -> int:
     raise AssertionError(f"{image}: no data cluster")
 
 
+def _assert_key_nowhere(tmp_path: Path, key: Path, outputs: list[str]) -> None:
+    """The key's value, hex or base64, is in no output and no file under ``tmp_path``
+    (logs, records, digests' metadata, journal, state) but the key file itself."""
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != key and p.suffix in
+             {".json", ".log", ".jsonl", ""}]  # fmt: skip
+    blobs = [o.encode() for o in outputs] + [p.read_bytes() for p in files]
+    blobs += [p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()]
+    for form in _secret_forms():
+        assert not any(form in blob for blob in blobs), form
+
+
+async def _verify_finds_a_flipped_byte(cli: Cli, root: str, key: Path, image: Path) -> None:
+    """Flip a byte of ``image``'s first data cluster: verify fails and names the file."""
+    host = _first_data_cluster(image)
+    with open(image, "r+b") as handle:
+        handle.seek(host + 100)
+        byte = handle.read(1)
+        handle.seek(host + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    bad = await cli("verify", "--repo", root, "--encrypt-key", str(key))
+    assert bad.rc == 1 and str(image) in bad.out + bad.err
+
+
 async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
     vm: ThrowawayVM, cli: Cli, tmp_path: Path
 ) -> None:
@@ -130,24 +153,10 @@ async def test_encrypted_push_chain_restores_verifies_and_hides_the_key(
     assert any(b"qemu-img" in c for c in watch.seen.values())
     assert any(b"qemu-nbd" in c for c in watch.seen.values())
     outputs += [c.decode(errors="replace") for c in watch.seen.values()]
-    # The key's value is nowhere: logs, records, digests' metadata, journal, state.
-    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != key and p.suffix in
-             {".json", ".log", ".jsonl", ""}]  # fmt: skip
-    blobs = [o.encode() for o in outputs] + [p.read_bytes() for p in files]
-    blobs += [p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()]
-    for form in _secret_forms():
-        assert not any(form in blob for blob in blobs), form
+    _assert_key_nowhere(tmp_path, key, outputs)
 
     # A byte flipped in an encrypted image is found, and the file named.
-    middle = repo.image_path(records[1], "vda")
-    host = _first_data_cluster(middle)
-    with open(middle, "r+b") as handle:
-        handle.seek(host + 100)
-        byte = handle.read(1)
-        handle.seek(host + 100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
-    bad = await cli("verify", "--repo", root, "--encrypt-key", str(key))
-    assert bad.rc == 1 and str(middle) in bad.out + bad.err
+    await _verify_finds_a_flipped_byte(cli, root, key, repo.image_path(records[1], "vda"))
 
 
 async def test_encrypted_repository_refusals_write_nothing(
