@@ -19,6 +19,7 @@ compared with the digests recorded at backup time. Bytes past the disk's size ar
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import mmap
 import os
@@ -161,7 +162,13 @@ def read_back(device: Path, expected: Digests) -> list[int]:
                     view.release()
 
         with ThreadPoolExecutor(2, thread_name_prefix="qmpbackup-readback") as pool:
-            return [i for bad in pool.map(check, range(0, size, chunk)) for i in bad]
+            # Each read runs in a copy of this context: the digests' key is a context
+            # variable (images.keyed), which the pool's threads do not inherit.
+            done = [
+                pool.submit(contextvars.copy_context().run, check, offset)
+                for offset in range(0, size, chunk)
+            ]
+            return [i for future in done for i in future.result()]
     finally:
         os.close(fd)
 
