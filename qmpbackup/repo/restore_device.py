@@ -23,6 +23,7 @@ import contextvars
 import errno
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,28 +139,30 @@ def read_back(device: Path, expected: Digests) -> list[int]:
     size, block = expected.size, expected.block_size
     chunk = max(block, _READ // block * block)
     fd = os.open(device, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    local = threading.local()
     try:
-        sector = logical_block_size(fd)
 
         def check(offset: int) -> list[int]:
             length = min(chunk, size - offset)
-            # O_DIRECT wants an aligned buffer (mmap's is) and whole logical blocks.
-            with mmap.mmap(-1, -(-length // sector) * sector) as buffer:
-                done = os.preadv(fd, [buffer], offset)
-                if done < length:
-                    raise OSError(errno.EIO, f"short read at byte {offset + done}")
-                view = memoryview(buffer)
-                try:
-                    first = offset // block
-                    return [
-                        first + k
-                        for k in range(-(-length // block))
-                        if block_digest(view[k * block : min((k + 1) * block, length)],
-                                        expected.algorithm)
-                        != expected.get(first + k)
-                    ]  # fmt: skip
-                finally:
-                    view.release()
+            # O_DIRECT wants an aligned buffer (mmap's is) of whole logical blocks (the
+            # chunk's are); one per thread, reused: a new one costs a fault per page.
+            if not hasattr(local, "buffer"):
+                local.buffer = mmap.mmap(-1, chunk)
+            done = os.preadv(fd, [local.buffer], offset)
+            if done < length:
+                raise OSError(errno.EIO, f"{device}: short read at byte {offset + done}")
+            view = memoryview(local.buffer)
+            try:
+                first = offset // block
+                return [
+                    first + k
+                    for k in range(-(-length // block))
+                    if block_digest(view[k * block : min((k + 1) * block, length)],
+                                    expected.algorithm)
+                    != expected.get(first + k)
+                ]  # fmt: skip
+            finally:
+                view.release()
 
         with ThreadPoolExecutor(2, thread_name_prefix="qmpbackup-readback") as pool:
             # Each read runs in a copy of this context: the digests' key is a context
