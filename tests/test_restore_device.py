@@ -136,7 +136,7 @@ async def test_an_encrypted_chain_restores_onto_a_device(
     key.write_bytes(b"q" * 44)
     root = str(tmp_path / "repo")
     ref = await backup_chain(vm, cli, root, "--encrypt-key", str(key))
-    loop = loop_device(VDA)
+    loop = loop_device(VDA + 8 * MiB)  # qemu-img convert -n onto a bigger device
     for sparse in ((), ("--sparse",)):
         done = await cli.ok(
             *restore_args(root, loop.device, "--force", *sparse, "--encrypt-key", str(key)),
@@ -144,6 +144,11 @@ async def test_an_encrypted_chain_restores_onto_a_device(
         )
         assert "restore.through-qemu-img" in done.err
         assert equal(loop.device, ref)
+        # --sparse: punched first, and qemu-img told --target-is-zero.
+        assert not sparse or loop.allocated() < VDA // 2 + 8 * MiB, loop.allocated()
+        with loop.backing.open("rb") as tail:
+            tail.seek(VDA)
+            assert tail.read() == b"\xa5" * 8 * MiB
         subprocess.run(["dd", "if=/dev/urandom", f"of={loop.device}", "bs=1M", "count=4"],
                        check=True, capture_output=True)  # fmt: skip
 
