@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 
 from qmpbackup.demo.throwaway import ThrowawayVM
+from qmpbackup.repo.repository import Repository
+from qmpbackup.repo.restore import recorded_digests
+from qmpbackup.repo.restore_device import read_back, restore_device
 
+from .repo_builder import SIZE, Write, add_backup, qemu_img, reference
 from .support import Cli
 
 MiB = 1 << 20
@@ -239,3 +243,26 @@ async def test_restore_refuses_a_device_under_device_mapper(
         assert loop.digest() == before
     finally:
         subprocess.run(["dmsetup", "remove", name], check=False)
+
+
+def test_a_chain_with_holes_restores_over_old_data_and_the_read_back_finds_a_change(
+    tmp_path: Path, loop_device: Callable[[int], Loop]
+) -> None:
+    """A chain with holes and guest zeroes restores over old data (no VM: the fast path
+    alone); a byte changed on the device afterwards, in the loop's file, is found."""
+    repo = Repository(tmp_path / "repo", "vm1")
+    full: list[Write] = [(0x11, 0, MiB), (0x12, 3 * MiB, 512 * KiB), (0, 5 * MiB, MiB)]
+    inc: list[Write] = [(0x21, 512 * KiB, 64 * KiB), (None, 3 * MiB, 64 * KiB)]
+    add_backup(repo, {"vda": ("full", full)}, 0)
+    record = add_backup(repo, {"vda": ("inc", inc)}, 1)
+    ref = tmp_path / "ref.raw"
+    qemu_img("convert", "-O", "raw", str(reference(tmp_path / "ref.qcow2", full, inc)), str(ref))
+    loop = loop_device(SIZE)
+    result = restore_device(repo, "vda", Path(loop.device), force=True)
+    assert result.blocks_checked == SIZE // (64 * KiB) and equal(loop.device, ref, SIZE)
+    expected = recorded_digests(repo, record, record.disk("vda"))  # type: ignore[arg-type]
+    assert read_back(Path(loop.device), expected) == []
+    with loop.backing.open("r+b") as backing:
+        backing.seek(3 * MiB + 5)
+        backing.write(b"\x5a")  # into block 48, which the incremental zeroed
+    assert read_back(Path(loop.device), expected) == [48]
