@@ -202,7 +202,12 @@ def _write(fd: int, device: Path, chain: list[Path], expected: Digests, sparse: 
         # qemu-img skips the zero ranges only when told the device reads zeroes.
         zeroed = sparse and punch_disk(fd, expected.size)
         options = ["--target-is-zero"] if zeroed else []
-        qemu_img("convert", "-q", "-n", *image_args(chain[-1]), "-O", "raw", *options, str(device))
+        # -t none: O_DIRECT onto the device, 1.5 s against 8.6 s through the page cache
+        # for a 2 GiB chain (scripts/bench-restore-device).
+        qemu_img(
+            "convert", "-q", "-n", *image_args(chain[-1]),
+            "-O", "raw", "-t", "none", *options, str(device),
+        )  # fmt: skip
         os.fsync(fd)
         return
     if copied.bad:
