@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from .block_devices import device_use
 from .errors import QmpBackupError
 from .nbd import NBDClient
 from .planner.disks import DiskChoice
@@ -79,34 +79,6 @@ def find_free_port(host: str) -> int:
         return port
 
 
-def _kernel_devices(rdev: int) -> list[str]:
-    """``major:minor`` of a block device and of its partitions."""
-    own = f"{os.major(rdev)}:{os.minor(rdev)}"
-    found = [own]
-    with contextlib.suppress(OSError):
-        for child in Path("/sys/dev/block", own).iterdir():
-            if (child / "partition").exists():
-                found.append((child / "dev").read_text().strip())
-    return found
-
-
-def _mounts(devices: Iterable[str], path: str) -> tuple[str, ...]:
-    """Where the devices ``major:minor`` are mounted (/proc/self/mountinfo), and "swap"
-    when ``path`` is a swap area."""
-    wanted = set(devices)
-    found = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            fields = line.split()
-            if len(fields) > 4 and fields[2] in wanted:
-                found.append(fields[4].replace("\\040", " "))
-    with contextlib.suppress(OSError):
-        swaps = [line.split()[0] for line in Path("/proc/swaps").read_text().splitlines()[1:]]
-        if any(os.path.realpath(s) == os.path.realpath(path) for s in swaps):
-            found.append("swap")
-    return tuple(found)
-
-
 def device_facts(path: str, graph: BlockGraph | None) -> DeviceFacts:
     """What ``path``, named as a block device, is now: a block device or not, its size,
     and whether it is in use: mounted (it or a partition), held by another kernel device
@@ -117,34 +89,14 @@ def device_facts(path: str, graph: BlockGraph | None) -> DeviceFacts:
         return DeviceFacts(kind="missing")
     if not stat.S_ISBLK(st.st_mode):
         return DeviceFacts(kind="other")
-    devices = _kernel_devices(st.st_rdev)
-    holders = [h.name for d in devices for h in _listdir(Path("/sys/dev/block", d, "holders"))]
-    try:
-        # O_EXCL on a block device: refused while the kernel has it claimed.
-        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
-    except OSError as err:
-        if err.errno != errno.EBUSY:
-            raise
-        holders = holders or ["the kernel (an exclusive open is refused)"]
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
+    use = device_use(path)
     return DeviceFacts(
         kind="block",
-        size=size,
-        mounts=_mounts(devices, path),
-        holders=tuple(holders),
+        size=use.size,
+        mounts=use.mounts,
+        holders=use.holders,
         qemu_nodes=tuple(_nodes_on(st.st_rdev, graph)),
     )
-
-
-def _listdir(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError:
-        return []
 
 
 def _nodes_on(rdev: int, graph: BlockGraph | None) -> list[str]:

@@ -208,9 +208,24 @@ def _repository_commands(add: OfflineAdder) -> None:
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--disk", required=True)
-    p.add_argument("--out", type=Path, required=True, help="new image file (never overwritten)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="new image file (never overwritten), or a block device to write over (--force)",
+    )
     p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
-    p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
+    p.add_argument(
+        "--format", choices=["qcow2", "raw"], help="default: qcow2 for a file, raw for a device"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="write over the block device --out (never a file)"
+    )
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="onto a block device: deallocate its zero ranges where it can (else zeroes)",
+    )
     _encrypt_argument(p)
     p = add(
         "verify", repository.offline("cmd_verify"), "check a repository's files, chains and digests"

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..errors import QmpBackupError
+from ..block_devices import is_block_device
+from ..errors import InvalidInputError, QmpBackupError
 from ..images.keyed import using_key
 from ..repo.encryption import require_key
 from ..repo.prune import prune
 from ..repo.repository import Repository
 from ..repo.restore import restore
+from ..repo.restore_device import restore_device
 from ..repo.verify import verify
 from .progress import human_size
 from .text import out
@@ -28,12 +30,22 @@ def _repository(args: argparse.Namespace) -> Repository:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = _repository(args)
+    device = is_block_device(args.out)
+    if args.force and not device:
+        raise InvalidInputError(f"--force writes only over a block device: {args.out} is not one")
     with using_key(args.encrypt_key):
-        result = restore(repo, args.disk, args.out, args.backup, args.format)
+        if device:
+            result = restore_device(
+                repo, args.disk, args.out, args.backup,
+                fmt=args.format or "raw", force=args.force, sparse=args.sparse,
+            )  # fmt: skip
+        else:
+            result = restore(repo, args.disk, args.out, args.backup, args.format or "qcow2")
+    checked = "read back from the device" if device else "match the recorded digests"
     out(
         f"Disk {result.disk} of backup {result.backup_id} restored to {result.out} "
-        f"({result.fmt}, {human_size(result.virtual_size)}, "
-        f"{result.blocks_checked} blocks match the recorded digests)"
+        f"({result.fmt}, {human_size(result.virtual_size)}, {result.blocks_checked} blocks "
+        f"{checked})"
     )
     return 0
 

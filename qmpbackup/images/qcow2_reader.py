@@ -15,6 +15,7 @@ the same read and hashed. The reads, hashes and decompressions run on two thread
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from array import array
@@ -208,7 +209,7 @@ class Scan:
     undecodable: tuple[int, ...] = ()
 
 
-def read_into(fd: int, buffer: bytearray, length: int, offset: int) -> memoryview:
+def read_into(fd: int, buffer: bytearray | mmap.mmap, length: int, offset: int) -> memoryview:
     """Up to ``length`` bytes at ``offset`` of ``fd``, read into ``buffer`` (reused by the
     caller: a new buffer per read costs the kernel a page fault per 4 KiB)."""
     view = memoryview(buffer)[:length]

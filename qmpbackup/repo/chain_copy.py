@@ -12,13 +12,14 @@ nothing read back: the restore's check costs a hash.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import blake3
 
@@ -142,9 +143,26 @@ def _pieces(
     return pieces
 
 
+class Sink(Protocol):
+    """Where a copy goes; it takes writes from any thread. ``reads_zero``: what is not
+    written reads as zeroes (else every zero range is given to :meth:`zero`)."""
+
+    reads_zero: bool
+
+    def write(self, offset: int, data: memoryview | bytes) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
+
+    def finish(self) -> str | None: ...
+
+    def abandon(self) -> None: ...
+
+
 class _Output:
     """The new image, raw or qcow2 (through the writer); either takes writes from any
     thread."""
+
+    reads_zero = True
 
     def __init__(
         self, dest: Path, fmt: Literal["qcow2", "raw"], size: int, compression: Compression | None
@@ -186,7 +204,7 @@ class _Output:
 
 
 def _store(
-    out: _Output,
+    out: Sink,
     offset: int,
     pieces: list[memoryview | bytes | None],
     digests: list[bytes],
@@ -216,6 +234,15 @@ def _store(
         k = j
 
 
+def _holes(found: dict[int, Place], count: int) -> Iterator[tuple[int, int]]:
+    """Runs ``(first, n)`` of the clusters no layer holds."""
+    start = 0
+    for guest in [*sorted(found), count]:
+        if guest > start:
+            yield start, guest - start
+        start = guest + 1
+
+
 def copy_chain(
     chain: Sequence[Path],
     dest: Path,
@@ -230,6 +257,17 @@ def copy_chain(
     Raises Qcow2Unsupported (before writing anything) for files this process does not
     read, or for digests other than BLAKE3 of 64 KiB clusters; OSError on I/O failure.
     """
+    return copy_chain_into(chain, expected, lambda: _Output(dest, fmt, expected.size, compression))
+
+
+def copy_chain_into(
+    chain: Sequence[Path], expected: Digests, open_sink: Callable[[], Sink]
+) -> ChainCopy:
+    """Write the content of ``chain`` (base first) into the sink ``open_sink`` opens once
+    the chain is known to be readable, checking every block against ``expected``.
+
+    Raises what :func:`copy_chain` raises.
+    """
     layers = _linked([read_map(path) for path in chain])
     cluster = layers[-1].cluster_size
     if expected.algorithm != "blake3" or expected.block_size != cluster:
@@ -238,7 +276,7 @@ def copy_chain(
         raise Qcow2Unsupported("the chain's files have different cluster sizes")
     size = expected.size
     found = _resolve(layers)
-    out = _Output(dest, fmt, size, compression)
+    out = open_sink()
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(layer.path, "rb", buffering=0)) for layer in layers]
         fds = [handle.fileno() for handle in files]
@@ -249,7 +287,8 @@ def copy_chain(
             # One buffer per thread, reused: a new one per read costs a page fault per
             # 4 KiB (0.3 s of system time per GiB); the write below is done before return.
             if not hasattr(local, "buffer"):
-                local.buffer = bytearray(_RUN * cluster)
+                # Page-aligned (mmap), so that a sink can write its clusters with O_DIRECT.
+                local.buffer = mmap.mmap(-1, _RUN * cluster)
             data = read_into(fds[run.layer], local.buffer, run.length, run.host)
             pieces = _pieces(run, data, layers[run.layer], size)
             digests = [UNDECODABLE if p is None else blake3.blake3(p).digest() for p in pieces]
@@ -260,6 +299,9 @@ def copy_chain(
             ]
 
         try:
+            if not out.reads_zero:
+                for first, n in _holes(found, -(-size // cluster)):
+                    out.zero(first * cluster, min(n * cluster, size - first * cluster))
             with ThreadPoolExecutor(_THREADS, thread_name_prefix="qmpbackup-restore") as pool:
                 bad = [i for found_bad in pool.map(copy, _runs(found, cluster)) for i in found_bad]
             whole = out.finish()
