@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..errors import QmpBackupError
+from ..errors import InvalidInputError, QmpBackupError
 from ..images.keyed import using_key
 from ..repo.encryption import require_key
+from ..repo.instant import instant_restore
 from ..repo.prune import prune
 from ..repo.repository import Repository
 from ..repo.restore import restore
 from ..repo.verify import verify
+from .instant import instant_text
 from .progress import human_size
 from .text import out
 
@@ -28,6 +30,13 @@ def _repository(args: argparse.Namespace) -> Repository:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = _repository(args)
+    if args.instant:
+        if args.format != "qcow2":
+            raise InvalidInputError("--instant makes a qcow2 overlay: --format raw cannot be used")
+        made = instant_restore(repo, args.disk, args.out, args.backup)
+        for line in instant_text(made, args.encrypt_key):
+            out(line)
+        return 0
     with using_key(args.encrypt_key):
         result = restore(repo, args.disk, args.out, args.backup, args.format)
     out(
@@ -57,8 +66,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = _repository(args)
     with using_key(args.encrypt_key):
-        result = prune(repo, args.keep, dry_run=args.dry_run)
+        result = prune(repo, args.keep, args.dry_run, args.clear_stale_instant)
     would = "would be " if args.dry_run else ""
+    for line in result.instant:
+        out(line)
     for backup_id in result.removed:
         out(f"Backup {backup_id} {would}removed")
     for backup_id in result.rebased:
