@@ -12,13 +12,16 @@ for progress, ``query-jobs``. Whether a pull is finished is read from the block 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .errors import JobFailedError
+from .files import atomic_write_text
 from .planner.blockpull import plan_blockpull, plan_pull_abort
 from .planner.naming import PULL_PREFIX, pull_job
 from .planner.plan import Plan
@@ -113,10 +116,32 @@ async def blockpull_start(
         before = await pull_state(vm, disk)
         plan = await plan_pull(vm, disk, bandwidth)
         if plan.steps:
+            # What the image read, kept for whoever finds it standalone later (a pull
+            # started without --wait): the repository's marker is found through it.
+            _started_path(vm, before.disk).parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write_text(_started_path(vm, before.disk), json.dumps(asdict(before)))
             # Closed as soon as the job runs: from then on the job is the state.
             (await vm._run(plan, "blockpull", on_step)).close("done")
             log.info("blockpull.started", disk=before.disk, job=before.job, speed=bandwidth)
     return before
+
+
+def _started_path(vm: VM, disk: str) -> Path:
+    return vm.state_dir / "pulls" / f"{disk}.json"
+
+
+def started_pull(vm: VM, disk: str) -> PullState | None:
+    """The state of ``disk`` when its last pull started, if one was started from this
+    state directory and not forgotten since."""
+    try:
+        return PullState(**json.loads(_started_path(vm, disk).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def forget_pull(vm: VM, disk: str) -> None:
+    """Forget what :func:`started_pull` would return (once the image is standalone)."""
+    _started_path(vm, disk).unlink(missing_ok=True)
 
 
 async def blockpull_wait(

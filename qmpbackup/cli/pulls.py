@@ -16,8 +16,10 @@ from ..blockpull import (
     blockpull_abort,
     blockpull_start,
     blockpull_wait,
+    forget_pull,
     plan_pull,
     pull_state,
+    started_pull,
 )
 from ..errors import InvalidInputError
 from ..repo.events import BackupEvent, EventSink
@@ -43,11 +45,15 @@ async def cmd_blockpull(args: argparse.Namespace, vm: VM) -> int:
         return 0
     if args.abort:
         state = await blockpull_abort(vm, args.disk, step_printer(args))
-        out(f"Pull of {state.disk} aborted: {state.image} still reads {state.backing[0]}")
+        if state.standalone:  # the pull ended before the cancel reached it
+            _release(vm, state)
+            out(f"Pull of {state.disk} had completed: {state.image} is standalone")
+        else:
+            out(f"Pull of {state.disk} aborted: {state.image} still reads {state.backing[0]}")
         return 0
     before = await pull_state(vm, args.disk)
     if before.standalone:
-        _release(before)
+        _release(vm, before)
         out(f"Disk {before.disk} has no backing file: nothing to pull")
         return 0
     await blockpull_start(vm, args.disk, args.bandwidth, step_printer(args))
@@ -62,15 +68,19 @@ async def cmd_blockpull(args: argparse.Namespace, vm: VM) -> int:
 
     final = await blockpull_wait(vm, args.disk, progress)
     sink(BackupEvent("pull-done", disk=final.disk, message=final.image))
-    _release(before)
+    _release(vm, before)
     out("Pull complete")
     return 0
 
 
-def _release(state: PullState) -> None:
-    """Remove the instant-restore markers of ``state``'s image, now standalone."""
-    for path in release_markers(state.image, state.backing):
+def _release(vm: VM, state: PullState) -> None:
+    """Remove the instant-restore markers of ``state``'s image, now standalone, found
+    through the files it read (``state``'s, or those saved when its pull started)."""
+    started = started_pull(vm, state.disk)
+    backing = [*state.backing, *(started.backing if started else ())]
+    for path in release_markers(state.image, backing):
         out(f"Instant-restore marker {path.name} removed: {state.image} no longer reads it")
+    forget_pull(vm, state.disk)
 
 
 def pull_lines(states: list[PullState]) -> list[str]:
