@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -194,8 +195,10 @@ async def test_killed_pull_and_killed_qemu_lose_nothing(
         await restored.start()
         await restored.guest_io("vda", "read -P 0x78 40M 1M")
         await pull.ok("recover")
-        done = await pull.ok("blockpull", "vda", "--wait", "--no-progress")
-        assert "Pull complete" in done.out
+        done = await pull.ok("--log-format", "json", "blockpull", "vda", "--wait")
+        events = [json.loads(x)["event"] for x in done.out.splitlines() if x.startswith("{")]
+        assert events[0] == "backup.pull-begin" and events[-1] == "backup.pull-done", events
+        assert "backup.progress" in events and "Pull complete" in done.out
         assert "backing-filename" not in qemu_img_info(overlay)
     finally:
         await restored.stop()
