@@ -27,8 +27,9 @@ from .planner.naming import PULL_PREFIX, pull_job
 from .planner.plan import Plan
 from .qmp.graph import BlockGraph
 from .qmp.jobs import query_jobs
-from .runner import StepCallback, check_plan
+from .runner import StepCallback, check_plan, run_journaled
 from .state.directory import locked
+from .state.journal import Journal
 
 if TYPE_CHECKING:
     from .api import VM
@@ -121,9 +122,14 @@ async def blockpull_start(
             _started_path(vm, before.disk).parent.mkdir(mode=0o700, exist_ok=True)
             atomic_write_text(_started_path(vm, before.disk), json.dumps(asdict(before)))
             # Closed as soon as the job runs: from then on the job is the state.
-            (await vm._run(plan, "blockpull", on_step)).close("done")
+            (await _run(vm, plan, "blockpull", on_step)).close("done")
             log.info("blockpull.started", disk=before.disk, job=before.job, speed=bandwidth)
     return before
+
+
+async def _run(vm: VM, plan: Plan, operation: str, on_step: StepCallback | None) -> Journal:
+    """Check ``plan`` and send it journaled in ``vm``'s state directory."""
+    return await run_journaled(vm.session, vm.schema, plan, vm.state_dir, operation, on_step)
 
 
 def _started_path(vm: VM, disk: str) -> Path:
@@ -190,7 +196,7 @@ async def blockpull_abort(vm: VM, disk: str, on_step: StepCallback | None = None
         check_plan(plan, vm.schema)
         job = pull_job(name)
         async with vm.session.watch({"JOB_STATUS_CHANGE"}) as events:
-            (await vm._run(plan, "blockpull-abort", on_step)).close("done")
+            (await _run(vm, plan, "blockpull-abort", on_step)).close("done")
             while job in await query_jobs(vm.session):
                 while (await vm.session.next_event(events, job))["data"].get("id") != job:
                     pass
