@@ -138,8 +138,13 @@ async def test_instant_restore_then_blockpull(vm: ThrowawayVM, cli: Cli, tmp_pat
         await restored.stop()
     assert same(overlay, expected)
     assert repo_hashes(repo) == before
+    # The chain was made read-only: the repository's own operations do not mind.
+    assert not any(p.stat().st_mode & 0o222 for p in repo.chain(ids[-1], "vda"))
+    await vm.write("vda", 0x44, "5M", "64K")
+    await cli.ok("backup", "--repo", root, "--disk", "vda", "--level", "inc", "--mode", "pull")
     await cli.ok("verify", "--repo", root)
     await cli.ok("prune", "--repo", root, "--keep", "1")
+    await cli.ok("verify", "--repo", root)
 
 
 async def _wait_progress(machine: ThrowawayVM) -> int:
