@@ -11,8 +11,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from ..api import VM
+from ..blockpull import pulls
 from ..errors import InvalidInputError, QmpBackupError, SpecError
 from ..planner import BeginOptions
 from ..repo.backup import DEFAULT_SCRATCH_RESERVE, backup_to_repository
@@ -20,6 +22,7 @@ from ..repo.events import EventSink
 from ..request import load_backup_spec, load_checkpoint_spec
 from ..request.models import CheckpointSpec, check_checkpoint_name
 from .progress import JsonLines, PlainLines, ProgressBar
+from .pulls import pull_lines, recover_lines
 from .text import info_text, jobinfo_text, out, print_frozen, step_printer
 
 
@@ -109,7 +112,14 @@ async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
 
 async def cmd_jobinfo(args: argparse.Namespace, vm: VM) -> int:
     if not vm.active_backups() and args.id is None:
-        out(json.dumps({"type": "none"}) if args.json else f"{'Job type:':<18}None")
+        running = await pulls(vm)
+        if running and args.json:
+            pulled = [dict(asdict(p), type="blockpull") for p in running]
+            out(json.dumps(pulled[0] if len(pulled) == 1 else pulled, indent=2))
+        elif running:
+            out("\n".join(pull_lines(running)))
+        else:
+            out(json.dumps({"type": "none"}) if args.json else f"{'Job type:':<18}None")
         return 0
     info = await vm.job_info(args.id)
     if args.json:
@@ -165,6 +175,8 @@ async def cmd_recover(args: argparse.Namespace, vm: VM) -> int:
         out(line)
     for backup_id in planned.live_records:
         out(f"backup id {backup_id} is running: left alone (end it with backup-end)")
+    for line in recover_lines(await pulls(vm)):
+        out(line)
     if not planned.needed:
         out("Nothing to recover")
     elif not args.dry_run:

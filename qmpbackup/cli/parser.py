@@ -43,8 +43,8 @@ class _Handlers:
         return run
 
 
-backups, checkpoints, repository = (
-    _Handlers("backups"), _Handlers("checkpoints"), _Handlers("repository")
+backups, checkpoints, repository, pulls = (
+    _Handlers("backups"), _Handlers("checkpoints"), _Handlers("repository"), _Handlers("pulls")
 )  # fmt: skip
 
 
@@ -226,6 +226,12 @@ def _repository_commands(add: OfflineAdder) -> None:
         action="store_true",
         help="onto a block device: deallocate its zero ranges where it can (else zeroes)",
     )
+    p.add_argument(
+        "--instant",
+        action="store_true",
+        help="at once, whatever the size: a thin qcow2 backed by the backup's chain in the "
+        "repository, to boot now and finish with blockpull",
+    )
     _encrypt_argument(p)
     p = add(
         "verify", repository.offline("cmd_verify"), "check a repository's files, chains and digests"
@@ -243,7 +249,29 @@ def _repository_commands(add: OfflineAdder) -> None:
     p.add_argument("--vm", help=vm_help)
     p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
     p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
+    p.add_argument(
+        "--clear-stale-instant",
+        action="store_true",
+        help="remove the markers of instant restores whose overlay is gone or standalone",
+    )
     _encrypt_argument(p)
+
+
+def _pull_commands(add: Adder) -> None:
+    p = add(
+        "blockpull",
+        pulls.vm("cmd_blockpull"),
+        "copy what a disk reads from its backing chain into its top layer, then drop the link",
+    )
+    p.add_argument("disk")
+    p.add_argument("--wait", action="store_true", help="follow the pull until it is complete")
+    p.add_argument("--abort", action="store_true", help="stop the running pull")
+    p.add_argument(
+        "--bandwidth", type=_size, metavar="BYTES/S", help="copy at most this fast (say 50M)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan, send nothing")
+    p.add_argument("--no-progress", action="store_true", help="plain lines even on a terminal")
+    p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_commands(add)
     _vm_commands(add)
     _repository_commands(add_offline)
+    _pull_commands(add)
     p = add("info", backups.vm("cmd_info"), "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")

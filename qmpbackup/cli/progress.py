@@ -52,6 +52,10 @@ def describe(event: BackupEvent) -> str | None:
         return f"Domain checkpoint {event.message} deleted: no backup needs it any more"
     if event.kind == "compression":
         return event.message
+    if event.kind == "pull-begin":
+        return f"Pulling the backing chain of {event.disk} into {event.message}"
+    if event.kind == "pull-done":
+        return f"{event.disk}: {event.message} is standalone"
     if event.kind == "aborted":
         return f"Backup {event.backup or ''} aborted: {event.message}".replace("  ", " ")
     return None

@@ -13,11 +13,13 @@ from ..block_devices import is_block_device
 from ..errors import InvalidInputError, QmpBackupError
 from ..images.keyed import using_key
 from ..repo.encryption import require_key
+from ..repo.instant import instant_restore
 from ..repo.prune import prune
 from ..repo.repository import Repository
 from ..repo.restore import restore
 from ..repo.restore_device import restore_device
 from ..repo.verify import verify
+from .instant import instant_text
 from .progress import human_size
 from .text import out
 
@@ -30,6 +32,16 @@ def _repository(args: argparse.Namespace) -> Repository:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     repo = _repository(args)
+    if args.instant:
+        if args.force or args.sparse or args.format not in (None, "qcow2"):
+            raise InvalidInputError(
+                "--instant makes a new qcow2 overlay: "
+                "--force, --sparse and --format raw cannot be used"
+            )
+        made = instant_restore(repo, args.disk, args.out, args.backup)
+        for line in instant_text(made, args.encrypt_key):
+            out(line)
+        return 0
     device = is_block_device(args.out)
     if args.force and not device:
         raise InvalidInputError(f"--force writes only over a block device: {args.out} is not one")
@@ -69,8 +81,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     repo = _repository(args)
     with using_key(args.encrypt_key):
-        result = prune(repo, args.keep, dry_run=args.dry_run)
+        result = prune(repo, args.keep, args.dry_run, args.clear_stale_instant)
     would = "would be " if args.dry_run else ""
+    for line in result.instant:
+        out(line)
     for backup_id in result.removed:
         out(f"Backup {backup_id} {would}removed")
     for backup_id in result.rebased:

@@ -5,6 +5,15 @@ from __future__ import annotations
 PREFIX = "qmpbackup-"
 
 
+PULL_PREFIX = f"{PREFIX}pull-"
+
+
+def pull_job(disk: str) -> str:
+    """The ``block-stream`` job of ``blockpull`` on ``disk``: not a backup's, so ``recover``
+    leaves it running (a stream leaves its image valid at every instant)."""
+    return f"{PULL_PREFIX}{disk}"
+
+
 def job_id(backup_id: int, disk: str) -> str:
     """The backup job copying ``disk`` for backup ``backup_id``."""
     return f"{PREFIX}{backup_id}-{disk}"

@@ -3,7 +3,8 @@
 Everything qmpbackup creates in QEMU is named ``qmpbackup-<backup id>-…``
 (``qmpbackup-size-…`` for measuring bitmaps): a leftover is any such job, node,
 export, object or bitmap no live backup record owns.  A record is live while all
-its jobs exist and its owning process (if any) is alive; a stale one is cleaned.
+its jobs exist and its owning process (if any) is alive; a stale one is cleaned. A ``blockpull`` job
+(``qmpbackup-pull-…``) is left running: its image is valid at every instant.
 
 The cleanup order follows the block graph: exports, the NBD server (only one
 qmpbackup started) and its TLS objects; the point-in-time views, which sit on
@@ -45,7 +46,7 @@ from ..state.active import ActiveBackup
 from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
 from .facts import Inventory
-from .naming import PREFIX
+from .naming import PREFIX, PULL_PREFIX
 from .plan import Plan, Step
 from .pull import stop_server
 
@@ -331,7 +332,7 @@ def plan_recover(
     live_prefixes = tuple(f"{PREFIX}{r.id}-" for r in live)
 
     def ours(name: str) -> bool:
-        return name.startswith(PREFIX) and not name.startswith(live_prefixes)
+        return name.startswith(PREFIX) and not name.startswith((*live_prefixes, PULL_PREFIX))
 
     open_journals = [j for j in journals if j.ended is None]
     steps, removed_nodes = _qemu_cleanup(inventory, ours, stale, live, open_journals)

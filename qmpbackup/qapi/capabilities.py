@@ -32,6 +32,7 @@ _PATHS: dict[str, tuple[str, str, str]] = {
     ),
     "backup_perf": ("blockdev-backup x-perf", "blockdev-backup", "x-perf"),
     "blockdev_create": ("blockdev-create", "blockdev-create", ""),
+    "block_stream": ("block-stream", "block-stream", ""),
     "snapshot_access": ("snapshot-access driver", "blockdev-add", "driver=snapshot-access"),
     "copy_before_write": ("copy-before-write driver", "blockdev-add", "driver=copy-before-write"),
     "block_export": ("block-export-add", "block-export-add", ""),
@@ -63,6 +64,9 @@ class Capabilities(BaseModel):
     backup_perf: bool
     blockdev_create: bool
     snapshot_access: bool
+    #: ``block-stream`` exists (``blockpull``); it is sent with members every QEMU
+    #: since 7.2 has, and the plan is checked against the schema before it is sent.
+    block_stream: bool = False
     copy_before_write: bool
     #: ``blkdebug`` takes ``align`` and ``max-transfer``: the pull view splits reads
     #: at copy-before-write clusters with it (see :mod:`qmpbackup.planner.pull`).

@@ -240,6 +240,16 @@ class BlockdevBackup(QMPCommand):
     x_perf: BackupPerf | None = None
 
 
+class BlockStream(QMPCommand):
+    """``block-stream``: copy into ``device`` what it reads from its backing chain; with
+    no base the whole chain, after which ``device`` has no backing file."""
+
+    execute: ClassVar[str] = "block-stream"
+    job_id: str
+    device: str
+    speed: int | None = None
+
+
 class JobCancel(QMPCommand):
     """``job-cancel``."""
 

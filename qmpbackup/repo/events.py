@@ -20,6 +20,8 @@ EventKind = Literal[
     "released",  # a checkpoint no longer needed was deleted
     "aborted",  # the backup was stopped and its traces removed
     "compression",  # how the new images are compressed: message
+    "pull-begin",  # blockpull: a disk's pull is running: disk, message (its image)
+    "pull-done",  # blockpull: the disk's image is standalone: disk, message (its image)
 ]
 
 

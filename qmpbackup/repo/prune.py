@@ -40,6 +40,7 @@ from ..errors import InvalidInputError
 from ..files import fsync_dir
 from ..images.qemu_img import image_info
 from .digests import file_digest
+from .instant import check_prune
 from .records import (
     BACKUP_ID_RE,
     DIGESTS_SUFFIX,
@@ -75,6 +76,8 @@ class PruneResult:
     orphans: tuple[Path, ...]
     bytes_freed: int
     dry_run: bool
+    # Stale instant-restore markers, explained (and cleared with ``clear_stale``).
+    instant: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -235,19 +238,23 @@ def _orphans(repo: Repository, records: Iterable[BackupRecord]) -> list[Path]:
     return found
 
 
-def prune(repo: Repository, keep: int, dry_run: bool = False) -> PruneResult:
+def prune(
+    repo: Repository, keep: int, dry_run: bool = False, clear_stale: bool = False
+) -> PruneResult:
     """Keep the ``keep`` newest complete backups; flatten the chains of kept disks that
     depend on older ones, remove the older ones and the files no record references.
-    With ``dry_run``, only say what would be done."""
+    With ``dry_run``, only say what would be done. RepositoryError, before anything
+    changes, when an image to remove or replace is read by an instant restore (or held
+    by a stale marker, unless ``clear_stale``, which removes stale markers)."""
     if keep < 1:
         raise InvalidInputError(f"keep must be at least 1, not {keep}")
     if dry_run:
-        return _prune(repo, keep, dry_run=True)
+        return _prune(repo, keep, dry_run=True, clear_stale=clear_stale)
     with repo.exclusive():
-        return _prune(repo, keep, dry_run=False)
+        return _prune(repo, keep, dry_run=False, clear_stale=clear_stale)
 
 
-def _prune(repo: Repository, keep: int, *, dry_run: bool) -> PruneResult:
+def _prune(repo: Repository, keep: int, *, dry_run: bool, clear_stale: bool) -> PruneResult:
     complete = repo.backups()
     everything = repo.backups(complete_only=False)
     records = {r.id: r for r in complete}
@@ -270,6 +277,8 @@ def _prune(repo: Repository, keep: int, *, dry_run: bool) -> PruneResult:
         for path in (repo.image_path(r, d.name), repo.digests_path(r, d.name))
     ]
     freed = sum(_size(p) for p in (*dropped_files, *orphans))
+    replaced = [x.image for x in rebases if x.convert]
+    instant = check_prune(repo, [*dropped_files, *replaced], clear_stale, dry_run)
     log.info(
         "prune.plan",
         keep=keep,
@@ -297,6 +306,7 @@ def _prune(repo: Repository, keep: int, *, dry_run: bool) -> PruneResult:
         orphans=tuple(orphans),
         bytes_freed=freed,
         dry_run=dry_run,
+        instant=tuple(instant),
     )
 
 
