@@ -147,7 +147,11 @@ def build_checked(
     return copied.blocks_checked, copied.file_digest
 
 
-def _select(repo: Repository, disk: str, backup_id: str | None) -> tuple[BackupRecord, DiskRecord]:
+def select_backup(
+    repo: Repository, disk: str, backup_id: str | None
+) -> tuple[BackupRecord, DiskRecord]:
+    """Backup ``backup_id`` (default: the newest complete one holding ``disk``) and its
+    entry of ``disk``. InvalidInputError if it is missing, incomplete or lacks the disk."""
     if backup_id is None:
         record = repo.latest(disk)
         if record is None:
@@ -180,7 +184,7 @@ def restore(
         raise TargetExistsError(f"{out} exists: refusing to overwrite it")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
         raise InvalidInputError(f"{out.parent} is not a folder this process can write to")
-    record, disk_record = _select(repo, disk, backup_id)
+    record, disk_record = select_backup(repo, disk, backup_id)
     what = f"backup {record.id}, disk {disk}"
     expected = recorded_digests(repo, record, disk_record)
     chain = repo.chain(record.id, disk)
