@@ -1,0 +1,68 @@
+"""The ``serve`` command: a backup's disk over NBD until SIGINT, SIGTERM or SIGHUP."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from ..errors import QmpBackupError
+from ..images.keyed import using_key
+from ..images.nbd_server import STOP_SIGNALS, Listen
+from ..repo.encryption import require_key
+from ..repo.repository import Repository
+from ..repo.serve import Served, serve
+from .progress import human_size
+from .text import out
+
+
+def _listen(args: argparse.Namespace) -> Listen:
+    return Listen(
+        socket=None if args.socket is None else Path(args.socket).absolute(),
+        port=args.port,
+        bind=args.bind,
+        tls_dir=None if args.tls_dir is None else Path(args.tls_dir).absolute(),
+        tls_allow=tuple(args.tls_allow or ()),
+    )
+
+
+def _describe(served: Served) -> None:
+    uri = served.server.uri
+    out(
+        f"Serving disk {served.disk} of backup {served.record.id} "
+        f"({human_size(served.virtual_size)}, read-only) at {uri}"
+    )
+    out("Layers (qemu:allocation-depth; 0: no backup holds it, reads as zeroes):")
+    for layer in served.layers:
+        out(f"  {layer.depth}  backup {layer.backup_id} ({layer.level})  {layer.image}")
+    # libnbd's tools take the CA folder in the URI; qemu-img wants its own objects.
+    out(f"Map:   nbdinfo --map=qemu:allocation-depth '{uri}'")
+    out(f"Mount: nbdfuse DIR '{uri}'  or  guestfish --ro --format=raw -a '{uri}' -i")
+    out("Stop with Ctrl-C or SIGTERM.")
+
+
+def _wait(served: Served) -> None:
+    """Until a stop signal arrives (blocked, so taken here) or the server exits."""
+    process = served.server.process
+    while process.poll() is None:
+        if signal.sigtimedwait(STOP_SIGNALS, 0.5) is not None:
+            return
+    raise QmpBackupError(
+        f"qemu-nbd exited with status {process.returncode}: {served.server.said()}"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo, args.vm)
+    require_key(repo, args.encrypt_key)
+    # Blocked from before qemu-nbd starts: a signal during start-up is taken by _wait,
+    # after which the server is stopped as on any other way out.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        with using_key(args.encrypt_key), serve(repo, args.disk, args.backup, _listen(args)) as s:
+            _describe(s)
+            _wait(s)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    out("Stopped.")
+    return 0
