@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import stat
@@ -80,7 +81,9 @@ def _qemu_nbd_pids(marker: str) -> list[int]:
 def _serve(root: Path, *args: str) -> Iterator[Server]:
     argv = [sys.executable, "-m", "qmpbackup", "serve", "--repo", str(root), "--disk", "vda"]
     began = time.monotonic()
-    proc = subprocess.Popen([*argv, *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     lines: list[str] = []
     try:
@@ -95,6 +98,8 @@ def _serve(root: Path, *args: str) -> Iterator[Server]:
             proc.kill()
         proc.wait()
         proc.stdout.close()
+        assert proc.stderr is not None
+        proc.stderr.close()
 
 
 def _compare(ref: Path, uri: str, *opts: str) -> subprocess.CompletedProcess[str]:
@@ -151,6 +156,15 @@ async def test_serve_unix_chain_depths_two_clients_and_cleanup(
         assert {d for _, _, d in _depths(server.uri)} <= {0, 1}
         assert server.stop(signal.SIGINT) == 0
     assert not path.exists() and not _qemu_nbd_pids(str(path))
+    # A server that dies ends serve with one line, and its socket is removed.
+    with _serve(chain.root, "--socket", str(path)) as server:
+        (pid,) = _qemu_nbd_pids(str(path))
+        os.kill(pid, signal.SIGKILL)
+        assert server.proc.wait(30) == 1
+        assert server.proc.stderr is not None
+        err = server.proc.stderr.read()
+        assert len(err.strip().splitlines()) == 1 and "qemu-nbd was killed by signal 9" in err, err
+    assert not path.exists()
     _refusals(chain, tmp_path)
 
 

@@ -35,9 +35,15 @@ def _describe(served: Served) -> None:
     out("Layers (qemu:allocation-depth; 0: no backup holds it, reads as zeroes):")
     for layer in served.layers:
         out(f"  {layer.depth}  backup {layer.backup_id} ({layer.level})  {layer.image}")
-    # libnbd's tools take the CA folder in the URI; qemu-img wants its own objects.
     out(f"Map:   nbdinfo --map=qemu:allocation-depth '{uri}'")
-    out(f"Mount: nbdfuse DIR '{uri}'  or  guestfish --ro --format=raw -a '{uri}' -i")
+    out(f"Mount: nbdfuse -r DIR '{uri}'  or  guestfish --ro --format=raw -a '{uri}'")
+    if served.server.uri.startswith("nbds"):
+        # libnbd's tools take the client's x509 folder in the URI.
+        joint = "&" if "?" in uri else "?"
+        out(
+            f"TLS:   libnbd clients add {joint}tls-certificates=DIR (ca-cert.pem, client-cert.pem, "
+            "client-key.pem) to the URI"
+        )
     out("Stop with Ctrl-C or SIGTERM.")
 
 
@@ -47,9 +53,10 @@ def _wait(served: Served) -> None:
     while process.poll() is None:
         if signal.sigtimedwait(STOP_SIGNALS, 0.5) is not None:
             return
-    raise QmpBackupError(
-        f"qemu-nbd exited with status {process.returncode}: {served.server.said()}"
-    )
+    status = process.returncode
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    said = " ".join(served.server.said().split())
+    raise QmpBackupError(f"qemu-nbd {how}" + (f": {said}" if said else ""))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
