@@ -199,8 +199,11 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def test_serve_tcp_tls_allow_list(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
-    chain = await _chain(vm, cli, tmp_path)
+async def test_serve_tcp_tls_allow_list_compressed_chain(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    chain = await _chain(vm, cli, tmp_path, "--compress")
+    assert all(r.compression for r in Repository(chain.root, "testvm").backups())
     ca = make_ca(tmp_path / "ca")
     server_certs = server_dir(ca, tmp_path / "server")
     good = client_dir(ca, tmp_path / "good", "/O=Example/CN=restore-client")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 from pathlib import Path
 
@@ -44,7 +45,17 @@ def _describe(served: Served) -> None:
             f"TLS:   libnbd clients add {joint}tls-certificates=DIR (ca-cert.pem, client-cert.pem, "
             "client-key.pem) to the URI"
         )
+    if served.server.uri.startswith("nbd://") and not _loopback(uri):
+        out("Warning: no TLS: anyone who reaches this address reads the disk (see --tls-dir)")
     out("Stop with Ctrl-C or SIGTERM.")
+
+
+def _loopback(uri: str) -> bool:
+    host = uri.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _wait(served: Served) -> None:
