@@ -165,7 +165,25 @@ async def test_serve_unix_chain_depths_two_clients_and_cleanup(
         err = server.proc.stderr.read()
         assert len(err.strip().splitlines()) == 1 and "qemu-nbd was killed by signal 9" in err, err
     assert not path.exists()
+    _reader_gone(chain, tmp_path / "gone.sock")
     _refusals(chain, tmp_path)
+
+
+def _reader_gone(chain: Chain, path: Path) -> None:
+    """Whoever started serve reads the URI and closes the pipe (``| head -1``): serving
+    goes on, and stops cleanly, with nothing on stderr."""
+    argv = [sys.executable, "-m", "qmpbackup", "serve", "--repo", str(chain.root)]
+    argv += ["--disk", "vda", "--socket", str(path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    uri = proc.stdout.readline().rstrip("\n").rsplit(" at ", 1)[1]
+    proc.stdout.close()
+    assert _compare(chain.refs[2], uri).returncode == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert proc.stderr.read() == ""
+    proc.stderr.close()
+    assert not path.exists()
 
 
 def _refusals(chain: Chain, tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import signal
+import sys
 from pathlib import Path
 
 from ..errors import QmpBackupError
@@ -29,25 +31,25 @@ def _listen(args: argparse.Namespace) -> Listen:
 
 def _describe(served: Served) -> None:
     uri = served.server.uri
-    out(
+    _say(
         f"Serving disk {served.disk} of backup {served.record.id} "
         f"({human_size(served.virtual_size)}, read-only) at {uri}"
     )
-    out("Layers (qemu:allocation-depth; 0: no backup holds it, reads as zeroes):")
+    _say("Layers (qemu:allocation-depth; 0: no backup holds it, reads as zeroes):")
     for layer in served.layers:
-        out(f"  {layer.depth}  backup {layer.backup_id} ({layer.level})  {layer.image}")
-    out(f"Map:   nbdinfo --map=qemu:allocation-depth '{uri}'")
-    out(f"Mount: nbdfuse -r DIR '{uri}'  or  guestfish --ro --format=raw -a '{uri}'")
+        _say(f"  {layer.depth}  backup {layer.backup_id} ({layer.level})  {layer.image}")
+    _say(f"Map:   nbdinfo --map=qemu:allocation-depth '{uri}'")
+    _say(f"Mount: nbdfuse -r DIR '{uri}'  or  guestfish --ro --format=raw -a '{uri}'")
     if served.server.uri.startswith("nbds"):
         # libnbd's tools take the client's x509 folder in the URI.
         joint = "&" if "?" in uri else "?"
-        out(
+        _say(
             f"TLS:   libnbd clients add {joint}tls-certificates=DIR (ca-cert.pem, client-cert.pem, "
             "client-key.pem) to the URI"
         )
     if served.server.uri.startswith("nbd://") and not _loopback(uri):
-        out("Warning: no TLS: anyone who reaches this address reads the disk (see --tls-dir)")
-    out("Stop with Ctrl-C or SIGTERM.")
+        _say("Warning: no TLS: anyone who reaches this address reads the disk (see --tls-dir)")
+    _say("Stop with Ctrl-C or SIGTERM.")
 
 
 def _loopback(uri: str) -> bool:
@@ -56,6 +58,16 @@ def _loopback(uri: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _say(text: str) -> None:
+    try:
+        out(text)
+    except BrokenPipeError:
+        # Whoever read the URI is gone (``| head -1``): the service goes on, silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _wait(served: Served) -> None:
@@ -82,5 +94,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _wait(s)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    out("Stopped.")
+    _say("Stopped.")
     return 0
