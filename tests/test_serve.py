@@ -287,6 +287,15 @@ async def test_serve_encrypted_chain_and_killed_serve(
         capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode in (1, 2) and "is encrypted" in refused.stderr
+    wrong = tmp_path / "wrong-key"
+    wrong.write_bytes(b"not the key")
+    refused = subprocess.run(
+        [sys.executable, "-m", "qmpbackup", "serve", "--repo", str(chain.root), "--disk", "vda",
+         "--encrypt-key", str(wrong)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 1 and not refused.stdout, refused
+    assert len(refused.stderr.strip().splitlines()) == 1 and "qemu-nbd" in refused.stderr
     with _Cmdlines() as seen, _serve(chain.root, "--encrypt-key", str(key)) as server:
         compared = _compare(chain.refs[2], server.uri)
         assert compared.returncode == 0, compared.stdout + compared.stderr

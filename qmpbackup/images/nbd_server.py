@@ -30,10 +30,13 @@ import structlog
 from ..errors import InvalidInputError
 from .keyed import image_args, object_args
 from .qemu_img import ImageError
-from .qemu_nbd import remove_stale_folders, stop_process, wait_listening
+from .qemu_nbd import remove_stale_folders, stop_process
 
 log = structlog.get_logger("qmpbackup.nbd_server")
 
+# Opening an encrypted chain whose key is a passphrase costs QEMU's default PBKDF2 time,
+# 2 s, per layer.
+READY_TIMEOUT = 120.0
 # Clients served at once: nbdcopy opens 4 connections, nbdfuse and qemu-img 1 each.
 CLIENTS = 16
 TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
@@ -131,18 +134,17 @@ def _child_setup() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _wait_tcp(proc: subprocess.Popen[bytes], bind: str, port: int, said: Path) -> None:
-    deadline = time.monotonic() + 10.0
-    while True:
+def _wait_ready(proc: subprocess.Popen[bytes], pid_file: Path, said: Path) -> None:
+    """Wait for qemu-nbd's pid file, which it writes once the chain is open and the
+    export made: it listens before it opens the images, so a connection that succeeds
+    says nothing (a wrong key fails after it). RuntimeError with its words if it exits."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not pid_file.exists() or not pid_file.read_text().strip():
         if proc.poll() is not None:
             raise RuntimeError(said.read_text().strip() or f"exited with status {proc.returncode}")
-        try:
-            socket.create_connection((bind, port), timeout=1.0).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("did not start listening in time") from None
-            time.sleep(0.01)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not ready after {READY_TIMEOUT:.0f} s")
+        time.sleep(0.01)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,9 @@ def serving(top: Path, export: str, where: Listen) -> Iterator[Serving]:
             place = ["-p", str(where.port), "-b", where.bind]
         else:
             place = ["-k", str(sock)]
+        pid_file = Path(private) / "qemu-nbd.pid"
         argv = ["qemu-nbd", "-r", "-t", "-A", "-e", str(CLIENTS), "-x", export, *place]
+        argv += ["--pid-file", str(pid_file)]
         argv += [*object_args(), *_tls_args(where), *image_args(top.absolute())]
         said = Path(private) / "qemu-nbd.log"
         log.info("serve.start", image=str(top), export=export, port=where.port)
@@ -183,10 +187,7 @@ def serving(top: Path, export: str, where: Listen) -> Iterator[Serving]:
             )  # fmt: skip
         try:
             try:
-                if where.port is None:
-                    wait_listening(proc, sock, lambda: said.read_text().strip())
-                else:
-                    _wait_tcp(proc, where.bind, where.port, said)
+                _wait_ready(proc, pid_file, said)
             except RuntimeError as exc:
                 raise ImageError(f"qemu-nbd: {' '.join(str(exc).split())}") from None
             yield Serving(uri(where, export, sock), proc, said)

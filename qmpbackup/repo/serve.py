@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from ..images.nbd_server import Listen, Serving, check_listen, serving
+from ..images.nbd_server import Listen, Serving, serving
 from ..request.models import Level
 from .records import BackupRecord
 from .repository import Repository
@@ -68,7 +68,6 @@ def serve(repo: Repository, disk: str, backup_id: str | None, where: Listen) -> 
     a bad ``where``, RepositoryError for a broken chain, ImageError if qemu-nbd fails."""
     record, entry = select_backup(repo, disk, backup_id)
     chain = layers(repo, disk, record.id)
-    check_listen(where)
     with serving(chain[0].image, disk, where) as server:
         log.info("serve.ready", backup=record.id, disk=disk, layers=len(chain))
         yield Served(record, disk, entry.virtual_size, chain, server)
