@@ -46,6 +46,7 @@ class _Handlers:
 backups, checkpoints, repository, pulls = (
     _Handlers("backups"), _Handlers("checkpoints"), _Handlers("repository"), _Handlers("pulls")
 )  # fmt: skip
+serving = _Handlers("serve")
 
 
 def _tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,6 +275,32 @@ def _pull_commands(add: Adder) -> None:
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r} (1-65535)")
+    return int(text)
+
+
+def _serve_command(add: OfflineAdder) -> None:
+    p = add(
+        "serve",
+        serving.offline("cmd_serve"),
+        "a disk at a backup, read-only over NBD (qemu-nbd), until SIGINT or SIGTERM",
+    )
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--vm", help="VM folder in the repository (default: its only one)")
+    p.add_argument("--disk", required=True, help="the disk, which is also the export's name")
+    p.add_argument("--backup", help="backup id (default: the newest holding the disk)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--socket", type=Path, help="unix socket to create (default: one in a private folder)"
+    )
+    where.add_argument("--port", type=_port, help="serve over TCP on this port")
+    p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    _tls_arguments(p)
+    _encrypt_argument(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``qmpbackup``: each command's ``handler`` (run with a
     connected VM) or ``offline`` handler (run on a repository alone) is in its defaults."""
@@ -305,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _vm_commands(add)
     _repository_commands(add_offline)
     _pull_commands(add)
+    _serve_command(add_offline)
     p = add("info", backups.vm("cmd_info"), "QEMU version, capabilities, disks, chains and bitmaps")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="walk the slides' flows on a throwaway QEMU")

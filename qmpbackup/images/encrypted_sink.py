@@ -39,7 +39,7 @@ from . import keyed
 from .qcow2_reader import file_digest
 from .qcow2_writer import CLUSTER
 from .qemu_img import ImageError
-from .qemu_nbd import stop_process, wait_listening
+from .qemu_nbd import remove_stale_folders, stop_process, wait_listening
 
 # Measured on 2 CPUs, QEMU 7.2, a copy of 1.4 GiB of data (1 GiB written) from qemu-nbd
 # into the sink, 3 runs each, CPU seconds of qemu-nbd / of this process (medians): 2
@@ -63,25 +63,6 @@ def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the thread that started it dies (SIGTERM
     would first flush what it holds of an image nobody will keep)."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
-def _remove_stale_folders() -> None:
-    """Remove the private folders of sinks whose process was killed (SIGKILL leaves its
-    socket and log): this user's, of processes that are gone."""
-    with os.scandir(tempfile.gettempdir()) as entries:
-        for entry in entries:
-            name = entry.name
-            if not name.startswith(_FOLDER) or not entry.is_dir(follow_symlinks=False):
-                continue
-            pid = name[len(_FOLDER) :].split("-")[0]
-            try:
-                if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                    continue
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                shutil.rmtree(entry.path, ignore_errors=True)
-            except OSError:
-                pass  # alive and someone else's, or removed meanwhile by another sink
 
 
 def _said(log: Path, proc: subprocess.Popen[bytes] | None) -> str:
@@ -134,7 +115,7 @@ class EncryptedSink:
         self._digest_key = keyed.digest_key()
         self._zeroes: dict[int, bytes] = {}
         self._file_digest: str | None = None
-        _remove_stale_folders()
+        remove_stale_folders(_FOLDER)
         self._dir = Path(tempfile.mkdtemp(prefix=f"{_FOLDER}{os.getpid()}-"))
         self._pool = ThreadPoolExecutor(SENDERS, thread_name_prefix="qmpbackup-send")
         self._proc: subprocess.Popen[bytes] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -55,6 +56,25 @@ def wait_listening(
         if time.monotonic() > deadline:
             raise RuntimeError("did not start listening in time")
         time.sleep(0.01)
+
+
+def remove_stale_folders(prefix: str) -> None:
+    """Remove the private folders named ``<prefix><pid>-…`` of processes that were killed
+    (SIGKILL leaves their socket and log): this user's, of processes that are gone."""
+    with os.scandir(tempfile.gettempdir()) as entries:
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = name[len(prefix) :].split("-")[0]
+            try:
+                if not pid.isdigit() or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                pass  # alive and someone else's, or removed meanwhile by another process
 
 
 @contextlib.contextmanager
