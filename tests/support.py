@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpbackup.demo.throwaway import ThrowawayVM
+from qmpbackup.repo.repository import Repository
 
 CLUSTER = 65536
 
@@ -125,3 +127,12 @@ def rebase(image: Path, backing: Path) -> None:
         ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(backing), str(image)],
         check=True,
     )
+
+
+def repo_hashes(repo: Repository) -> dict[str, str]:
+    """SHA-256 of every image and digests file of the repository (markers and locks aside)."""
+    return {
+        str(p.relative_to(repo.base)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.base.rglob("*"))
+        if p.is_file() and p.suffix in (".qcow2", ".digests")
+    }

@@ -7,7 +7,6 @@ encrypted chains."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 from qmpbackup.demo.throwaway import DiskImage, ThrowawayVM, qemu_io
 from qmpbackup.repo.repository import Repository
 
-from .support import Cli, qemu_img_info
+from .support import Cli, qemu_img_info, repo_hashes
 
 MiB = 1 << 20
 PASSPHRASE = b"correct horse battery staple, instant"
@@ -57,15 +56,6 @@ def same(a: Path, b: Path) -> bool:
     proc = subprocess.run(["qemu-img", "compare", "-U", "-q", str(a), str(b)], check=False)
     assert proc.returncode in (0, 1), f"qemu-img compare {a} {b} failed"
     return proc.returncode == 0
-
-
-def repo_hashes(repo: Repository) -> dict[str, str]:
-    """SHA-256 of every image and digests file of the repository (markers and locks aside)."""
-    return {
-        str(p.relative_to(repo.base)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(repo.base.rglob("*"))
-        if p.is_file() and p.suffix in (".qcow2", ".digests")
-    }
 
 
 async def _backups(vm: ThrowawayVM, cli: Cli, root: str, *extra: str) -> list[str]:
@@ -270,6 +260,17 @@ async def test_stale_marker_is_explained_and_cleared(
     overlay.unlink()
     refused = await cli("prune", "--repo", root, "--keep", "1")
     assert refused.rc == 1 and "stale" in refused.err and "--clear-stale-instant" in refused.err
-    done = await cli.ok("prune", "--repo", root, "--keep", "1", "--clear-stale-instant")
-    assert "is gone" in done.out
-    assert not list((Repository(root, "testvm").base / ".instant").glob("*.json"))
+    needs = await cli("prune", "--repo", root)
+    assert needs.rc == 2 and "--keep N" in needs.err
+    repo = Repository(root, "testvm")
+    markers, backups = list((repo.base / ".instant").glob("*.json")), repo.backups()
+    dry = await cli.ok("prune", "--repo", root, "--clear-stale-instant", "--dry-run")
+    assert "would be cleared" in dry.out and "is gone" in dry.out
+    assert list((repo.base / ".instant").glob("*.json")) == markers
+    # Alone, the flag clears the stale markers and prunes nothing.
+    done = await cli.ok("prune", "--repo", root, "--clear-stale-instant")
+    assert "cleared" in done.out and "is gone" in done.out
+    assert not list((repo.base / ".instant").glob("*.json"))
+    assert repo.backups() == backups
+    await cli.ok("prune", "--repo", root, "--keep", "1")
+    assert len(repo.backups()) == 1

@@ -248,12 +248,15 @@ def _repository_commands(add: OfflineAdder) -> None:
     )
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--vm", help=vm_help)
-    p.add_argument("--keep", type=int, required=True, help="backups to keep (at least 1)")
+    p.add_argument(
+        "--keep", type=int, help="backups to keep (at least 1); needed unless only clearing"
+    )
     p.add_argument("--dry-run", action="store_true", help="say what would happen, change nothing")
     p.add_argument(
         "--clear-stale-instant",
         action="store_true",
-        help="remove the markers of instant restores whose overlay is gone or standalone",
+        help="remove the markers of instant restores whose overlay is gone or standalone "
+        "(alone, without --keep: only that)",
     )
     _encrypt_argument(p)
 

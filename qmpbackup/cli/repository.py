@@ -24,9 +24,10 @@ from .progress import human_size
 from .text import out
 
 
-def _repository(args: argparse.Namespace) -> Repository:
+def _repository(args: argparse.Namespace, reads_images: bool = True) -> Repository:
     repo = Repository.open(args.repo, args.vm)
-    require_key(repo, args.encrypt_key)
+    if reads_images:
+        require_key(repo, args.encrypt_key)
     return repo
 
 
@@ -79,7 +80,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    repo = _repository(args)
+    # Clearing stale instant-restore markers alone reads no image: no key needed.
+    repo = _repository(args, reads_images=args.keep is not None)
     with using_key(args.encrypt_key):
         result = prune(repo, args.keep, args.dry_run, args.clear_stale_instant)
     would = "would be " if args.dry_run else ""

@@ -219,7 +219,8 @@ def check_prune(
         if clear_stale:
             if not dry_run:
                 state.path.unlink(missing_ok=True)
-            lines.append(f"Stale instant-restore marker of {what} cleared: {state.why_stale}")
+            done = "would be cleared" if dry_run else "cleared"
+            lines.append(f"Stale instant-restore marker of {what} {done}: {state.why_stale}")
         elif held:
             raise RepositoryError(
                 f"{what} has a stale instant-restore marker ({state.why_stale}): "

@@ -239,19 +239,33 @@ def _orphans(repo: Repository, records: Iterable[BackupRecord]) -> list[Path]:
 
 
 def prune(
-    repo: Repository, keep: int, dry_run: bool = False, clear_stale: bool = False
+    repo: Repository, keep: int | None, dry_run: bool = False, clear_stale: bool = False
 ) -> PruneResult:
     """Keep the ``keep`` newest complete backups; flatten the chains of kept disks that
     depend on older ones, remove the older ones and the files no record references.
     With ``dry_run``, only say what would be done. RepositoryError, before anything
     changes, when an image to remove or replace is read by an instant restore (or held
-    by a stale marker, unless ``clear_stale``, which removes stale markers)."""
+    by a stale marker, unless ``clear_stale``, which removes stale markers). With
+    ``keep`` None, only ``clear_stale`` is done; InvalidInputError if it is not asked
+    for, or if ``keep`` is below 1."""
+    if keep is None:
+        if not clear_stale:
+            raise InvalidInputError("prune needs --keep N, or --clear-stale-instant alone")
+        return _clear_stale(repo, dry_run)
     if keep < 1:
         raise InvalidInputError(f"keep must be at least 1, not {keep}")
     if dry_run:
         return _prune(repo, keep, dry_run=True, clear_stale=clear_stale)
     with repo.exclusive():
         return _prune(repo, keep, dry_run=False, clear_stale=clear_stale)
+
+
+def _clear_stale(repo: Repository, dry_run: bool) -> PruneResult:
+    """Only the stale instant-restore markers cleared; every backup kept."""
+    with contextlib.nullcontext() if dry_run else repo.exclusive():
+        lines = check_prune(repo, (), clear_stale=True, dry_run=dry_run)
+        kept = tuple(r.id for r in repo.backups())
+    return PruneResult(kept, (), (), (), (), (), 0, dry_run, tuple(lines))
 
 
 def _prune(repo: Repository, keep: int, *, dry_run: bool, clear_stale: bool) -> PruneResult:
