@@ -1,8 +1,5 @@
-"""The public async API: :class:`VM`, one QEMU reached over QMP, and what can be done to it.
-
-Everything the CLI does with a VM is a typed coroutine here.
-
-Typical use::
+"""The public async API: :class:`VM`, one QEMU reached over QMP, and what can be done to
+it. Everything the CLI does with a VM is a typed coroutine here. Typical use::
 
     async with await VM.connect("/run/vm.qmp") as vm:
         begun = await vm.backup_begin(load_backup_spec("backup.xml"))
@@ -40,6 +37,7 @@ from .planner import (
     plan_checkpoint_size,
 )
 from .planner.naming import size_bitmap
+from .planner.ownership import bitmap_owners
 from .planner.plan import Plan
 from .planner.recover import RecoverPlan
 from .qapi.capabilities import Capabilities
@@ -132,6 +130,10 @@ class VM:
         """Recorded checkpoints, oldest first."""
         return self._checkpoints.load_all()
 
+    def adopt_checkpoints(self, checkpoints: list[Checkpoint]) -> None:
+        """Record ``checkpoints`` (rebuilt from the disks' bitmaps) in this host's state."""
+        self._checkpoints.save_all(checkpoints)
+
     def active_backups(self) -> list[ActiveBackup]:
         """The backups begun and not yet ended, by id."""
         return self._active.load_all()
@@ -139,10 +141,10 @@ class VM:
     async def info(self) -> VMInfo:
         """QEMU version, capabilities used, and the disks with their chains and bitmaps."""
         version, name, labels = self.capabilities.version, self.name, self.capabilities.labels()
-        agent = await describe_agent(self.session)
+        agent, graph = await describe_agent(self.session), await self.graph()
         return VMInfo(
-            version=version, name=name, capabilities=labels, graph=await self.graph(),
-            guest_agent=agent,
+            version=version, name=name, capabilities=labels, graph=graph, guest_agent=agent,
+            owners=bitmap_owners(graph, self.checkpoints()),
         )  # fmt: skip
 
     # -- backups ------------------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -75,11 +77,13 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 
 @contextmanager
-def advisory_lock(path: Path, busy: Exception | None = None) -> Iterator[None]:
+def advisory_lock(path: Path, busy: Callable[[str], Exception] | None = None) -> Iterator[None]:
     """Hold an exclusive flock(2) on ``path``, created 0o600 in a 0o700 folder if need be.
 
-    Without ``busy`` it waits while another process holds the lock; with ``busy`` it
-    raises ``busy`` at once instead.
+    Without ``busy`` it waits while another process holds the lock. With ``busy`` it
+    raises ``busy(holder)`` at once instead, ``holder`` naming the holding run as it
+    wrote itself into the file (host, pid, start time; "" if it did not); the run that
+    gets the lock writes itself there.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -90,7 +94,15 @@ def advisory_lock(path: Path, busy: Exception | None = None) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise busy from None
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+                raise busy(holder) from None
+            os.ftruncate(fd, 0)
+            pwrite_all(fd, _holder().encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _holder() -> str:
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n"

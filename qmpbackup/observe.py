@@ -197,6 +197,12 @@ async def inventory(
             for b in n.get("dirty-bitmaps", ())
             if b.get("name")
         ),
+        persistent=tuple(
+            (n["node-name"], b["name"])
+            for n in nodes
+            for b in n.get("dirty-bitmaps", ())
+            if b.get("name") and b.get("persistent")
+        ),
         objects=tuple(o["name"] for o in objects),
         inconsistent=tuple(
             (disk_of[node.node_name], node.node_name, b.name)

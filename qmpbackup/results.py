@@ -123,3 +123,5 @@ class VMInfo(BaseModel):
     graph: BlockGraph
     # The guest agent's socket as QEMU connects it, why it cannot be used, or None.
     guest_agent: str | None = None
+    # "disk/bitmap" -> whose it is (qmpbackup.planner.ownership.bitmap_owner).
+    owners: Mapping[str, str] = {}

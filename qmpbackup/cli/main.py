@@ -6,10 +6,21 @@ import argparse
 import signal
 import sys
 import traceback
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError, QmpBackupError
 from ..logconfig import configure_logging
 from .parser import Handler, OfflineHandler, build_parser
+from .streams import sturdy_streams
+
+if TYPE_CHECKING:
+    import asyncio
+
+# SIGTERM (systemd stopping the service) and SIGHUP (the terminal or ssh session went
+# away) end a command as Ctrl-C does: the run cleans up, a backup is aborted.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_received: list[str] = []
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -25,15 +36,25 @@ async def _run(args: argparse.Namespace) -> int:
     if not args.qmp:
         raise InvalidInputError("no QMP socket: pass --qmp SOCKET|HOST:PORT or set QMPBACKUP_QMP")
     handler: Handler = args.handler
-    # SIGTERM (systemd stopping the service) cancels like SIGINT: the run cleans up.
     task = asyncio.current_task()
     if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        for number in STOP_SIGNALS:
+            asyncio.get_running_loop().add_signal_handler(number, _cancel, task, number)
     vm = await VM.connect(args.qmp, args.state_dir)
     try:
         return await handler(args, vm)
     finally:
         await vm.close()
+
+
+def _cancel(task: asyncio.Task[int], number: int) -> None:
+    _received.append(signal.Signals(number).name)
+    task.cancel()
+
+
+def _interrupt(number: int, frame: FrameType | None) -> None:
+    _received.append(signal.Signals(number).name)
+    raise KeyboardInterrupt
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -51,6 +72,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qmpbackup`` console script."""
+    sturdy_streams()
+    # From here a stop signal unwinds the command, cleaning up on its way; the event
+    # loop of the commands on a VM takes them over (see _run).
+    for number in STOP_SIGNALS:
+        signal.signal(number, _interrupt)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -65,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        by = f" ({_received[-1]})" if _received else ""
+        print(f"error: interrupted{by}", file=sys.stderr)
         return 1
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import TextIO
 
 from ..repo.events import BackupEvent
+from .streams import emit
 
 
 def human_size(value: float, digits: int = 2) -> str:
@@ -50,7 +51,7 @@ def describe(event: BackupEvent) -> str | None:
         return f"Backup {event.backup} completed"
     if event.kind == "released":
         return f"Domain checkpoint {event.message} deleted: no backup needs it any more"
-    if event.kind == "compression":
+    if event.kind in ("compression", "adopted"):
         return event.message
     if event.kind == "pull-begin":
         return f"Pulling the backing chain of {event.disk} into {event.message}"
@@ -95,7 +96,7 @@ class ProgressBar:
             self._clear()
             line = describe(event)
             if line:
-                print(line, file=self.stream, flush=True)
+                emit(line, self.stream)
             return
         rate, eta = self.rate(event)
         frac = event.done / event.total if event.total else 1.0
@@ -130,7 +131,7 @@ class PlainLines:
         if event.kind != "progress":
             line = describe(event)
             if line:
-                print(line, file=self.stream, flush=True)
+                emit(line, self.stream)
             return
         rate, eta = self.rate(event)
         finished = bool(event.total) and event.done >= event.total
@@ -162,4 +163,7 @@ class JsonLines:
             self.last = event.time
         data = {k: v for k, v in asdict(event).items() if v is not None}
         data["event"] = f"backup.{data.pop('kind')}"
-        print(json.dumps(data), file=self.stream, flush=True)
+        if event.kind == "progress":
+            print(json.dumps(data), file=self.stream, flush=True)
+        else:
+            emit(json.dumps(data), self.stream)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .progress import frozen_line, human_size
+from .streams import emit
 
 if TYPE_CHECKING:
     from ..planner.plan import Step
@@ -19,8 +21,9 @@ if TYPE_CHECKING:
 
 
 def out(text: str = "") -> None:
-    """Print one line of the command's output, at once."""
-    print(text, flush=True)
+    """Print one line of the command's output, at once; once stdout's reader is gone,
+    log it instead (stderr, the journal), so that the result is not lost."""
+    emit(text, sys.stdout)
 
 
 def step_printer(args: argparse.Namespace) -> Callable[[int, Step], None] | None:
@@ -109,9 +112,10 @@ def info_text(info: VMInfo) -> str:
                     flags.append("INCONSISTENT")
                 if b.busy:
                     flags.append("busy")
+                owner = info.owners.get(f"{disk.name}/{b.name}")
                 lines.append(
                     f"    {'  ' * depth}  bitmap {b.name}: granularity={b.granularity} "
-                    f"dirty={b.count} {' '.join(flags)}"
+                    f"dirty={b.count} {' '.join(flags)}" + (f"; {owner}" if owner else "")
                 )
     return "\n".join(lines)
 

@@ -110,6 +110,7 @@ class Inventory(BaseModel):
     nodes: tuple[str, ...]
     edges: tuple[tuple[str, str], ...]  # (parent node, child node)
     bitmaps: tuple[tuple[str, str], ...]  # (node, bitmap)
+    persistent: tuple[tuple[str, str], ...] = ()  # (node, bitmap) of persistent ones
     objects: tuple[str, ...]
     # (disk, node, bitmap) of each bitmap QEMU reports inconsistent in a disk's chain.
     inconsistent: tuple[tuple[str, str, str], ...] = ()

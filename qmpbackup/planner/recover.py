@@ -47,6 +47,7 @@ from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
 from .facts import Inventory
 from .naming import PREFIX, PULL_PREFIX
+from .ownership import is_temporary
 from .plan import Plan, Step
 from .pull import stop_server
 
@@ -236,6 +237,7 @@ def _qemu_cleanup(
     steps += [delete(n) for n in views] + _job_steps(inventory.jobs, ours)
     steps += [delete(n) for n in ordered if n not in views]
     removed_nodes = set(our_nodes)
+    persistent = set(inventory.persistent)
     steps += [
         Step(
             command=BlockDirtyBitmapRemove(node=node, name=name),
@@ -243,7 +245,9 @@ def _qemu_cleanup(
             may_fail=True,
         )
         for node, name in inventory.bitmaps
-        if ours(name) and node not in removed_nodes
+        if ours(name)
+        and node not in removed_nodes
+        and is_temporary(name, (node, name) in persistent, inventory.disk_of.values())
     ]
     return steps, removed_nodes
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 EventKind = Literal[
+    "adopted",  # a checkpoint this host's state lacked was adopted: message
     "level",  # a disk's level was decided: level, reason
     "quiesced",  # the guest was frozen around the instant: seconds
     "skipped",  # a disk is not backed up by default (the firmware's code): reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..planner.adopt import RecordedCheckpoint, adoptable
 from ..planner.level import DiskHistory, LevelDecision, decide_levels
 from ..qmp.graph import BlockGraph
 from ..request.models import RequestedLevel
@@ -62,6 +63,28 @@ def compression_of(vm: VM, compress: bool, emit: EventSink) -> Compression | Non
     return "zlib"
 
 
+def _adopt(
+    repo: Repository, vm: VM, graph: BlockGraph, names: Sequence[str], emit: EventSink
+) -> None:
+    """Adopt the checkpoints of the repository's backups that this host's state lacks
+    and the disks' bitmaps prove (the VM was backed up from another host), said."""
+    recorded = [
+        RecordedCheckpoint(
+            name=r.checkpoint,
+            creation_time=r.checkpoint_time,
+            disks=tuple((d.name, d.granularity) for d in r.disks if d.name in names),
+        )
+        for r in repo.backups()
+        if r.checkpoint and r.checkpoint_time is not None
+    ]
+    adopted = adoptable(recorded, graph, vm.checkpoints())
+    vm.adopt_checkpoints(adopted)
+    for checkpoint in adopted:
+        disks = ", ".join(d.name for d in checkpoint.disks)
+        message = f"checkpoint {checkpoint.name} adopted from its bitmaps on {disks}"
+        emit(BackupEvent("adopted", message=message))
+
+
 def decide(
     repo: Repository,
     vm: VM,
@@ -77,6 +100,7 @@ def decide(
         if name not in names and graph.disks[name].firmware_code and not disks:
             emit(BackupEvent("skipped", disk=name, reason=FIRMWARE_CODE))
     history = {name: h for name in names if (h := _history(repo, name)) is not None}
+    _adopt(repo, vm, graph, names, emit)
     decisions = decide_levels(level, names, graph, vm.checkpoints(), history, compression)
     for decision in decisions:
         emit(BackupEvent("level", disk=decision.disk, level=decision.level, reason=decision.reason))

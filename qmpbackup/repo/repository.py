@@ -33,6 +33,7 @@ from ..errors import InvalidInputError, one_line
 from ..files import advisory_lock, atomic_write_text
 from ..request.models import Level, Mode, check_name
 from .digests import CURRENT_FORMAT, file_digest
+from .locks import run_lock_busy
 from .records import (
     DIGESTS_SUFFIX,
     IMAGE_SUFFIX,
@@ -126,11 +127,11 @@ class Repository:
     def exclusive(self) -> Iterator[None]:
         """Hold the run lock of this VM's backups (a backup or a prune); refuse to wait.
 
-        Raises RepositoryError at once if another run holds it.
+        Raises RepositoryError at once if another run holds it, naming that run.
         """
         self.records_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        busy = RepositoryError(f"another qmpbackup run is using the repository {self.base}")
-        with advisory_lock(self.base / ".run.lock", busy):
+        lock = self.base / ".run.lock"
+        with advisory_lock(lock, lambda holder: run_lock_busy(self.base, lock, holder)):
             yield
 
     def record_paths(self) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -42,6 +43,10 @@ class Checkpoint(BaseModel):
     seq: int = 0
     description: str | None = None
     disks: tuple[CheckpointDisk, ...] = ()
+    # Where this host's record came from: made here, redefined from a dumped
+    # <domaincheckpoint> (checkpoint-create --redefine), or adopted from the bitmaps the
+    # VM's disks carry and the repository's records (qmpbackup.planner.adopt).
+    origin: Literal["created", "redefined", "adopted"] = "created"
 
     def bitmap_disks(self) -> list[CheckpointDisk]:
         """Disks that have a bitmap for this checkpoint."""
@@ -123,6 +128,11 @@ class CheckpointStore:
     def save(self, checkpoint: Checkpoint) -> None:
         """Record ``checkpoint`` (atomically replacing an older record)."""
         self._files.write(checkpoint.name, checkpoint)
+
+    def save_all(self, checkpoints: Iterable[Checkpoint]) -> None:
+        """Record each of ``checkpoints``."""
+        for checkpoint in checkpoints:
+            self.save(checkpoint)
 
     def delete(self, name: str) -> None:
         """Forget the checkpoint called ``name``."""

@@ -40,5 +40,9 @@ def locked(state_dir: Path) -> AbstractContextManager[None]:
 
     Raises QmpBackupError at once if another run holds it.
     """
-    busy = QmpBackupError(f"another qmpbackup run is working on this VM ({state_dir})")
+
+    def busy(holder: str) -> QmpBackupError:
+        by = f": {holder}" if holder else ""
+        return QmpBackupError(f"another qmpbackup run is working on this VM ({state_dir}){by}")
+
     return advisory_lock(state_dir / "lock", busy)
