@@ -55,8 +55,8 @@ async def _consistent(vm: ThrowawayVM, cli: Cli, repo: Repository, tmp_path: Pat
     assert await vm.session.execute("query-jobs") == []
     await vm.write("vda", 0x77, MiB, 64 << 10)
     ref = await vm.reference("vda", tmp_path / "ref.raw")
+    level = "incremental" if any(r.disk("vda") for r in repo.backups()) else "full"
     run = await cli.ok("backup", "--repo", str(repo.root), "--disk", "vda", "--level", "auto")
-    level = "incremental" if any("vda" in r.disks for r in repo.backups()[:-1]) else "full"
     assert f"vda: {level}" in run.out, run.out
     out = tmp_path / "restored.qcow2"
     out.unlink(missing_ok=True)
@@ -80,7 +80,10 @@ async def test_backup_piped_into_head_finishes(tmp_path: Path) -> None:
         assert "Traceback" not in err and "BrokenPipe" not in err, err
         # What it could not print went to the log, its result among it.
         assert "output" in err and "Backup" in err, err
-        assert len(repo.backups()) == 2 and set(repo.backups()[-1].disks) == {"vda", "vdb"}
+        assert len(repo.backups()) == 2 and {d.name for d in repo.backups()[-1].disks} == {
+            "vda",
+            "vdb",
+        }
         await _consistent(vm, cli, repo, tmp_path)
 
 
@@ -97,7 +100,7 @@ async def test_backup_with_stdout_and_stderr_closed_finishes(tmp_path: Path) -> 
         argv = [sys.executable, "-c", script, *_argv(vm, cli, repo, "--mode", "push")]
         proc = await asyncio.create_subprocess_exec(*argv)
         assert await proc.wait() == 0
-        assert [set(r.disks) for r in repo.backups()] == [{"vda", "vdb"}]
+        assert [{d.name for d in r.disks} for r in repo.backups()] == [{"vda", "vdb"}]
         await _consistent(vm, cli, repo, tmp_path)
 
 

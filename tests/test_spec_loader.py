@@ -334,12 +334,15 @@ disks:
 
 
 def test_checkpoint_dumpxml_output_is_accepted() -> None:
+    """Its parent and creation time are read (checkpoint-create --redefine takes them)."""
     assert parse_checkpoint_spec(CHECKPOINT_DUMPXML) == CheckpointSpec(
         name="c2",
         disks=(
             CheckpointDiskSpec(name="vda", bitmap="c2"),
             CheckpointDiskSpec(name="vdb", bitmap="c2"),
         ),
+        parent="c1",
+        creation_time=1540073217,
     )
 
 

@@ -91,13 +91,26 @@ async def test_incrementals_continue_across_live_migration(tmp_path: Path, bitma
         await host_a.ok("backup", "--repo", str(repo.root), "--level", "full")
         await _incremental_holds_only(source, host_a, repo, tmp_path, 0x12, 8 * MiB)
 
+        # A libvirt-style checkpoint too, dumped on A to be redefined on B.
+        await host_a.ok("checkpoint-create-as", "manual")
+        dumped = tmp_path / "manual.xml"
+        dumped.write_text((await host_a.ok("checkpoint-dumpxml", "manual")).out)
+
         await target.start()
         await _migrate(source, target, bitmaps)
         host_b = Cli(target, tmp_path / "state-b")
+        assert (await host_b.ok("checkpoint-list", "--name")).out.split() == []
         out = await _incremental_holds_only(target, host_b, repo, tmp_path, 0x21, 16 * MiB)
         assert "adopted" in out, out
+        redefined = await host_b.ok("checkpoint-create", str(dumped), "--redefine")
+        assert "Domain checkpoint manual redefined" in redefined.out, redefined.out
+        again = await host_b("checkpoint-create", str(dumped), "--redefine")
+        assert again.rc == 2 and "already defined" in again.err, again.err
+        # The redefined checkpoint's bitmap saw that one write.
+        sized = (await host_b.ok("checkpoint-dumpxml", "manual", "--size")).out
+        assert "size='65536'" in sized, sized
         info = (await host_b.ok("info")).out
-        assert "adopted" in info, info
+        assert "adopted" in info and "checkpoint manual (redefined)" in info, info
         assert (await host_b.ok("recover", "--dry-run")).out.strip() == "Nothing to recover"
 
         await back.start()
@@ -124,7 +137,7 @@ FOREIGN = (
 
 async def test_another_tools_bitmaps_are_never_touched(vm: ThrowawayVM, cli: Cli,
                                                        tmp_path: Path) -> None:  # fmt: skip
-    node = "vda"
+    node = "vda-fmt"
     for name in FOREIGN:
         await vm.session.execute(
             "block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True}

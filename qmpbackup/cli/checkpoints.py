@@ -12,6 +12,7 @@ import time
 
 from ..api import VM
 from ..errors import InvalidInputError
+from ..planner.adopt import redefined
 from ..request import load_checkpoint_spec
 from ..request.models import CheckpointSpec, check_checkpoint_name
 from .backups import agent_socket
@@ -20,6 +21,17 @@ from .text import checkpoint_tree, out, print_frozen, step_printer
 
 async def cmd_checkpoint_create(args: argparse.Namespace, vm: VM) -> int:
     spec = load_checkpoint_spec(args.file)
+    if args.redefine:
+        # The state directory is a cache: a checkpoint made on another host is taken
+        # over once this QEMU's bitmaps prove it; nothing is sent to QEMU.
+        checkpoint = redefined(spec, await vm.graph(), vm.checkpoints())
+        vm.adopt_checkpoints([checkpoint])
+        root = spec.parent and not checkpoint.parent
+        note = (
+            f" (its parent {spec.parent} is not defined here: recorded as a root)" if root else ""
+        )
+        out(f"Domain checkpoint {checkpoint.name} redefined from '{args.file}'{note}")
+        return 0
     checkpoint, frozen = await vm.checkpoint_create(
         spec, step_printer(args), args.quiesce, agent_socket(args)
     )

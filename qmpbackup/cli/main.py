@@ -26,6 +26,15 @@ _received: list[str] = []
 async def _run(args: argparse.Namespace) -> int:
     import asyncio
 
+    # First, before any import: from here a stop signal cancels this task at its next
+    # await, so that the run cleans up (a KeyboardInterrupt raised into the event loop
+    # could land anywhere, an import included).
+    task = asyncio.current_task()
+    assert task is not None
+    for number in STOP_SIGNALS:
+        asyncio.get_running_loop().add_signal_handler(number, _cancel, task, number)
+    if _received:
+        raise asyncio.CancelledError
     # Here, not at the top: the commands on a repository alone start without the API.
     from ..api import VM
 
@@ -36,10 +45,6 @@ async def _run(args: argparse.Namespace) -> int:
     if not args.qmp:
         raise InvalidInputError("no QMP socket: pass --qmp SOCKET|HOST:PORT or set QMPBACKUP_QMP")
     handler: Handler = args.handler
-    task = asyncio.current_task()
-    if task is not None:
-        for number in STOP_SIGNALS:
-            asyncio.get_running_loop().add_signal_handler(number, _cancel, task, number)
     vm = await VM.connect(args.qmp, args.state_dir)
     try:
         return await handler(args, vm)
@@ -57,6 +62,10 @@ def _interrupt(number: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _note(number: int, frame: FrameType | None) -> None:
+    _received.append(signal.Signals(number).name)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the command: a repository command directly, the others in an event loop."""
     if args.offline is not None:
@@ -64,6 +73,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return offline(args)
     import asyncio
 
+    # Until _run's first lines take them over: noted, acted on there.
+    for number in STOP_SIGNALS:
+        signal.signal(number, _note)
+    if _received:
+        raise KeyboardInterrupt
     try:
         return asyncio.run(_run(args))
     except asyncio.CancelledError:

@@ -127,6 +127,12 @@ def _checkpoint_commands(add: Adder) -> None:
         "create a checkpoint from a description",
     )
     p.add_argument("file")
+    p.add_argument(
+        "--redefine",
+        action="store_true",
+        help="take over a checkpoint dumped on another host (checkpoint-dumpxml), once "
+        "this QEMU's bitmaps prove it; nothing is created",
+    )
     p.add_argument("--show-steps", action="store_true")
     _quiesce_arguments(p)
     p = add(

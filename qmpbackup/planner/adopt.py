@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import PlanError
+from ..errors import InvalidInputError, PlanError
 from ..qmp.graph import BlockGraph
+from ..request.models import CheckpointSpec
 from ..state.checkpoints import Checkpoint, CheckpointDisk, next_parent, next_seq
 from .chain import usable_checkpoint_layers
 
@@ -80,3 +81,42 @@ def adoptable(
         )
         names.add(entry.name)
     return adopted
+
+
+def redefined(spec: CheckpointSpec, graph: BlockGraph, known: Sequence[Checkpoint]) -> Checkpoint:
+    """The checkpoint a dumped ``<domaincheckpoint>`` describes (libvirt's
+    ``checkpoint-create --redefine``), once each disk it covers proves it with a usable
+    persistent bitmap. InvalidInputError when the document lacks a name or creation
+    time, or names a checkpoint known here; PlanError naming the disk whose bitmap is
+    missing or unusable. A parent not known here (deleted here since, or never
+    redefined) is dropped: the checkpoint is recorded as a root."""
+    if spec.name is None or spec.creation_time is None:
+        raise InvalidInputError(
+            "--redefine takes a checkpoint as checkpoint-dumpxml writes it: "
+            "<name> and <creationTime> are needed"
+        )
+    names = {c.name for c in known}
+    if spec.name in names:
+        raise InvalidInputError(f"checkpoint {spec.name} is already defined here")
+    disks: list[CheckpointDisk] = []
+    for entry in spec.disks:
+        disk = graph.disk(entry.name).name
+        if entry.checkpoint == "no":
+            disks.append(CheckpointDisk(name=disk, checkpoint="no"))
+            continue
+        bitmap = entry.bitmap or spec.name
+        layers = usable_checkpoint_layers(graph, disk, bitmap)
+        if not layers[0].bitmap.persistent:
+            raise PlanError(f"disk {disk!r}: bitmap {bitmap!r} is not persistent")
+        disks.append(CheckpointDisk(name=disk, checkpoint="bitmap", bitmap=bitmap))
+    if not any(d.checkpoint == "bitmap" for d in disks):
+        raise InvalidInputError(f"checkpoint {spec.name} covers no disk with a bitmap")
+    return Checkpoint(
+        name=spec.name,
+        parent=spec.parent if spec.parent in names else None,
+        creation_time=spec.creation_time,
+        seq=next_seq(known),
+        description=spec.description,
+        disks=tuple(disks),
+        origin="redefined",
+    )

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 
 from ..qmp.graph import Bitmap, BlockGraph
 from ..state.checkpoints import Checkpoint
+from .facts import Inventory
 from .naming import PREFIX
 
 _TEMPORARY = re.compile(rf"{re.escape(PREFIX)}(?:[0-9]+|size)-(?P<disk>.+)")
@@ -27,6 +28,13 @@ def is_temporary(name: str, persistent: bool, disks: Iterable[str]) -> bool:
     """True when bitmap ``name`` is one of qmpbackup's temporaries for one of ``disks``."""
     found = _TEMPORARY.fullmatch(name)
     return not persistent and found is not None and found["disk"] in set(disks)
+
+
+def temporary_bitmaps(inventory: Inventory) -> set[tuple[str, str]]:
+    """(node, bitmap) of every temporary of ours in ``inventory``: what recover removes."""
+    disks = set(inventory.disk_of.values())
+    kept = set(inventory.persistent)
+    return {b for b in inventory.bitmaps if is_temporary(b[1], b in kept, disks)}
 
 
 def bitmap_owner(

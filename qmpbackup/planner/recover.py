@@ -1,10 +1,8 @@
 """Plan ``recover``: reconcile what QEMU holds with the state directory and journals.
 
-Everything qmpbackup creates in QEMU is named ``qmpbackup-<backup id>-…``
-(``qmpbackup-size-…`` for measuring bitmaps): a leftover is any such job, node,
-export, object or bitmap no live backup record owns.  A record is live while all
-its jobs exist and its owning process (if any) is alive; a stale one is cleaned. A ``blockpull`` job
-(``qmpbackup-pull-…``) is left running: its image is valid at every instant.
+Everything qmpbackup creates in QEMU is named ``qmpbackup-<backup id>-…``: a leftover is
+any such job, node, export or object no live record (its jobs there, its owner alive)
+owns, or a temporary bitmap of ours (:mod:`.ownership`). A blockpull job is left running.
 
 The cleanup order follows the block graph: exports, the NBD server (only one
 qmpbackup started) and its TLS objects; the point-in-time views, which sit on
@@ -47,7 +45,7 @@ from ..state.checkpoints import Checkpoint
 from ..state.journal import JournalState
 from .facts import Inventory
 from .naming import PREFIX, PULL_PREFIX
-from .ownership import is_temporary
+from .ownership import temporary_bitmaps
 from .plan import Plan, Step
 from .pull import stop_server
 
@@ -237,7 +235,7 @@ def _qemu_cleanup(
     steps += [delete(n) for n in views] + _job_steps(inventory.jobs, ours)
     steps += [delete(n) for n in ordered if n not in views]
     removed_nodes = set(our_nodes)
-    persistent = set(inventory.persistent)
+    temporary = temporary_bitmaps(inventory)
     steps += [
         Step(
             command=BlockDirtyBitmapRemove(node=node, name=name),
@@ -245,9 +243,7 @@ def _qemu_cleanup(
             may_fail=True,
         )
         for node, name in inventory.bitmaps
-        if ours(name)
-        and node not in removed_nodes
-        and is_temporary(name, (node, name) in persistent, inventory.disk_of.values())
+        if ours(name) and node not in removed_nodes and (node, name) in temporary
     ]
     return steps, removed_nodes
 

@@ -263,8 +263,12 @@ class CheckpointSpec(_Model):
     name: str | None = None
     description: str | None = None
     disks: tuple[CheckpointDiskSpec, ...] = ()
+    # As ``checkpoint-dumpxml`` writes them: what ``checkpoint-create --redefine`` takes
+    # over; a new checkpoint's are set by qmpbackup (libvirt ignores them too).
+    parent: str | None = None
+    creation_time: int | None = Field(default=None, ge=0)
 
-    @field_validator("name")
+    @field_validator("name", "parent")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
         return None if value is None else check_checkpoint_name(value)

@@ -260,9 +260,8 @@ def _leaf(
     return _attrs(el, allowed, where)
 
 
-# Read-only parts of `virsh checkpoint-dumpxml` output: ignoring them lets a
-# dumped checkpoint be fed back; none of them changes what gets created.
-_CHECKPOINT_IGNORED = ("creationTime", "parent", "domain")
+# Read-only in `checkpoint-dumpxml` output (<parent>, <creationTime>: --redefine's).
+_CHECKPOINT_IGNORED = ("domain",)
 
 
 def checkpoint_from_xml(root: Element) -> _Data:
@@ -272,10 +271,14 @@ def checkpoint_from_xml(root: Element) -> _Data:
     """
     _libvirt_only(root, "")
     _attrs(root, (), "")
-    children = _children(root, ("name", "description", "disks"), "", _CHECKPOINT_IGNORED)
-    fields: _Data = {}
-    if "name" in children:
-        fields["name"] = _text(children["name"])
+    known = ("name", "description", "disks", "parent", "creationTime")
+    children = _children(root, known, "", _CHECKPOINT_IGNORED)
+    fields: _Data = {"name": _text(children["name"])} if "name" in children else {}
+    if "creationTime" in children:
+        fields["creation_time"] = _text(children["creationTime"])
+    if "parent" in children:
+        parent = _children(children["parent"], ("name",), "<parent>: ")
+        fields["parent"] = _text(parent["name"]) if "name" in parent else ""
     if "description" in children:
         description = children["description"]
         _attrs(description, (), "")
