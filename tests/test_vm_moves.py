@@ -120,6 +120,10 @@ async def test_incrementals_continue_across_live_migration(tmp_path: Path, bitma
         assert "adopted" in out, out
         assert (await host_a.ok("recover", "--dry-run")).out.strip() == "Nothing to recover"
         assert "verified" in (await host_a.ok("verify", "--repo", str(repo.root))).out
+        # No bitmap is left that no checkpoint here owns: each one B adopted or made was
+        # released or taken over once no backup needed it.
+        owners = [line for line in (await host_a.ok("info")).out.splitlines() if "bitmap " in line]
+        assert owners and all("; checkpoint " in line for line in owners), owners
     finally:
         for vm in (source, target, back):
             await vm.stop()
