@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -94,13 +95,23 @@ def advisory_lock(path: Path, busy: Callable[[str], Exception] | None = None) ->
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
-                raise busy(holder) from None
+                raise busy(_read_holder(fd)) from None
             os.ftruncate(fd, 0)
             pwrite_all(fd, _holder().encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    """What the holder wrote of itself; it writes right after it gets the lock, so an
+    empty file is read again for a moment before "" is taken."""
+    for _ in range(10):
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return ""
 
 
 def _holder() -> str:

@@ -251,7 +251,12 @@ def checkpoint_specs(draw: st.DrawFn) -> CheckpointSpec:
         for n, kind in zip(disk_names, kinds, strict=True)
     )
     return CheckpointSpec(
-        name=draw(st.none() | names), description=draw(st.none() | free_text), disks=disks
+        name=draw(st.none() | names),
+        description=draw(st.none() | free_text),
+        disks=disks,
+        # As checkpoint-dumpxml writes them (checkpoint-create --redefine reads them).
+        parent=draw(st.none() | names),
+        creation_time=draw(st.none() | st.integers(0, 1 << 40)),
     )
 
 
@@ -359,10 +364,8 @@ def encryption_xml(encryption: EncryptionSpec, rnd: random.Random) -> str:
     return xml_element("encryption", [("format", "luks")], inner, rnd)
 
 
-# Read-only parts of `virsh checkpoint-dumpxml`, which the loader ignores.
+# The read-only part of `virsh checkpoint-dumpxml` the loader ignores.
 DUMPXML_EXTRAS = [
-    "<creationTime>1540073217</creationTime>",
-    "<parent><name>older</name></parent>",
     "<domain type='kvm'><name>f25</name><devices><disk/></devices></domain>",
 ]
 
@@ -372,6 +375,10 @@ def checkpoint_xml(spec: CheckpointSpec, rnd: random.Random) -> str:
     children = [] if spec.name is None else [f"<name>{padded(spec.name, rnd)}</name>"]
     if spec.description is not None:
         children.append(f"<description>{xml_text(spec.description)}</description>")
+    if spec.parent is not None:
+        children.append(f"<parent><name>{padded(spec.parent, rnd)}</name></parent>")
+    if spec.creation_time is not None:
+        children.append(f"<creationTime>{spec.creation_time}</creationTime>")
     children += [extra for extra in DUMPXML_EXTRAS if rnd.random() < 0.3]
     if spec.disks or rnd.random() < 0.3:
         disks = []

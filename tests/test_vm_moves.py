@@ -219,3 +219,37 @@ async def test_one_repository_many_hosts(tmp_path: Path) -> None:
     finally:
         for machine in (*vms, *twins):
             await machine.stop()
+
+
+async def test_orphan_one_shot_bitmaps_are_found_and_removed_only_with_proof(
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path
+) -> None:
+    root = str(tmp_path / "repo")
+    await cli.ok("backup", "--repo", root, "--disk", "vda", "--level", "full")
+    await vm.write("vda", 0x42, 2 * MiB, 64 << 10)
+    await cli.ok("backup", "--repo", root, "--disk", "vda", "--level", "auto")
+    last = Repository(root, "testvm").backups()[-1].checkpoint
+    # A one-shot checkpoint's bitmap whose backup the repository no longer holds (its
+    # host's state is gone), and another tool's.
+    orphan = "backup-20200101T000000Z-1"
+    for name in (orphan, FOREIGN[0]):
+        await vm.session.execute(
+            "block-dirty-bitmap-add", {"node": "vda-fmt", "name": name, "persistent": True}
+        )
+    fresh = Cli(vm, tmp_path / "state-fresh")  # a host that never saw the VM
+    listed = (await fresh.ok("recover", "--dry-run")).out
+    assert f"bitmap {orphan} on vda" in listed and f"bitmap {last} on vda" in listed, listed
+    assert "pass --repo" in listed and FOREIGN[0] not in listed
+    proven = (await fresh.ok("recover", "--dry-run", "--repo", root)).out
+    assert f"orphan bitmap {orphan} on vda" in proven and last not in proven, proven
+    info = (await fresh.ok("info")).out
+    assert f"bitmap {orphan}:" in info and "recover --repo tells an orphan" in info
+    removed = (await fresh.ok("recover", "--repo", root)).out
+    assert f"orphan bitmap {orphan} removed" in removed, removed
+    nodes = await vm.session.execute("query-named-block-nodes", {"flat": True})
+    names = {b["name"] for n in nodes if n["node-name"] == "vda-fmt" for b in n["dirty-bitmaps"]}
+    assert orphan not in names and last in names and FOREIGN[0] in names, names
+    # The repository's own checkpoint is adopted by the next backup from that host.
+    await vm.write("vda", 0x43, 3 * MiB, 64 << 10)
+    run = await fresh.ok("backup", "--repo", root, "--disk", "vda", "--level", "auto")
+    assert "vda: incremental" in run.out and "adopted" in run.out, run.out

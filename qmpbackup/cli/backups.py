@@ -177,11 +177,35 @@ async def cmd_recover(args: argparse.Namespace, vm: VM) -> int:
         out(f"backup id {backup_id} is running: left alone (end it with backup-end)")
     for line in recover_lines(await pulls(vm)):
         out(line)
-    if not planned.needed:
+    orphans = await _orphans(args, vm)
+    if not planned.needed and not orphans:
         out("Nothing to recover")
     elif not args.dry_run:
         out("Recovered")
     return 0
+
+
+async def _orphans(args: argparse.Namespace, vm: VM) -> bool:
+    """Orphan bitmaps: listed, and removed unless ``--dry-run`` when ``--repo`` proves
+    them; without ``--repo``, the candidates listed. True when there were any."""
+    from ..repo.orphans import find_orphans, remove_orphans
+    from ..repo.repository import Repository
+
+    repo = Repository.open(args.repo, args.vm) if args.repo else None
+    found = await find_orphans(vm, repo)
+    for orphan in found:
+        where = ", ".join(orphan.disks)
+        if repo is None:
+            out(
+                f"bitmap {orphan.name} on {where}: a one-shot checkpoint no state here knows "
+                "(pass --repo to check it against its repository; a backup into it adopts it)"
+            )
+        elif args.dry_run:
+            out(f"orphan bitmap {orphan.name} on {where}: no backup of {repo.base} made it")
+    if repo is not None and not args.dry_run:
+        for name in await remove_orphans(vm, found):
+            out(f"orphan bitmap {name} removed: no backup of {repo.base} made it")
+    return bool(found)
 
 
 async def cmd_info(args: argparse.Namespace, vm: VM) -> int:

@@ -204,6 +204,12 @@ def _vm_commands(add: Adder) -> None:
     p.add_argument("--recover", action="store_true", help="clean an earlier run's leftovers first")
     p = add("recover", backups.vm("cmd_recover"), "clean what a crashed or killed run left")
     p.add_argument("--dry-run", action="store_true", help="say what would be cleaned, send nothing")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        help="also remove the one-shot checkpoint bitmaps no backup of this repository made",
+    )
+    p.add_argument("--vm", help="VM folder in the repository (default: its only one)")
     p.add_argument("--show-steps", action="store_true", help="print each QMP command sent")
 
 

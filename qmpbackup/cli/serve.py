@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import signal
-import sys
 from pathlib import Path
 
 from ..errors import QmpBackupError
@@ -16,7 +14,6 @@ from ..repo.encryption import require_key
 from ..repo.repository import Repository
 from ..repo.serve import Served, serve
 from .progress import human_size
-from .text import out
 
 
 def _listen(args: argparse.Namespace) -> Listen:
@@ -61,13 +58,9 @@ def _loopback(uri: str) -> bool:
 
 
 def _say(text: str) -> None:
-    try:
-        out(text)
-    except BrokenPipeError:
-        # Whoever read the URI is gone (``| head -1``): the service goes on, silent.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+    # Not out(): once whoever read the URI is gone (``| head -1``), the service goes on
+    # silent, its lines dropped by the sturdy stdout (qmpbackup.cli.streams), not logged.
+    print(text, flush=True)
 
 
 def _wait(served: Served) -> None:

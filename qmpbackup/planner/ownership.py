@@ -22,6 +22,9 @@ from .facts import Inventory
 from .naming import PREFIX
 
 _TEMPORARY = re.compile(rf"{re.escape(PREFIX)}(?:[0-9]+|size)-(?P<disk>.+)")
+# The checkpoint of a one-shot backup (qmpbackup.repo.backup.CHECKPOINT_NAME): a name
+# only qmpbackup's one-shot makes, its backup's id in it.
+ONESHOT_CHECKPOINT = re.compile(r"backup-\d{8}T\d{6}Z-[1-9]\d*")
 
 
 def is_temporary(name: str, persistent: bool, disks: Iterable[str]) -> bool:
@@ -49,6 +52,8 @@ def bitmap_owner(
             return f"checkpoint {checkpoint.name} ({origin})"
     if is_temporary(bitmap.name, bitmap.persistent, disks):
         return "qmpbackup temporary"
+    if bitmap.persistent and ONESHOT_CHECKPOINT.fullmatch(bitmap.name):
+        return "a one-shot checkpoint not known here (recover --repo tells an orphan)"
     return "foreign (not qmpbackup's: left alone)"
 
 

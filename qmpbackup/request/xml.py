@@ -384,17 +384,15 @@ def checkpoint_to_xml(spec: CheckpointSpec) -> str:
     children = [] if spec.name is None else [XmlElement("name", text=spec.name)]
     if spec.description is not None:
         children.append(XmlElement("description", text=spec.description))
+    if spec.parent is not None:
+        children.append(XmlElement("parent", children=[XmlElement("name", text=spec.parent)]))
+    if spec.creation_time is not None:
+        children.append(XmlElement("creationTime", text=str(spec.creation_time)))
     if spec.disks:
+        kinds = [None if d.checkpoint == "bitmap" else d.checkpoint for d in spec.disks]
         disks = [
-            XmlElement(
-                "disk",
-                {
-                    "name": disk.name,
-                    "checkpoint": None if disk.checkpoint == "bitmap" else disk.checkpoint,
-                    "bitmap": disk.bitmap,
-                },
-            )
-            for disk in spec.disks
+            XmlElement("disk", {"name": d.name, "checkpoint": kind, "bitmap": d.bitmap})
+            for d, kind in zip(spec.disks, kinds, strict=True)
         ]
         children.append(XmlElement("disks", children=disks))
     return render_xml(XmlElement("domaincheckpoint", children=children))
