@@ -8,6 +8,7 @@ the same; ``recover`` on either leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from qmpbackup.repo.repository import Repository
 from qmpbackup.repo.restore import restore
 
 from .support import Cli, allocated_clusters, clusters_of
+from .test_push_backup import push_xml
 
 MiB = 1 << 20
 
@@ -150,6 +152,13 @@ async def test_another_tools_bitmaps_are_never_touched(vm: ThrowawayVM, cli: Cli
     await cli.ok("backup", "--repo", root, "--disk", "vda", "--level", "full")
     await vm.write("vda", 0x42, 2 * MiB, 64 << 10)
     await cli.ok("backup", "--repo", root, "--disk", "vda", "--level", "auto", "--mode", "pull")
+    # The libvirt-style flow too: a checkpoint, a push backup from it, ended.
+    await cli.ok("checkpoint-create-as", "c1")
+    await vm.write("vda", 0x43, 3 * MiB, 64 << 10)
+    spec = push_xml(tmp_path / "push.xml", {"vda": (tmp_path / "b1.qcow2", "qcow2", False)}, "c1")
+    begun = re.search(r"Backup id (\d+) created", (await cli.ok("backup-begin", str(spec))).out)
+    assert begun is not None
+    assert "completed" in (await cli.finish(int(begun[1]))).out
     assert (await cli.ok("recover", "--dry-run")).out.strip() == "Nothing to recover"
     await cli.ok("recover")
     info = (await cli.ok("info")).out
@@ -237,6 +246,9 @@ async def test_orphan_one_shot_bitmaps_are_found_and_removed_only_with_proof(
             "block-dirty-bitmap-add", {"node": "vda-fmt", "name": name, "persistent": True}
         )
     fresh = Cli(vm, tmp_path / "state-fresh")  # a host that never saw the VM
+    listing = (await fresh.ok("checkpoint-list")).out
+    assert f"({last}: a one-shot checkpoint's bitmap on vda" in listing, listing
+    assert (await fresh.ok("checkpoint-list", "--name")).out.split() == []
     listed = (await fresh.ok("recover", "--dry-run")).out
     assert f"bitmap {orphan} on vda" in listed and f"bitmap {last} on vda" in listed, listed
     assert "pass --repo" in listed and FOREIGN[0] not in listed

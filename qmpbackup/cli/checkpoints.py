@@ -67,6 +67,15 @@ async def cmd_checkpoint_list(args: argparse.Namespace, vm: VM) -> int:
         for c in checkpoints:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(c.creation_time))
             out(f" {c.name:<20} {stamp:<26} {c.parent or ''}")
+        # A host that never saw the VM: what its disks' bitmaps show of the one-shot's
+        # checkpoints, which the next backup into their repository adopts.
+        from ..repo.orphans import find_orphans
+
+        for found in await find_orphans(vm, None):
+            out(
+                f" ({found.name}: a one-shot checkpoint's bitmap on {', '.join(found.disks)}, "
+                "not defined here; the next backup into its repository adopts it)"
+            )
     return 0
 
 
