@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from qmpbackup.demo.throwaway import ThrowawayVM, make_slides_images
 from qmpbackup.logconfig import configure_logging
 
-from .support import Cli
+from .support import Cli, Loop
 
 configure_logging("console", verbose=False)
 
@@ -127,3 +127,29 @@ def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
             yield entries
     finally:
         structlog.configure(**saved)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Loop]]:
+    """Makes loop devices of a given size over files in ``tmp_path``, filled with 0xa5
+    (old data a backup or a restore must overwrite); detaches them at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    made: list[Loop] = []
+
+    def make(size: int) -> Loop:
+        backing = tmp_path / f"loop{len(made)}.img"
+        backing.write_bytes(b"\xa5" * size)
+        proc = subprocess.run(
+            ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"no loop device on this machine: {proc.stderr.strip()}")
+        made.append(Loop(proc.stdout.strip(), backing))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for loop in made:
+            subprocess.run(["losetup", "-d", loop.device], check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -136,3 +137,18 @@ def repo_hashes(repo: Repository) -> dict[str, str]:
         for p in sorted(repo.base.rglob("*"))
         if p.is_file() and p.suffix in (".qcow2", ".digests")
     }
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop device and the file under it."""
+
+    device: str
+    backing: Path
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.backing.read_bytes()).hexdigest()
+
+    def allocated(self) -> int:
+        """Bytes of the backing file on disk (a punched hole takes none)."""
+        return os.stat(self.backing).st_blocks * 512

@@ -14,48 +14,20 @@ import os
 import stat
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from qmpbackup.demo.throwaway import ThrowawayVM, images_equal
 from qmpbackup.planner.devices import qcow2_room
 from qmpbackup.request import BackupSpec, DiskBackupSpec, backup_to_xml
 
 from .conftest import block_state
-from .support import Cli
+from .support import Cli, Loop
 
 MiB = 1 << 20
 VDA = 64 * MiB  # the slides' vda; vdb is 100 MiB
 UUID = "0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f"
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[Callable[[int], str]]:
-    """Makes loop devices of a given size over files in ``tmp_path``, filled with 0xa5
-    (old data a backup must overwrite); detaches them at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    made: list[str] = []
-
-    def make(size: int) -> str:
-        backing = tmp_path / f"loop{len(made)}.img"
-        backing.write_bytes(b"\xa5" * size)
-        proc = subprocess.run(
-            ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"no loop device on this machine: {proc.stderr.strip()}")
-        made.append(proc.stdout.strip())
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for device in made:
-            subprocess.run(["losetup", "-d", device], check=False)
 
 
 def spec_file(path: Path, mode: str, **fields: Any) -> Path:
@@ -111,13 +83,13 @@ def uri_of(out: str) -> str:
 
 
 async def test_push_qcow2_and_raw_onto_block_devices(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], str]
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], Loop]
 ) -> None:
     await vm.write("vda", 0x42, MiB, 3 * MiB)
     await vm.write("vdb", 0x58, 0, 4 * MiB)
     ref_a = await vm.reference("vda", tmp_path / "ref-vda.raw")
     ref_b = await vm.reference("vdb", tmp_path / "ref-vdb.raw")
-    dev_a, dev_b = loop_device(80 * MiB), loop_device(128 * MiB)
+    dev_a, dev_b = loop_device(80 * MiB).device, loop_device(128 * MiB).device
     spec = tmp_path / "push.xml"
     disks = (
         DiskBackupSpec(name="vda", type="block", target=dev_a, format="qcow2"),
@@ -136,9 +108,9 @@ async def test_push_qcow2_and_raw_onto_block_devices(
 
 
 async def test_aborted_push_to_a_block_device_leaves_the_device(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], str]
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], Loop]
 ) -> None:
-    device = loop_device(80 * MiB)
+    device = loop_device(80 * MiB).device
     spec = spec_file(tmp_path / "push.xml", "push", type="block", target=device)
     await cli.ok("backup-begin", str(spec))
     await cli.ok("backup-end", "1", "--abort")
@@ -148,11 +120,11 @@ async def test_aborted_push_to_a_block_device_leaves_the_device(
 
 
 async def test_pull_with_a_block_device_scratch(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], str]
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], Loop]
 ) -> None:
     await vm.write("vda", 0x42, 0, 4 * MiB)
     ref = await vm.reference("vda", tmp_path / "ref.raw")
-    device = loop_device(qcow2_room(VDA))
+    device = loop_device(qcow2_room(VDA)).device
     spec = spec_file(tmp_path / "pull.xml", "pull", type="block", scratch=device)
     begin = await cli.ok("backup-begin", str(spec))
     await vm.write("vda", 0x99, 0, 16 * MiB)  # kept in the scratch on the device
@@ -165,11 +137,11 @@ async def test_pull_with_a_block_device_scratch(
 
 
 async def test_block_devices_not_to_write_are_refused(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], str]
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], Loop]
 ) -> None:
     plain = tmp_path / "plain.img"
     plain.write_bytes(bytes(MiB))
-    mounted, in_qemu = loop_device(80 * MiB), loop_device(80 * MiB)
+    mounted, in_qemu = loop_device(80 * MiB).device, loop_device(80 * MiB).device
     subprocess.run(["mkfs.ext4", "-q", mounted], check=True)
     mount_point = tmp_path / "mnt"
     mount_point.mkdir()
@@ -323,11 +295,11 @@ async def test_pull_with_an_encrypted_scratch_serves_plain_data(
 
 
 async def test_push_to_an_encrypted_block_device(
-    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], str]
+    vm: ThrowawayVM, cli: Cli, tmp_path: Path, loop_device: Callable[[int], Loop]
 ) -> None:
     key, _ = key_file(tmp_path)
     ref = await vm.reference("vda", tmp_path / "ref.raw")
-    device = loop_device(80 * MiB)
+    device = loop_device(80 * MiB).device
     encryption = {"secret": {"uuid": UUID}}
     spec = spec_file(tmp_path / "p.xml", "push", type="block", target=device, encryption=encryption)
     await cli.ok("backup-begin", str(spec), f"--secret={UUID}={key}")

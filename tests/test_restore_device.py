@@ -8,13 +8,11 @@ teardown. A refusal is one line, and leaves every byte of the device as it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,51 +23,11 @@ from qmpbackup.repo.restore import recorded_digests
 from qmpbackup.repo.restore_device import read_back, restore_device
 
 from .repo_builder import SIZE, Write, add_backup, qemu_img, reference
-from .support import Cli
+from .support import Cli, Loop
 
 MiB = 1 << 20
 KiB = 1 << 10
 VDA = 64 * MiB  # the slides' vda
-
-
-@dataclass(frozen=True)
-class Loop:
-    """A loop device and the file under it."""
-
-    device: str
-    backing: Path
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.backing.read_bytes()).hexdigest()
-
-    def allocated(self) -> int:
-        """Bytes of the backing file on disk (a punched hole takes none)."""
-        return os.stat(self.backing).st_blocks * 512
-
-
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[Callable[[int], Loop]]:
-    """Makes loop devices of a given size; detaches them at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("loop devices need root")
-    made: list[Loop] = []
-
-    def make(size: int) -> Loop:
-        backing = tmp_path / f"loop{len(made)}.img"
-        backing.write_bytes(b"\xa5" * size)
-        proc = subprocess.run(
-            ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"no loop device on this machine: {proc.stderr.strip()}")
-        made.append(Loop(proc.stdout.strip(), backing))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for loop in made:
-            subprocess.run(["losetup", "-d", loop.device], check=False)
 
 
 def equal(device: str, reference: Path, size: int = VDA) -> bool:

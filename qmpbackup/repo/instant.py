@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import stat
 import time
 from collections.abc import Iterable
@@ -37,12 +36,11 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import InvalidInputError, QmpBackupError, TargetExistsError
-from ..files import atomic_write_text, fsync_dir
+from ..files import atomic_write_text
 from ..images.qemu_img import ImageError, qemu_img
 from .records import RepositoryError
 from .repository import Repository
-from .restore import select_backup, temporary_file
+from .restore import check_new_file, link_into_place, select_backup, temporary_file
 
 log = structlog.get_logger("qmpbackup.instant")
 
@@ -92,15 +90,6 @@ def _marker_path(repo: Repository, backup: str, disk: str, overlay: Path) -> Pat
     return marker_dir(repo) / f"{backup}.{disk}.{digest}.json"
 
 
-def _check_out(out: Path) -> Path:
-    out = Path(out).absolute()
-    if os.path.lexists(out):
-        raise TargetExistsError(f"{out} exists: refusing to overwrite it")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{out.parent} is not a folder this process can write to")
-    return out
-
-
 def _read_only(paths: Iterable[Path]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
@@ -117,7 +106,7 @@ def instant_restore(
     TargetExistsError when ``out`` exists, InvalidInputError for a bad backup or disk,
     RepositoryError for a broken chain or a prune running, ImageError from qemu-img."""
     started = time.monotonic()
-    out = _check_out(out)
+    out = check_new_file(out)
     # The run lock: no prune removes the chain between the check and the marker.
     with repo.exclusive():
         record, entry = select_backup(repo, disk, backup_id)
@@ -147,14 +136,7 @@ def _create_overlay(out: Path, top: Path, size: int) -> None:
         # -u: the chain is not opened (an encrypted one would need the key for nothing).
         qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", str(top),
                  str(temp), str(size))  # fmt: skip
-        try:
-            os.link(temp, out)
-        except FileExistsError:
-            raise TargetExistsError(f"{out} appeared meanwhile: left alone") from None
-        except OSError as exc:
-            raise QmpBackupError(f"cannot create {out}: {exc.strerror}") from None
-        temp.unlink()
-        fsync_dir(out.parent)
+        link_into_place(temp, out, "meanwhile")
 
 
 def _backing_files(overlay: Path) -> list[str] | None:

@@ -62,6 +62,33 @@ def temporary_file(folder: Path, prefix: str) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def check_new_file(out: Path) -> Path:
+    """``out``, absolute, once it is known not to exist in a folder this process can
+    write to; TargetExistsError or InvalidInputError otherwise."""
+    out = Path(out).absolute()
+    if os.path.lexists(out):
+        raise TargetExistsError(f"{out} exists: refusing to overwrite it")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{out.parent} is not a folder this process can write to")
+    return out
+
+
+def link_into_place(temp: Path, out: Path, when: str) -> None:
+    """Give the finished ``temp`` its name ``out`` and make that durable.
+    TargetExistsError if ``out`` appeared ``when`` (say, "during the restore"),
+    QmpBackupError if it cannot be made."""
+    try:
+        # link(2) fails when out exists: unlike rename it never replaces a file that
+        # appeared since the check.
+        os.link(temp, out)
+    except FileExistsError:
+        raise TargetExistsError(f"{out} appeared {when}: left alone") from None
+    except OSError as exc:
+        raise QmpBackupError(f"cannot create {out}: {exc.strerror}") from None
+    temp.unlink()
+    fsync_dir(out.parent)
+
+
 def recorded_digests(repo: Repository, record: BackupRecord, disk: DiskRecord) -> Digests:
     """The digests recorded for ``disk`` of ``record``, checked against its geometry."""
     path = repo.digests_path(record, disk.name)
@@ -179,11 +206,7 @@ def restore(
     recorded at backup time; an existing ``out`` is never touched."""
     if fmt not in get_args(Format):
         raise InvalidInputError(f"unknown image format {fmt!r}: use qcow2 or raw")
-    out = Path(out).absolute()
-    if os.path.lexists(out):
-        raise TargetExistsError(f"{out} exists: refusing to overwrite it")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InvalidInputError(f"{out.parent} is not a folder this process can write to")
+    out = check_new_file(out)
     record, disk_record = select_backup(repo, disk, backup_id)
     what = f"backup {record.id}, disk {disk}"
     expected = recorded_digests(repo, record, disk_record)
@@ -191,16 +214,7 @@ def restore(
     log.info("restore.begin", backup=record.id, disk=disk, out=str(out), fmt=fmt)
     with temporary_file(out.parent, f".{out.name}.restore-") as temp:
         blocks, _ = build_checked(chain, temp, fmt, expected, what)
-        try:
-            # link(2) fails when out exists: unlike rename it never replaces a file
-            # that appeared since the check above.
-            os.link(temp, out)
-        except FileExistsError:
-            raise TargetExistsError(f"{out} appeared during the restore: left alone") from None
-        except OSError as exc:
-            raise QmpBackupError(f"cannot create {out}: {exc.strerror}") from None
-        temp.unlink()
-        fsync_dir(out.parent)
+        link_into_place(temp, out, "during the restore")
     log.info("restore.done", backup=record.id, disk=disk, out=str(out), blocks=blocks)
     return RestoreResult(
         backup_id=record.id,
