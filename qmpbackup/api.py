@@ -44,6 +44,7 @@ from .qapi.capabilities import Capabilities
 from .qapi.schema import QAPISchema
 from .qmp.graph import BlockGraph, discover
 from .qmp.jobs import JobState, query_jobs, wait_job
+from .qmp.migration import Migration, query_migration
 from .qmp.session import Address, QMPSession, describe_address, parse_address
 from .quiesce import agent_freeze, describe_agent
 from .recovery import Recovery
@@ -178,17 +179,10 @@ class VM:
         scratch_dir = str(scratch_folder(self.state_dir))
         choices = choose_disks(spec, graph, checkpoints, checkpoint, now, scratch_dir, backup_id)
         facts = await observe.backup_facts(
-            self.session,
-            spec,
-            choices,
-            self._active.load_all(),
-            backup_id=backup_id,
-            now=now,
-            state_dir=self.state_dir,
-            capabilities=self.capabilities,
-            options=options,
-            graph=graph,
-        )
+            self.session, spec, choices, self._active.load_all(), backup_id=backup_id,
+            now=now, state_dir=self.state_dir, capabilities=self.capabilities,
+            options=options, graph=graph,
+        )  # fmt: skip
         return plan_backup_begin(spec, graph, checkpoints, facts, checkpoint, options, choices)
 
     async def backup_begin(
@@ -229,13 +223,13 @@ class VM:
             planned = await self._plan_backup(spec, checkpoint, options, graph)
             if spec.mode == "pull":
                 scratch_folder(self.state_dir).mkdir(mode=0o700, exist_ok=True)
+            before = await query_migration(self.session)
             journal = await self._run(planned.plan, "backup-begin", on_step, freeze)
             server = planned.record.server
             if server is not None and server.socket and os.path.exists(server.socket):
                 os.chmod(server.socket, 0o600)
-            record = planned.record
-            if owned:
-                record = record.model_copy(update={"owner_pid": os.getpid()})
+            pid, was = os.getpid() if owned else None, (before.status, before.error)
+            record = planned.record.model_copy(update={"owner_pid": pid, "migration_before": was})
             if planned.checkpoint is not None:
                 self._checkpoints.save(planned.checkpoint)
             self._active.save(record)
@@ -300,6 +294,9 @@ class VM:
                 frozenset(e["id"] for e in exports),
                 shared,
             )
+            migration = (await query_migration(self.session)).since(
+                Migration(*backup.migration_before)
+            )
             journal = await self._run(ended.plan, "backup-end", on_step)
             removed = remove_created_files(ended.remove_files)
             if ended.drop_checkpoint is not None:
@@ -312,6 +309,7 @@ class VM:
             errors=dict(ended.errors),
             dropped_checkpoint=ended.drop_checkpoint,
             removed_partial=tuple(removed) if backup.mode == "push" else (),
+            migration=None if migration is None else migration.describe(),
         )
 
     # -- recovery -------------------------------------------------------------

@@ -34,6 +34,8 @@ class BackupEnded(BaseModel):
     dropped_checkpoint: str | None
     # Push targets qmpbackup created for a backup that did not complete, now deleted.
     removed_partial: tuple[str, ...] = ()
+    # What became of a live migration started while the backup ran, in one line.
+    migration: str | None = None
 
 
 class DiskProgress(BaseModel):

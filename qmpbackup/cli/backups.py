@@ -94,6 +94,8 @@ def agent_socket(args: argparse.Namespace) -> str | None:
 
 async def cmd_backup_end(args: argparse.Namespace, vm: VM) -> int:
     ended = await vm.backup_end(args.id, args.abort, step_printer(args))
+    if ended.migration:
+        out(ended.migration)
     if ended.outcome == "failed":
         detail = "; ".join(f"{d}: {e}" for d, e in ended.errors.items())
         extra = (

@@ -51,7 +51,7 @@ def describe(event: BackupEvent) -> str | None:
         return f"Backup {event.backup} completed"
     if event.kind == "released":
         return f"Domain checkpoint {event.message} deleted: no backup needs it any more"
-    if event.kind in ("compression", "adopted"):
+    if event.kind in ("compression", "adopted", "migration"):
         return event.message
     if event.kind == "pull-begin":
         return f"Pulling the backing chain of {event.disk} into {event.message}"

@@ -30,12 +30,13 @@ from pathlib import Path
 import structlog
 
 from ..api import VM
-from ..errors import InvalidInputError, JobFailedError, QmpBackupError
+from ..errors import DisconnectedError, InvalidInputError, JobFailedError, QmpBackupError
 from ..images.keyed import using_key
 from ..images.qemu_img import create_encrypted
 from ..planner.facts import BeginOptions
 from ..planner.level import LevelDecision
 from ..qmp.graph import BlockGraph
+from ..qmp.migration import Migration, MigrationWatch
 from ..request.models import (
     BackupSpec,
     CheckpointSpec,
@@ -78,19 +79,16 @@ class RepositoryBackup:
 
 
 def _disk_requests(graph: BlockGraph, decisions: Sequence[LevelDecision]) -> list[DiskRequest]:
-    requests = []
-    for decision in decisions:
-        top = graph.top_node(decision.disk)
-        requests.append(
-            DiskRequest(
-                name=decision.disk,
-                virtual_size=top.virtual_size,
-                level=decision.level,
-                source=graph.image_path(top),
-                digest_block_size=DEFAULT_BLOCK_SIZE,
-            )
+    return [
+        DiskRequest(
+            name=d.disk,
+            virtual_size=graph.top_node(d.disk).virtual_size,
+            level=d.level,
+            source=graph.image_path(graph.top_node(d.disk)),
+            digest_block_size=DEFAULT_BLOCK_SIZE,
         )
-    return requests
+        for d in decisions
+    ]
 
 
 def _backup_spec(
@@ -294,6 +292,27 @@ class _OneShot:
         self.repo.discard(self.entry)
         # The caller reports why in its one line; this is for -v.
         log.info("backup.abandoned", id=self.entry.id, reason=why)
+        self.emit(BackupEvent("aborted", backup=self.entry.id, message=why))
+
+    async def watched(
+        self, graph: BlockGraph, recover: bool
+    ) -> tuple[RepositoryRecord, Migration | None]:
+        """:meth:`run`, and a live migration begun meanwhile.  On failure or cancellation,
+        :meth:`abandon` and raise (naming a migration that QEMU went away after)."""
+        watch = MigrationWatch(self.vm.session)
+        try:
+            async with watch.watching():
+                record = await self.run(graph, recover)
+                return record, await watch.outcome()
+        except BaseException as exc:
+            seen = watch.seen
+            if seen is not None:
+                self.emit(BackupEvent("migration", backup=self.entry.id, message=seen.describe()))
+            why = "interrupted" if isinstance(exc, asyncio.CancelledError) else str(exc)
+            await self.abandon(why)
+            if isinstance(exc, DisconnectedError) and seen is not None:
+                raise DisconnectedError(f"{exc}, after {seen.describe()}") from exc
+            raise
 
 
 async def backup_to_repository(
@@ -366,13 +385,12 @@ async def backup_to_repository(
             compress=compression,
         )
         run = _OneShot(vm, repo, entry, decisions, mode, emit, options)
-        try:
-            record = await run.run(graph, recover)
-        except BaseException as exc:
-            why = "interrupted" if isinstance(exc, asyncio.CancelledError) else str(exc)
-            await run.abandon(why)
-            emit(BackupEvent("aborted", backup=entry.id, message=why))
-            raise
+        record, migration = await run.watched(graph, recover)
         emit(BackupEvent("committed", backup=entry.id))
-        released = await release_checkpoints(vm, stale + unneeded_checkpoints(repo), emit)
+        if migration is not None:
+            emit(BackupEvent("migration", message=migration.describe()))
+        # Once the VM migrated away, its images are the other QEMU's to change.
+        moved = migration is not None and migration.moved
+        doomed = [] if moved else stale + unneeded_checkpoints(repo)
+        released = await release_checkpoints(vm, doomed, emit)
     return RepositoryBackup(record=record, decisions=tuple(decisions), released=tuple(released))

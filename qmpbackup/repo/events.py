@@ -20,6 +20,7 @@ EventKind = Literal[
     "committed",  # the backup is complete in the repository
     "released",  # a checkpoint no longer needed was deleted
     "aborted",  # the backup was stopped and its traces removed
+    "migration",  # a live migration was begun during the backup: message (what became of it)
     "compression",  # how the new images are compressed: message
     "pull-begin",  # blockpull: a disk's pull is running: disk, message (its image)
     "pull-done",  # blockpull: the disk's image is standalone: disk, message (its image)

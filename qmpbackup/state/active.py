@@ -83,6 +83,9 @@ class ActiveBackup(BaseModel):
     # Set when the backup lives only as long as one process (``qmpbackup backup``):
     # once that process is gone, ``recover`` treats the backup as left over.
     owner_pid: int | None = None
+    # query-migrate's status and error as the backup began: backup-end tells from them
+    # whether a live migration was tried while the job ran.
+    migration_before: tuple[str | None, str | None] = (None, None)
 
     def job_ids(self) -> list[str]:
         """Every QEMU job id of this backup."""
