@@ -265,3 +265,34 @@ async def test_orphan_one_shot_bitmaps_are_found_and_removed_only_with_proof(
     await vm.write("vda", 0x43, 3 * MiB, 64 << 10)
     run = await fresh.ok("backup", "--repo", root, "--disk", "vda", "--level", "auto")
     assert "vda: incremental" in run.out and "adopted" in run.out, run.out
+
+
+async def test_a_moved_repository_continues(vm: ThrowawayVM, cli: Cli, tmp_path: Path) -> None:
+    """The repository's folder moved (or mounted elsewhere): stock qemu-img opens its
+    chains there, it verifies and restores, and the chain continues into it."""
+    first = tmp_path / "mnt-a" / "repo"
+    await vm.write("vda", 0x51, 0, "2M")
+    await cli.ok("backup", "--repo", str(first), "--disk", "vda", "--level", "full")
+    await vm.write("vda", 0x52, 4 * MiB, 64 << 10)
+    await cli.ok("backup", "--repo", str(first), "--disk", "vda", "--level", "auto")
+    ref = await vm.reference("vda", tmp_path / "ref.raw")
+    moved = tmp_path / "mnt-b" / "elsewhere"
+    moved.parent.mkdir()
+    first.rename(moved)
+    repo = Repository(moved, "testvm")
+    latest = repo.image_path(repo.backups()[-1], "vda")
+    chain = subprocess.run(
+        ["qemu-img", "info", "-U", "--backing-chain", str(latest)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert chain.count("image: ") == 2 and str(first) not in chain, chain
+    assert "verified" in (await cli.ok("verify", "--repo", str(moved))).out
+    out = tmp_path / "restored.qcow2"
+    restore(repo, "vda", out)
+    assert images_equal(ref, out, "raw")
+    await vm.write("vda", 0x53, 6 * MiB, 64 << 10)
+    run = await cli.ok("backup", "--repo", str(moved), "--disk", "vda", "--level", "auto")
+    assert "vda: incremental" in run.out, run.out
+    assert allocated_clusters(repo.image_path(repo.backups()[-1], "vda")) == clusters_of(
+        6 * MiB, 64 << 10
+    )
