@@ -247,7 +247,7 @@ class _Run:
 # at random with this when the kernel has accounted no time yet (a QEMU bug, fixed
 # upstream in 2025, that Debian 12's 7.2 carries): such a job is sent again.
 _TRANSIENT_JOB_ERRORS = ("Unable to get accurate CPU usage",)
-_ATTEMPTS = 5
+_ATTEMPTS = 10
 
 
 async def _send_step(session: QMPSession, step: Step) -> Any:
@@ -260,6 +260,7 @@ async def _send_step(session: QMPSession, step: Step) -> Any:
             if attempt == _ATTEMPTS or not any(e in str(exc) for e in _TRANSIENT_JOB_ERRORS):
                 raise
             log.warning("plan.step_retried", step=step.describe(), error=str(exc))
+            await asyncio.sleep(0.05 * attempt)  # the next measurement, on a calmer CPU
 
 
 async def _send_step_once(session: QMPSession, step: Step) -> Any:

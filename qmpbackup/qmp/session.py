@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
-from qemu.qmp.qmp_client import NegotiationError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from ..errors import ConnectionFailedError, DisconnectedError, QMPCommandError
 from ..logconfig import redact
@@ -92,11 +92,13 @@ class QMPSession:
                     await asyncio.wait_for(self._client.connect(self.address), timeout)
                     break
                 except ConnectError as exc:
-                    if attempt == _NEGOTIATION_TRIES or not isinstance(exc.exc, NegotiationError):
+                    stray = isinstance(exc.exc, NegotiationError | GreetingError)
+                    if attempt == _NEGOTIATION_TRIES or not stray:
                         raise
                     # A client that died mid-command (recover's usual case) can leave a
                     # reply QEMU's monitor sends to whoever connects next, in place of
-                    # the answer to qmp_capabilities (seen once on QEMU 7.2): try again.
+                    # the answer to qmp_capabilities (seen once on QEMU 7.2) or of the
+                    # greeting (once on 10.0): try again.
                     log.debug("qmp.negotiation-retry", address=where, error=str(exc.exc))
                     await asyncio.sleep(0.2)
         except ConnectError as exc:
