@@ -28,7 +28,7 @@ from .test_pull_backup import pull_xml, uris
 from .test_vm_moves import IncomingVM
 
 MiB = 1 << 20
-SIZE = 512 * MiB
+SIZE = 256 * MiB
 
 
 async def _backup_job(vm: ThrowawayVM) -> str | None:
@@ -66,8 +66,8 @@ async def _migrate_during_backup(
     job = await _backup_job(source)
     assert job is not None, "the backup job ended before the migration"
     if mode == "push":
-        # Held running at 32 MiB/s, so the migration's last phase meets the job.
-        await source.session.execute("block-job-set-speed", {"device": job, "speed": 32 * MiB})
+        # Held running at 16 MiB/s, so the migration's last phase meets the job.
+        await source.session.execute("block-job-set-speed", {"device": job, "speed": 16 * MiB})
     await source.guest_io("vda", "write -P 0x77 1M 64k")
     status = "QEMU went away"
     try:
@@ -85,7 +85,7 @@ async def _migrate_during_backup(
 
 
 async def _two_qemus(tmp_path: Path) -> tuple[ThrowawayVM, IncomingVM]:
-    """A running QEMU on a 512 MiB disk full of 0x5a, and one waiting for it."""
+    """A running QEMU on a 256 MiB disk full of 0x5a, and one waiting for it."""
     image = tmp_path / "vda.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(image), str(SIZE))
     qemu_io(str(image), f"write -P 0x5a 0 {SIZE}", fmt="qcow2")
