@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -351,3 +351,19 @@ async def rollback(session: QMPSession, steps: list[Step]) -> None:
         if session.connected:
             await _undo(session, step.undo)
         _remove_files(step.created_files)
+
+
+_T = TypeVar("_T")
+
+
+async def uninterrupted(work: Awaitable[_T]) -> _T:
+    """Await ``work`` to its end: a cancel meanwhile (a stop signal) is absorbed, not
+    raised, for what must not stop half-way once a result is committed."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    current = asyncio.current_task()
+    while current is not None and current.cancelling():
+        current.uncancel()
+    return task.result()

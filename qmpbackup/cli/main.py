@@ -37,6 +37,7 @@ async def _run(args: argparse.Namespace) -> int:
         raise asyncio.CancelledError
     # Here, not at the top: the commands on a repository alone start without the API.
     from ..api import VM
+    from ..runner import uninterrupted
 
     if args.command == "demo":
         from ..demo.walk import run_demo
@@ -49,7 +50,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         return await handler(args, vm)
     finally:
-        await vm.close()
+        # Not cut short by a stop signal: a half-done disconnect prints qemu.qmp's traceback.
+        await uninterrupted(vm.close())
 
 
 def _cancel(task: asyncio.Task[int], number: int) -> None:
@@ -82,6 +84,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_run(args))
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
+    finally:
+        # The command has ended: a stop signal no longer changes its outcome. Ignored,
+        # as Python's exit would put back the default action, which kills the process.
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:

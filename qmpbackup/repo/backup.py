@@ -47,6 +47,7 @@ from ..request.models import (
     SecretSpec,
 )
 from ..results import BackupBegun
+from ..runner import uninterrupted
 from .digests import DEFAULT_BLOCK_SIZE
 from .encryption import check_encryption
 from .events import BackupEvent, EventSink
@@ -392,5 +393,6 @@ async def backup_to_repository(
         # Once the VM migrated away, its images are the other QEMU's to change.
         moved = migration is not None and migration.moved
         doomed = [] if moved else stale + unneeded_checkpoints(repo)
-        released = await release_checkpoints(vm, doomed, emit)
+        # Committed: a stop signal now lets the release finish and the run end complete.
+        released = await uninterrupted(release_checkpoints(vm, doomed, emit))
     return RepositoryBackup(record=record, decisions=tuple(decisions), released=tuple(released))
